@@ -1,0 +1,404 @@
+"""One typed config tree: YAML + ``--set a.b=value`` overrides, strictly validated.
+
+Every problem (unknown key, wrong type, value out of range, inconsistent pair) is collected
+and reported in one :class:`ConfigError`, so a user fixes a config in one go. Field names
+match keras_hub arguments where one exists (``vocabulary_size``, ``num_layers``, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from tfpretrain.errors import UserError
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class ConfigError(UserError):
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {source} ({len(problems)} problem"
+                         f"{'s' if len(problems) != 1 else ''}):\n{lines}")
+
+
+def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=False):
+    """A config field with its documentation and allowed range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max,
+            "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TOKENIZER_KINDS = ("sentencepiece_bpe", "sentencepiece_unigram", "char", "byte")
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[Union[str, list]] = _f(
+        None, "Text file, glob, directory or list of them (.txt, .jsonl, .json, optionally .gz). "
+        "Unset: the embedded synthetic story corpus.")
+    val_fraction: float = _f(0.05, "Fraction of the data held out for validation.",
+                             min=0.0, max=0.5, min_exclusive=True)
+    split: str = _f("documents", "`documents`: hold out whole documents (seeded); "
+                    "`tail`: hold out the last fraction of the text, as nanoGPT does.",
+                    choices=("documents", "tail"))
+    document_separator: str = _f(
+        "blank_line", "How a .txt file splits into documents: `line`, `blank_line`, `none` "
+        "(whole file is one document) or a literal string such as `<|endoftext|>`.")
+    text_field: str = _f("text", "Field holding the text in .jsonl/.json records.")
+    embedded_documents: int = _f(8000, "Number of stories generated for the embedded corpus.",
+                                 min=10)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = _f("sentencepiece_bpe", "Tokenizer trained on the training split.",
+                   choices=TOKENIZER_KINDS)
+    vocabulary_size: int = _f(2048, "Vocabulary size including the 4 special tokens "
+                              "(pad, unk, bos, eos). An upper bound for `char`; "
+                              "ignored for `byte` (always 260).", min=8)
+    character_coverage: float = _f(0.9995, "SentencePiece character coverage.",
+                                   min=0.0, max=1.0, min_exclusive=True)
+    byte_fallback: bool = _f(True, "SentencePiece: encode unseen characters as bytes.")
+    train_bytes: int = _f(50_000_000, "At most this many bytes of training text are used "
+                          "to train the tokenizer.", min=1000)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("gpt2", "`gpt2` (learned positions, LayerNorm, GELU) or `llama` "
+                   "(RoPE, RMSNorm, SwiGLU).", choices=ARCHS)
+    num_layers: int = _f(4, "Transformer blocks.", min=1)
+    num_heads: int = _f(4, "Attention (query) heads.", min=1)
+    num_key_value_heads: Optional[int] = _f(None, "llama only: key/value heads for GQA "
+                                            "(unset = num_heads).", min=1)
+    hidden_dim: int = _f(128, "Model width.", min=2)
+    intermediate_dim: int = _f(512, "Feed-forward width.", min=1)
+    dropout: float = _f(0.0, "Dropout rate.", min=0.0, max=1.0)
+    sequence_length: int = _f(128, "Tokens per training row (context length).", min=2)
+    tie_embeddings: bool = _f(True, "Share input and output embeddings (gpt2 always ties).")
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = _f(3e-3, "Peak learning rate (after warmup).", min=0.0,
+                              min_exclusive=True)
+    min_learning_rate: float = _f(3e-4, "Learning rate at the end of the cosine decay.", min=0.0)
+    warmup_steps: int = _f(100, "Linear warmup steps from 0 to learning_rate.", min=0)
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to biases, "
+                             "norms and embeddings).", min=0.0)
+    beta_1: float = _f(0.9, "AdamW beta_1.", min=0.0, max=1.0)
+    beta_2: float = _f(0.95, "AdamW beta_2.", min=0.0, max=1.0)
+    epsilon: float = _f(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
+    clipnorm: Optional[float] = _f(1.0, "Clip the global gradient norm to this (unset or 0: "
+                                   "no clipping).", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(800, "Optimizer steps.", min=1)
+    batch_size: int = _f(32, "Rows per step.", min=1)
+    seed: int = _f(1337, "Seed for data generation, split, shuffling and initialization.",
+                   min=0)
+    steps_per_execution: int = _f(0, "Steps run per tf.function call (0 = auto: the "
+                                  "largest of 16, 8, 4, 2, 1 that divides eval.every).", min=0)
+    jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on for CPU "
+                                     "and GPU).")
+    threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(200, "Validate (and checkpoint, and sample) every this many steps.", min=1)
+    steps: int = _f(20, "Validation batches per evaluation (0 = the whole split).", min=0)
+    final_steps: int = _f(0, "Validation batches for the final evaluation (0 = the whole "
+                          "split).", min=0)
+    prompt: str = _f("Once upon a time", "Prompt for the text samples.")
+    sample_tokens: int = _f(64, "Tokens generated for each sample.", min=1)
+    temperature: float = _f(0.8, "Sampling temperature for samples (0 = greedy).", min=0.0)
+    top_k: int = _f(40, "Top-k for samples (0 = off).", min=0)
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = _f(True, "Export a SavedModel at the end of fit.")
+    dir: str = _f("saved_models", "Export root: <dir>/<name>/<version>/ (TF Serving layout).")
+    name: Optional[str] = _f(None, "Model name (unset = the run folder's name).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def all_keys() -> list[str]:
+    keys = []
+    for sec, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            keys.append(f"{sec}.{f.name}")
+    return keys
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_describe(a) for a in args)
+        return inner + " (or null)" if type(None) in typing.get_args(tp) else inner
+    if tp is list or origin is list:
+        return "a list"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp))
+
+
+def _coerce(value, tp):
+    """Return (ok, value) converting YAML scalars to the field's type where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _coerce(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return (isinstance(value, bool), value)
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                return False, value
+            return (f.is_integer(), int(f) if f.is_integer() else value)
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return (isinstance(value, str), value)
+    if tp is list or origin is list:
+        return (isinstance(value, list), value)
+    return True, value
+
+
+def _check_range(key, value, meta, problems):
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        problems.append(f"`{key}` must be one of {', '.join(map(str, choices))}. "
+                        f"Received: {value!r}")
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"`{key}` must be finite. Received: {value!r}")
+            return
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            op = ">" if meta.get("min_exclusive") else ">="
+            problems.append(f"`{key}` must be {op} {lo}. Received: {value!r}")
+        if hi is not None and value > hi:
+            problems.append(f"`{key}` must be <= {hi}. Received: {value!r}")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean `{close[0]}`?" if close else ""
+
+
+def build_config(raw: dict, name: str = "default", source: str = "config") -> Config:
+    """Validate a nested dict (from YAML + overrides) into a Config, or raise ConfigError."""
+    problems: list[str] = []
+    classes = _section_classes()
+    sections = {}
+    raw = dict(raw or {})
+    raw.pop("name", None)
+    for key in raw:
+        if key not in classes:
+            problems.append(f"unknown section `{key}`.{_suggest(key, list(classes) + all_keys())}"
+                            f" Sections: {', '.join(classes)}")
+    for sec, cls in classes.items():
+        values = raw.get(sec) or {}
+        if not isinstance(values, dict):
+            problems.append(f"`{sec}` must be a mapping of keys. Received: {values!r}")
+            values = {}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in values.items():
+            dotted = f"{sec}.{k}"
+            if k not in fields:
+                problems.append(f"unknown key `{dotted}`.{_suggest(dotted, all_keys())}")
+                continue
+            ok, cv = _coerce(v, hints[k])
+            if not ok:
+                problems.append(f"`{dotted}` must be {_describe(hints[k])}. Received: {v!r}")
+                continue
+            _check_range(dotted, cv, fields[k].metadata, problems)
+            kwargs[k] = cv
+        sections[sec] = cls(**kwargs)
+    cfg = Config(**sections, name=name)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _cross_checks(c: Config) -> list[str]:
+    p = []
+    m, o, t = c.model, c.optimizer, c.train
+    if m.hidden_dim % m.num_heads:
+        p.append(f"`model.hidden_dim` must be divisible by `model.num_heads`. "
+                 f"Received: hidden_dim={m.hidden_dim}, num_heads={m.num_heads}")
+    if m.num_key_value_heads is not None:
+        if m.arch != "llama":
+            p.append("`model.num_key_value_heads` is only used by `model.arch: llama`. "
+                     f"Received: arch={m.arch}, num_key_value_heads={m.num_key_value_heads}")
+        elif m.num_heads % m.num_key_value_heads:
+            p.append("`model.num_heads` must be divisible by `model.num_key_value_heads`. "
+                     f"Received: num_heads={m.num_heads}, "
+                     f"num_key_value_heads={m.num_key_value_heads}")
+    if m.arch == "gpt2" and not m.tie_embeddings:
+        p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
+                 "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")
+    if o.warmup_steps >= t.steps:
+        p.append(f"`optimizer.warmup_steps` must be < `train.steps`. "
+                 f"Received: warmup_steps={o.warmup_steps}, steps={t.steps}")
+    if o.min_learning_rate > o.learning_rate:
+        p.append(f"`optimizer.min_learning_rate` must be <= `optimizer.learning_rate`. "
+                 f"Received: min_learning_rate={o.min_learning_rate}, "
+                 f"learning_rate={o.learning_rate}")
+    if t.steps_per_execution and c.eval.every % t.steps_per_execution:
+        p.append(f"`eval.every` must be a multiple of `train.steps_per_execution`. "
+                 f"Received: every={c.eval.every}, steps_per_execution={t.steps_per_execution}")
+    sep = c.data.document_separator
+    if not sep:
+        p.append("`data.document_separator` must not be empty: use `line`, `blank_line`, "
+                 "`none` or a literal string")
+    path = c.data.path
+    if isinstance(path, list) and (not path or not all(isinstance(x, str) for x in path)):
+        p.append(f"`data.path` must be a path or a non-empty list of paths. Received: {path!r}")
+    return p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c.d=x"]`` -> nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    problems = []
+    for item in items or []:
+        if "=" not in item:
+            problems.append(f"--set expects KEY=VALUE, e.g. --set train.steps=100. "
+                            f"Received: {item!r}")
+            continue
+        key, _, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            problems.append(f"--set key must be `section.key` (e.g. train.steps). "
+                            f"Received: {key!r}.{_suggest(key, all_keys())}")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        out.setdefault(parts[0], {})
+        if not isinstance(out[parts[0]], dict):
+            out[parts[0]] = {}
+        out[parts[0]][parts[1]] = value
+    if problems:
+        raise ConfigError(problems, "--set")
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def default_config_path() -> Path:
+    """configs/default.yaml ships inside the package so `fit` works from any folder."""
+    return PACKAGE_CONFIGS / "default.yaml"
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config: no such file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config: {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config: {path} must contain a mapping of sections "
+                        f"(data:, model:, ...). Received: {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    cfg_path = Path(path) if path else default_config_path()
+    raw = read_yaml(cfg_path)
+    name = raw.get("name") if isinstance(raw.get("name"), str) else cfg_path.stem
+    merged = _merge(raw, parse_overrides(overrides or []))
+    return build_config(merged, name=name, source=str(cfg_path) if path else "config")
+
+
+def config_from_dict(d: dict) -> Config:
+    return build_config(d, name=d.get("name", "default"))

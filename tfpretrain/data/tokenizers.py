@@ -1,0 +1,247 @@
+"""Tokenizers trained on the corpus, with TF-graph tokenize/detokenize.
+
+Every kind shares the same special ids, so packing, generation and export never branch on
+the kind: ``pad=0, unk=1, bos=2, eos=3``; real tokens start at 4. ``eos`` separates
+documents in packed rows and ends generation.
+
+Kinds:
+- ``sentencepiece_bpe`` / ``sentencepiece_unigram``: trained with the sentencepiece library,
+  run in the graph by tensorflow_text's SentencePiece ops (which TF Serving builds ship).
+- ``char``: one id per character (nanoGPT's shakespeare_char), TF core ops only.
+- ``byte``: one id per UTF-8 byte (4 + 256 ids), TF core ops only; needs no training.
+
+A tokenizer is saved as ``<dir>/tokenizer.json`` (kind, ids, vocabulary) plus
+``<dir>/spm.model`` for SentencePiece kinds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from tfpretrain.errors import UserError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+NUM_SPECIAL = 4
+SPECIAL_TOKENS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+
+
+class Tokenizer:
+    """Base: subclasses implement ``_tokenize`` (ragged ids) and ``pieces``."""
+
+    kind: str = ""
+
+    # -- graph ops (usable inside tf.data, tf.function and SavedModels) --
+    def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """``texts``: string tensor [batch] -> ragged int32 [batch, None]."""
+        texts = tf.convert_to_tensor(texts, tf.string)
+        return self._tokenize(tf.reshape(texts, [-1]))
+
+    def detokenize(self, ids) -> tf.Tensor:
+        """int ids [batch, None] (dense or ragged) -> strings [batch]; specials dropped."""
+        if not isinstance(ids, tf.RaggedTensor):
+            ids = tf.RaggedTensor.from_tensor(tf.convert_to_tensor(ids, tf.int32))
+        ids = tf.cast(ids, tf.int32)
+        ids = tf.ragged.boolean_mask(ids, ids >= NUM_SPECIAL)
+        return self._detokenize(ids)
+
+    def _detokenize(self, ids: tf.RaggedTensor) -> tf.Tensor:
+        table = tf.constant(self.pieces())
+        return tf.strings.reduce_join(tf.gather(table, ids), axis=-1)
+
+    # -- eager conveniences --
+    def encode(self, text: str) -> list[int]:
+        return self.tokenize(tf.constant([text]))[0].numpy().tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        return self.detokenize(tf.ragged.constant([ids], dtype=tf.int32))[0].numpy().decode(
+            "utf-8", errors="replace")
+
+    # -- metadata --
+    @property
+    def vocabulary_size(self) -> int:
+        return len(self.pieces())
+
+    def pieces(self) -> list:
+        """The text of each id (bytes); specials map to b''."""
+        raise NotImplementedError
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for; eos counts 1 (the document separator)."""
+        lengths = np.array([len(p) for p in self.pieces()], dtype=np.int64)
+        lengths[EOS_ID] = 1
+        return lengths
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "vocabulary_size": self.vocabulary_size,
+                "special_tokens": SPECIAL_TOKENS, **self._meta()}
+        (directory / "tokenizer.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        self._save_assets(directory)
+
+    def _meta(self) -> dict:
+        return {}
+
+    def _save_assets(self, directory: Path) -> None:
+        pass
+
+
+class ByteTokenizer(Tokenizer):
+    kind = "byte"
+
+    def _tokenize(self, texts):
+        split = tf.strings.bytes_split(texts)
+        flat = tf.reshape(tf.io.decode_raw(split.flat_values, tf.uint8), [-1])
+        return split.with_flat_values(tf.cast(flat, tf.int32) + NUM_SPECIAL)
+
+    def pieces(self):
+        return [b""] * NUM_SPECIAL + [bytes([b]) for b in range(256)]
+
+
+class CharTokenizer(Tokenizer):
+    """One id per Unicode character; characters outside the vocabulary map to unk."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        keys = tf.constant([ord(c) for c in self.chars], tf.int32)
+        values = tf.range(NUM_SPECIAL, NUM_SPECIAL + len(self.chars), dtype=tf.int32)
+        self._table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(keys, values), default_value=UNK_ID)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocabulary_size: int) -> "CharTokenizer":
+        counts = Counter()
+        for t in texts:
+            counts.update(t)
+        keep = vocabulary_size - NUM_SPECIAL
+        chars = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]]
+        return cls(sorted(chars))
+
+    def _tokenize(self, texts):
+        cps = tf.strings.unicode_decode(texts, "UTF-8", errors="replace")
+        return cps.with_flat_values(self._table.lookup(cps.flat_values))
+
+    def pieces(self):
+        return [b""] * NUM_SPECIAL + [c.encode("utf-8") for c in self.chars]
+
+    def _meta(self):
+        return {"chars": "".join(self.chars)}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, proto: bytes, kind: str):
+        import tensorflow_text as tf_text
+
+        self.kind = kind
+        self.proto = proto
+        self._sp = tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)
+        self._pieces = None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocabulary_size: int, kind: str,
+              character_coverage: float = 0.9995, byte_fallback: bool = True,
+              seed: int = 0) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        def sentences():
+            # SentencePiece skips "sentences" longer than max_sentence_length: feed lines.
+            for t in texts:
+                for line in t.split("\n"):
+                    if line.strip():
+                        yield line[:8192]
+
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(), model_writer=model,
+                model_type="bpe" if kind == "sentencepiece_bpe" else "unigram",
+                vocab_size=vocabulary_size, hard_vocab_limit=False,
+                character_coverage=character_coverage, byte_fallback=byte_fallback,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                max_sentence_length=1 << 15, num_threads=2, minloglevel=2,
+                train_extremely_large_corpus=False)
+        except RuntimeError as exc:
+            need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+            if need:
+                raise UserError(
+                    f"`tokenizer.vocabulary_size` must be at least {need.group(2)} for this "
+                    f"text (its characters{' plus 256 byte-fallback ids' if byte_fallback else ''}"
+                    f" and 4 specials). Received: {vocabulary_size}. Raise it"
+                    f"{', or set `tokenizer.byte_fallback: false`' if byte_fallback else ''}"
+                    ".") from None
+            raise UserError(f"tokenizer: SentencePiece training failed: {exc}. "
+                            f"Try another `tokenizer.vocabulary_size` (was "
+                            f"{vocabulary_size}) or more text.") from None
+        return cls(model.getvalue(), kind)
+
+    def _tokenize(self, texts):
+        return self._sp.tokenize(texts)
+
+    def _detokenize(self, ids):
+        return self._sp.detokenize(ids)
+
+    def pieces(self):
+        if self._pieces is None:
+            import sentencepiece as spm
+
+            sp = spm.SentencePieceProcessor(model_proto=self.proto)
+            out = []
+            for i in range(sp.get_piece_size()):
+                piece = sp.id_to_piece(i)
+                if sp.is_control(i) or sp.is_unknown(i):
+                    out.append(b"")
+                elif sp.is_byte(i):
+                    out.append(bytes([int(piece[3:5], 16)]))
+                else:
+                    out.append(piece.replace("\u2581", " ").encode("utf-8"))
+            self._pieces = out
+        return self._pieces
+
+    def _save_assets(self, directory):
+        (Path(directory) / "spm.model").write_bytes(self.proto)
+
+
+def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
+                    character_coverage: float = 0.9995, byte_fallback: bool = True,
+                    train_bytes: int = 50_000_000, seed: int = 0) -> Tokenizer:
+    """Train ``kind`` on at most ``train_bytes`` of ``texts`` (the training split)."""
+    sample, total = [], 0
+    for t in texts:
+        if total >= train_bytes:
+            break
+        sample.append(t[: max(0, train_bytes - total)])
+        total += len(sample[-1])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer.train(sample, vocabulary_size)
+    if kind in ("sentencepiece_bpe", "sentencepiece_unigram"):
+        return SentencePieceTokenizer.train(sample, vocabulary_size, kind,
+                                            character_coverage, byte_fallback, seed)
+    raise UserError(f"`tokenizer.kind` must be one of sentencepiece_bpe, "
+                    f"sentencepiece_unigram, char, byte. Received: {kind!r}")
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    directory = Path(directory)
+    meta_path = directory / "tokenizer.json"
+    if not meta_path.is_file():
+        raise UserError(f"no tokenizer in {directory} (expected {meta_path.name}); "
+                        "is this a tfpretrain run folder?")
+    meta = json.loads(meta_path.read_text())
+    kind = meta["kind"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(list(meta["chars"]))
+    return SentencePieceTokenizer((directory / "spm.model").read_bytes(), kind)

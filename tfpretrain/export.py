@@ -1,0 +1,171 @@
+"""Export a run as a SavedModel in TF Serving's layout: ``<dir>/<name>/<version>/``.
+
+Signatures (the tokenizer is inside the graph; only TF core and TF Text ops):
+- ``generate`` (also ``serving_default``): ``prompts`` string [batch] -> ``text`` (prompt +
+  greedy continuation of ``eval.sample_tokens`` tokens) and ``token_ids`` (the new tokens).
+- ``sample``: ``prompts``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+  ``seed`` -> ``text``, ``token_ids``. temperature 0 = greedy.
+- ``score``: ``text`` string [batch] -> ``log_likelihood`` (nats), ``num_tokens``,
+  ``bits_per_byte``.
+- ``logits``: ``token_ids`` int32 [batch, seq] -> ``logits`` float32 [batch, seq, vocab].
+
+The version is written to a hidden temporary folder and renamed into place, so a server
+polling ``<dir>/<name>/`` never sees a half-written version.
+
+    python -m tfpretrain.export --run-dir runs/default [--out saved_models/NAME] [--version N]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+
+def next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def build_module(model, tokenizer, context: int, default_new_tokens: int):
+    import tensorflow as tf
+
+    from tfpretrain.data.tokenizers import EOS_ID
+    from tfpretrain.generation import generate_ids, strip_after_eos
+
+    module = tf.Module()
+    module.model = model
+    module.tokenizer_resources = [v for v in vars(tokenizer).values()
+                                  if isinstance(v, (tf.Module, tf.lookup.StaticHashTable))]
+
+    def logits_fn(ids):
+        return model(ids, training=False)
+
+    def run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        ids = tokenizer.tokenize(prompts)
+        new = generate_ids(logits_fn, ids, max_new_tokens, context, temperature, top_k,
+                           top_p, seed)
+        full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
+        return {"text": tokenizer.detokenize(full), "token_ids": new}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+    def generate(prompts):
+        return run_generate(prompts, default_new_tokens, 0.0, 0, 1.0, 0)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.string, name="prompts"),
+        tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.float32, name="top_p"),
+        tf.TensorSpec([], tf.int32, name="seed")])
+    def sample(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        return run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+    def logits(token_ids):
+        return {"logits": logits_fn(token_ids)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def score(text):
+        ids = tokenizer.tokenize(text)
+        batch = tf.cast(ids.nrows(), tf.int32)
+        eos = tf.RaggedTensor.from_tensor(tf.fill([batch, 1], EOS_ID))
+        seq = tf.concat([eos, ids], axis=1)                   # targets are seq[:, 1:]
+        n_tokens = tf.cast(ids.row_lengths(), tf.int32)
+        longest = tf.reduce_max(n_tokens)
+        chunks = tf.maximum(1, (longest + context - 1) // context)
+        dense = seq.to_tensor(default_value=0, shape=tf.stack([batch, chunks * context + 1]))
+        x = tf.reshape(dense[:, :-1], [-1, context])
+        y = tf.reshape(dense[:, 1:], [-1, context])
+        valid = tf.reshape(tf.range(chunks * context)[None, :] < n_tokens[:, None], [-1, context])
+        token_nll = model.token_losses(y, logits_fn(x))
+        nll = tf.reduce_sum(tf.reshape(tf.where(valid, token_nll, 0.0), [batch, -1]), axis=1)
+        n_bytes = tf.cast(tf.strings.length(text, unit="BYTE"), tf.float32)
+        return {"log_likelihood": -nll, "num_tokens": n_tokens,
+                "bits_per_byte": nll / tf.math.log(2.0) / tf.maximum(n_bytes, 1.0)}
+
+    module.generate, module.sample, module.logits, module.score = generate, sample, logits, score
+    signatures = {"serving_default": generate, "generate": generate, "sample": sample,
+                  "logits": logits, "score": score}
+    return module, signatures
+
+
+def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
+                       version: int | None = None, overwrite: bool = False) -> Path:
+    import tensorflow as tf
+
+    base = Path(out) if out else Path(cfg.export.dir) / (cfg.export.name or Path(run_dir).name)
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    final = base / str(version)
+    if final.exists() and not overwrite:
+        raise UserError(f"export: {final} already exists; pass --overwrite or another --version")
+    tmp = base / f".tmp-{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    module, signatures = build_module(model, tokenizer, cfg.model.sequence_length,
+                                      cfg.eval.sample_tokens)
+    tf.saved_model.save(module, str(tmp), signatures=signatures)
+    # the run's config and tokenizer travel with the model (assets.extra is ignored by TF
+    # Serving but lets `evaluate --saved-model` and people see what made it)
+    extra = tmp / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    tokenizer.save(extra / "tokenizer")
+    (extra / "config.yaml").write_text(cfg.to_yaml())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_run(run_dir: Path):
+    """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint."""
+    from tfpretrain.config import build_config, read_yaml
+    from tfpretrain.data.tokenizers import load_tokenizer
+    from tfpretrain.models import build_model
+    from tfpretrain.training.checkpoints import CheckpointManager
+    from tfpretrain.training.optimizers import build_optimizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--run-dir: {run_dir} is not a tfpretrain run folder "
+                        "(no config.yaml)")
+    cfg = build_config(read_yaml(run_dir / "config.yaml"), name=run_dir.name,
+                       source=str(run_dir / "config.yaml"))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = build_model(cfg.model, tokenizer.vocabulary_size)
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    optimizer.build(model.trainable_variables)
+    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer)
+    found = manager.latest_valid()
+    if found is None:
+        raise UserError(f"--run-dir: {run_dir} has no valid checkpoint to load")
+    manager.restore(found[0])
+    return cfg, tokenizer, model
+
+
+@cli_main
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(prog="python -m tfpretrain.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="run folder written by tfpretrain.fit")
+    p.add_argument("--out", help="model folder (default: <export.dir>/<run name>)")
+    p.add_argument("--version", type=int, help="version number (default: next free)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    args = p.parse_args(argv)
+    if args.version is not None and args.version < 1:
+        raise UserError(f"--version must be >= 1. Received: {args.version}")
+    cfg, tokenizer, model = load_run(Path(args.run_dir))
+    path = export_saved_model(model, tokenizer, cfg, Path(args.run_dir),
+                              Path(args.out) if args.out else None, args.version,
+                              args.overwrite)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Sample text from a trained run with its own tokenizer.
+
+    python -m tfpretrain.generate --run-dir runs/default --prompt "Once upon a time"
+        [--max-new-tokens N] [--sampler greedy|top_k|top_p] [--temperature T]
+        [--top-k K] [--top-p P] [--seed S] [--num-samples N]
+
+A prompt longer than the model's context is truncated from the left.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+
+@cli_main
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(prog="python -m tfpretrain.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--sampler", choices=("greedy", "top_k", "top_p"), default="top_k")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1. Received: {a.max_new_tokens}")
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or a.num_samples < 1:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and "
+                        "--num-samples >= 1. Received: "
+                        f"temperature={a.temperature}, top_p={a.top_p}, top_k={a.top_k}, "
+                        f"num_samples={a.num_samples}")
+    from tfpretrain.export import load_run
+    from tfpretrain.generation import Sampler
+
+    cfg, tokenizer, model = load_run(Path(a.run_dir))
+    sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
+    kwargs = {"greedy": dict(temperature=0.0),
+              "top_k": dict(temperature=a.temperature, top_k=a.top_k),
+              "top_p": dict(temperature=a.temperature, top_p=a.top_p)}[a.sampler]
+    texts = sampler([a.prompt] * a.num_samples, max_new_tokens=a.max_new_tokens,
+                    seed=a.seed, **kwargs)
+    for i, t in enumerate(texts):
+        if a.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Autoregressive sampling in plain TF ops (no XLA-only ops), shared by fit, generate and
+the exported SavedModel.
+
+Each step runs the model over a window of at most ``context`` tokens ending at the current
+position of each row, so prompts of any length work (a prompt longer than the context is
+truncated from the left) and no ``XlaDynamicUpdateSlice`` KV-cache update enters the graph.
+Every prompt is prefixed with ``eos``, the document boundary the model saw in training, so
+an empty prompt starts a fresh story.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfpretrain.data.tokenizers import EOS_ID, PAD_ID
+
+NEG_INF = -1e9
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+    """Temperature, top-k and nucleus (top-p) filtering of logits [batch, vocab]."""
+    vocab = tf.shape(logits)[-1]
+    scaled = logits / tf.maximum(temperature, 1e-6)
+    k = tf.clip_by_value(top_k, 1, vocab)
+    kth = tf.math.top_k(scaled, k=k).values[:, -1:]
+    scaled = tf.where((top_k > 0) & (scaled < kth), NEG_INF, scaled)
+    sorted_logits = tf.sort(scaled, axis=-1, direction="DESCENDING")
+    probs = tf.nn.softmax(sorted_logits, axis=-1)
+    before = tf.cumsum(probs, axis=-1, exclusive=True)
+    kept = tf.where(before < top_p, sorted_logits, tf.fill(tf.shape(sorted_logits), 1e9))
+    threshold = tf.reduce_min(kept, axis=-1, keepdims=True)
+    return tf.where((top_p < 1.0) & (scaled < threshold), NEG_INF, scaled)
+
+
+def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: int,
+                 temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """Continue ``prompts`` (ragged int32 [batch, None], without the leading eos).
+
+    Returns the new tokens, int32 [batch, max_new_tokens], padded with ``pad`` after a row
+    emits ``eos`` (the eos itself is kept). temperature <= 0 means greedy.
+    """
+    max_new_tokens = tf.cast(max_new_tokens, tf.int32)
+    temperature = tf.cast(temperature, tf.float32)
+    top_k = tf.cast(top_k, tf.int32)
+    top_p = tf.cast(top_p, tf.float32)
+    seed = tf.cast(seed, tf.int32)
+    prompts = tf.cast(prompts, tf.int32)
+    batch = tf.cast(prompts.nrows(), tf.int32)
+    eos = tf.fill([batch, 1], EOS_ID)
+    prompts = tf.concat([tf.RaggedTensor.from_tensor(eos), prompts], axis=1)
+    lens = tf.cast(prompts.row_lengths(), tf.int32)
+    start_lens = lens
+    total = tf.reduce_max(lens) + max_new_tokens
+    buf = prompts.to_tensor(default_value=PAD_ID, shape=tf.stack([batch, total]))
+    width = tf.minimum(tf.constant(context, tf.int32), total)
+    rows = tf.range(batch)
+    done = tf.zeros([batch], tf.bool)
+    for i in tf.range(max_new_tokens):
+        start = tf.maximum(lens - width, 0)
+        idx = tf.minimum(start[:, None] + tf.range(width)[None, :], total - 1)
+        window = tf.gather(buf, idx, batch_dims=1)
+        logits = tf.cast(logits_fn(window), tf.float32)
+        last = tf.gather(logits, lens - 1 - start, batch_dims=1)
+        greedy = tf.argmax(last, axis=-1, output_type=tf.int32)
+        filtered = filter_logits(last, temperature, top_k, top_p)
+        sampled = tf.cast(tf.random.stateless_categorical(
+            filtered, 1, seed=tf.stack([seed, i]))[:, 0], tf.int32)
+        nxt = tf.where(temperature > 0, sampled, greedy)
+        nxt = tf.where(done, PAD_ID, nxt)
+        buf = tf.tensor_scatter_nd_update(buf, tf.stack([rows, lens], axis=1), nxt)
+        lens = lens + 1
+        done = done | tf.equal(nxt, EOS_ID)
+        if tf.reduce_all(done):
+            break
+    idx = tf.minimum(start_lens[:, None] + tf.range(max_new_tokens)[None, :], total - 1)
+    new = tf.gather(buf, idx, batch_dims=1)
+    valid = tf.range(max_new_tokens)[None, :] < (lens - start_lens)[:, None]
+    return tf.where(valid, new, PAD_ID)
+
+
+def strip_after_eos(ids):
+    """Replace everything from the first eos on with pad (ids [batch, n])."""
+    seen = tf.cumsum(tf.cast(tf.equal(ids, EOS_ID), tf.int32), axis=1)
+    return tf.where(seen > 0, PAD_ID, ids)
+
+
+class Sampler:
+    """Eager-friendly wrapper: text in, prompt + continuation out, with the run's tokenizer."""
+
+    def __init__(self, model, tokenizer, context: int):
+        self.model, self.tokenizer, self.context = model, tokenizer, context
+        self._fn = tf.function(self._generate, reduce_retracing=True)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        ids = self.tokenizer.tokenize(prompts)
+        new = generate_ids(lambda w: self.model(w, training=False), ids, max_new_tokens,
+                           self.context, temperature, top_k, top_p, seed)
+        full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
+        return new, self.tokenizer.detokenize(full)
+
+    def __call__(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=0):
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        _, text = self._fn(tf.constant(batch), tf.constant(max_new_tokens, tf.int32),
+                           tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
+                           tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32))
+        out = [t.decode("utf-8", errors="replace") for t in text.numpy()]
+        return out[0] if single else out

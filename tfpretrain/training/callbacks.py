@@ -1,0 +1,109 @@
+"""Callbacks: per-step TensorBoard scalars, eval-time samples, checkpoints, stop at steps."""
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import tensorflow as tf
+
+from tfpretrain.models import LOG_FIELDS
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Writes train/{loss,grad_norm,learning_rate} for *every* step (the model keeps a
+    per-step buffer, so this holds with steps_per_execution > 1), train/tokens_per_second,
+    and val/{loss,perplexity} plus a text sample at each evaluation."""
+
+    def __init__(self, log_dir, tokens_per_step: int, sampler=None, sample_kwargs=None,
+                 prompt: str = ""):
+        super().__init__()
+        self.train_writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        self.val_writer = tf.summary.create_file_writer(str(log_dir / "val"))
+        self.tokens_per_step = tokens_per_step
+        self.sampler, self.sample_kwargs, self.prompt = sampler, sample_kwargs or {}, prompt
+        self.train_seconds = 0.0
+        self.trained_steps = 0
+        self.last_sample = ""
+        self._t0 = None
+        self._last_step = None
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            self._last_step = self._step()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        now = time.perf_counter()
+        n = step - self._last_step
+        elapsed = now - self._t0
+        self.train_seconds += elapsed
+        self.trained_steps += n
+        values = self.model.step_log.numpy()
+        size = values.shape[0]
+        with self.train_writer.as_default():
+            for s in range(step - n + 1, step + 1):
+                row = values[(s - 1) % size]
+                for name, v in zip(LOG_FIELDS, row):
+                    tf.summary.scalar(name, float(v), step=s)
+            if elapsed > 0 and n > 0:
+                tf.summary.scalar("tokens_per_second", n * self.tokens_per_step / elapsed,
+                                  step=step)
+        self._t0, self._last_step = time.perf_counter(), step
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self._step()
+        logs = logs or {}
+        with self.val_writer.as_default():
+            if "val_loss" in logs:
+                val = float(logs["val_loss"])
+                tf.summary.scalar("loss", val, step=step)
+                tf.summary.scalar("perplexity", math.exp(min(val, 50.0)), step=step)
+            if self.sampler is not None:
+                self.last_sample = self.sampler(self.prompt, **self.sample_kwargs)
+                tf.summary.text("sample", self.last_sample, step=step)
+        self.train_writer.flush()
+        self.val_writer.flush()
+        # time spent validating and sampling is not training time
+        self._t0 = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.train_writer.flush()
+        self.val_writer.flush()
+
+    @property
+    def tokens_per_second(self) -> float:
+        if self.train_seconds <= 0:
+            return 0.0
+        return self.trained_steps * self.tokens_per_step / self.train_seconds
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends fit at exactly ``total_steps`` optimizer steps (the last epoch may be short)."""
+
+    def __init__(self, total_steps: int):
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
+            self.model.stop_training = True
+
+
+class CheckpointEvery(keras.callbacks.Callback):
+    """Commits a checkpoint at each evaluation boundary (epoch end) and at the final step."""
+
+    def __init__(self, manager, extra: dict):
+        super().__init__()
+        self.manager, self.extra = manager, extra
+        self.last_saved = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step != self.last_saved:
+            self.manager.save(step, self.extra)
+            self.last_saved = step

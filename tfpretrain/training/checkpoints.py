@@ -1,0 +1,119 @@
+"""Checkpoints that commit atomically, and finding the latest valid one.
+
+Layout: ``<run>/checkpoints/step-00000500/`` holds a ``tf.train.Checkpoint`` of the model
+and optimizer (weights, Adam moments, iterations, hence the schedule position) and
+``state.json`` (step, config fingerprint, sha256 of every file). A checkpoint is written to
+``.tmp-step-...``, fsynced and renamed into place; only then is ``checkpoints/latest``
+replaced and old checkpoints pruned, so a crash at any moment leaves the previous valid
+checkpoint intact. The data position needs no saving: the batch at step k is a pure
+function of (seed, k) (see ``data.pipeline``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    def __init__(self, directory: Path, model, optimizer, keep: int = 3):
+        self.directory = Path(directory)
+        self.keep = keep
+        self._ckpt = (tf.train.Checkpoint(model=model, optimizer=optimizer)
+                      if model is not None else None)
+
+    def _path(self, step: int) -> Path:
+        return self.directory / f"{PREFIX}{step:08d}"
+
+    def save(self, step: int, extra: dict | None = None) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self._path(step)
+        tmp = self.directory / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self._ckpt.write(str(tmp / "ckpt"))
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = _sha256(f)
+        state = {"step": int(step), "files": files, **(extra or {})}
+        write_atomic(tmp / "state.json", json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        write_atomic(self.directory / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        ckpts = self.list()
+        for old in ckpts[: max(0, len(ckpts) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir()
+                      if p.is_dir() and p.name.startswith(PREFIX))
+
+    @staticmethod
+    def validate(path: Path) -> dict | None:
+        """The checkpoint's state if every file is present with its recorded checksum."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+            for name, digest in state["files"].items():
+                if _sha256(path / name) != digest:
+                    return None
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def latest_valid(self) -> tuple[Path, dict] | None:
+        """Newest checkpoint that validates; corrupt ones are skipped with a warning."""
+        for path in reversed(self.list()):
+            state = self.validate(path)
+            if state is not None:
+                return path, state
+            print(f"warning: skipping corrupt or incomplete checkpoint {path}", file=sys.stderr)
+        return None
+
+    def restore(self, path: Path) -> None:
+        self._ckpt.read(str(path / "ckpt")).assert_existing_objects_matched()

@@ -1,0 +1,263 @@
+"""The one place that calls model.fit: run folder -> data -> model -> fit -> eval -> export.
+
+Reads top to bottom like nanoGPT's train.py. Everything that can fail because of user input
+(config, paths, empty corpus, tokenizer) fails before the run folder is created or touched.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfpretrain.config import Config, build_config, read_yaml
+from tfpretrain.errors import UserError
+
+# Settings that change what a checkpoint means; changing them on resume is refused.
+RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed")
+
+
+def log(msg: str) -> None:
+    print(f"[tfpretrain] {msg}", flush=True)
+
+
+def choose_steps_per_execution(cfg: Config) -> int:
+    if cfg.train.steps_per_execution:
+        return cfg.train.steps_per_execution
+    for n in (16, 8, 4, 2, 1):
+        if cfg.eval.every % n == 0 and cfg.train.steps % n == 0:
+            return n
+    return 1
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "name")
+
+
+@dataclass
+class RunState:
+    run_dir: Path
+    resume_from: Path | None = None
+    resume_step: int = 0
+    complete: bool = False
+
+
+def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunState:
+    """Decide what to do with ``run_dir`` without modifying anything."""
+    from tfpretrain.training.checkpoints import CheckpointManager
+
+    state = RunState(run_dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume == "must":
+            raise UserError(f"--resume must: no run folder with checkpoints at {run_dir}")
+        return state
+    if resume == "never":
+        raise UserError(f"run folder {run_dir} already exists and --resume never was given; "
+                        "choose another --run-dir, or pass --resume auto to continue it")
+    old_cfg_path = run_dir / "config.yaml"
+    found = CheckpointManager(run_dir / "checkpoints", None, None).latest_valid() \
+        if old_cfg_path.exists() else None
+    if found is None:
+        if resume == "must":
+            raise UserError(f"--resume must: no valid checkpoint in {run_dir / 'checkpoints'}")
+        if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+            raise UserError(f"run folder {run_dir} has results but no valid checkpoint to "
+                            "resume from; choose another --run-dir")
+        return state  # a run that died before its first checkpoint: start over in place
+    old = build_config(read_yaml(old_cfg_path), name=cfg.name).to_dict()
+    diffs = config_differences(old, cfg.to_dict())
+    critical = [k for k in diffs if k.startswith(RESUME_CRITICAL)]
+    if critical:
+        listed = ", ".join(f"{k} ({flatten(old).get(k)!r} -> {flatten(cfg.to_dict()).get(k)!r})"
+                           for k in critical)
+        raise UserError(f"cannot resume {run_dir}: these settings differ from the run's "
+                        f"config.yaml: {listed}. Use another --run-dir to start a new run")
+    if diffs:
+        log(f"warning: resuming with changed settings: {', '.join(diffs)}")
+    path, ckpt_state = found
+    state.resume_from, state.resume_step = path, int(ckpt_state["step"])
+    state.complete = state.resume_step >= cfg.train.steps
+    return state
+
+
+def configure_tensorflow(cfg: Config) -> None:
+    import tensorflow as tf
+
+    if cfg.train.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
+    # Two cores: one inter-op thread avoids the bimodal step times seen on this CPU.
+    if (os.cpu_count() or 1) <= 4:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def evaluate_rows(model, rows: np.ndarray, token_bytes: np.ndarray, batch_size: int,
+                  max_batches: int = 0) -> dict:
+    """Sum of token losses (nats), token count and UTF-8 bytes over validation rows."""
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import eval_dataset
+
+    table = tf.constant(token_bytes, tf.float32)
+
+    @tf.function(reduce_retracing=True)
+    def batch_sums(x, y, w):
+        losses = model.token_losses(y, model(x, training=False))
+        return (tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(w, tf.float64)),
+                tf.reduce_sum(w), tf.reduce_sum(tf.gather(table, y) * w))
+
+    nats, tokens, nbytes = 0.0, 0.0, 0.0
+    for x, y, w in eval_dataset(rows, batch_size, max_batches):
+        a, b, c = batch_sums(x, y, w)
+        nats, tokens, nbytes = nats + float(a), tokens + float(b), nbytes + float(c)
+    loss = nats / max(tokens, 1.0)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
+            "val_tokens": int(tokens), "val_bytes": int(nbytes)}
+
+
+def unigram_loss(counts: np.ndarray, rows: np.ndarray, max_rows: int = 0) -> float:
+    """Cross-entropy of val targets under add-one-smoothed train-token frequencies."""
+    targets = (rows[:max_rows] if max_rows else rows)[:, 1:].reshape(-1)
+    logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    return float(-logp[targets].mean())
+
+
+def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    state = plan_run_dir(cfg, run_dir, resume)
+    if state.complete:
+        summary_path = run_dir / "summary.json"
+        log(f"{run_dir} already finished {state.resume_step} steps (train.steps="
+            f"{cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+
+    import keras
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import eval_dataset, pack_corpus, train_dataset
+    from tfpretrain.data.sources import load_corpus
+    from tfpretrain.data.tokenizers import load_tokenizer, train_tokenizer
+    from tfpretrain.generation import Sampler
+    from tfpretrain.models import build_model
+    from tfpretrain.training.callbacks import CheckpointEvery, StepLogger, StopAtStep
+    from tfpretrain.training.checkpoints import CheckpointManager, write_atomic
+    from tfpretrain.training.optimizers import build_optimizer
+
+    configure_tensorflow(cfg)
+    # Seed first: tf.random.set_seed resets TF's eager context, which invalidates resources
+    # created before it (tensorflow_text's SentencePiece op among them).
+    keras.utils.set_random_seed(cfg.train.seed)
+    # 1. data and tokenizer: all input errors surface here, before the run folder changes
+    t0 = time.time()
+    corpus = load_corpus(cfg.data, cfg.train.seed)
+    log(f"data: {corpus.description}; {len(corpus.train)} train / {len(corpus.val)} val "
+        f"documents ({time.time() - t0:.1f}s)")
+    t0 = time.time()
+    if state.resume_from is not None:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+    else:
+        tc = cfg.tokenizer
+        tokenizer = train_tokenizer(tc.kind, corpus.train, tc.vocabulary_size,
+                                    tc.character_coverage, tc.byte_fallback, tc.train_bytes,
+                                    cfg.train.seed)
+    packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length)
+    log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocabulary_size} ids; "
+        f"{packed.train_tokens:,} train / {packed.val_tokens:,} val tokens, "
+        f"{len(packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
+
+    # 2. run folder
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state.resume_from is None:
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        tokenizer.save(run_dir / "tokenizer")
+    write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+
+    # 3. model and optimizer, compiled explicitly (never keras_hub's fine-tuning defaults)
+    spe = choose_steps_per_execution(cfg)
+    model = build_model(cfg.model, tokenizer.vocabulary_size, cfg.optimizer.clipnorm, spe)
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    optimizer.build(model.trainable_variables)
+    jit = cfg.train.jit_compile if cfg.train.jit_compile is not None else True
+    model.compile(optimizer=optimizer, jit_compile=jit, steps_per_execution=spe)
+    params = int(model.backbone.count_params())
+    tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
+    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer)
+    start = 0
+    if state.resume_from is not None:
+        manager.restore(state.resume_from)
+        start = int(optimizer.iterations.numpy())
+        log(f"resumed from {state.resume_from} at step {start}")
+    log(f"model: {cfg.model.arch}, {params:,} parameters; {tokens_per_step:,} tokens/step, "
+        f"{cfg.train.steps:,} steps = {tokens_per_step * cfg.train.steps:,} tokens; "
+        f"jit_compile={jit}, steps_per_execution={spe}")
+
+    # 4. fit
+    sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
+    sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
+                         top_k=cfg.eval.top_k, seed=cfg.train.seed)
+    logger = StepLogger(run_dir / "logs", tokens_per_step, sampler, sample_kwargs,
+                        cfg.eval.prompt)
+    every = cfg.eval.every
+    callbacks = [logger, StopAtStep(cfg.train.steps),
+                 CheckpointEvery(manager, {"config": cfg.to_dict()})]
+    if start < cfg.train.steps:
+        model.fit(
+            train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed, start),
+            validation_data=eval_dataset(packed.val_rows, cfg.train.batch_size,
+                                         cfg.eval.steps),
+            steps_per_epoch=every, initial_epoch=start // every,
+            epochs=math.ceil(cfg.train.steps / every), callbacks=callbacks,
+            shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+
+    # 5. final evaluation, sample, export
+    t0 = time.time()
+    metrics = evaluate_rows(model, packed.val_rows, tokenizer.token_bytes(),
+                            cfg.train.batch_size, cfg.eval.final_steps)
+    max_rows = cfg.eval.final_steps * cfg.train.batch_size
+    metrics["unigram_val_loss"] = unigram_loss(packed.unigram_counts, packed.val_rows, max_rows)
+    sample = sampler(cfg.eval.prompt, **sample_kwargs)
+    log(f"eval: val_loss {metrics['val_loss']:.4f} (unigram {metrics['unigram_val_loss']:.4f}),"
+        f" ppl {metrics['val_perplexity']:.2f}, bpb {metrics['val_bits_per_byte']:.4f} "
+        f"({time.time() - t0:.1f}s)")
+    log(f"sample: {sample!r}")
+    saved_model = None
+    if cfg.export.enabled:
+        from tfpretrain.export import export_saved_model
+
+        t0 = time.time()
+        saved_model = export_saved_model(model, tokenizer, cfg, run_dir)
+        log(f"exported {saved_model} ({time.time() - t0:.1f}s)")
+    steps_done = int(optimizer.iterations.numpy())
+    summary = {
+        "run_dir": str(run_dir), "saved_model": str(saved_model) if saved_model else None,
+        "params": params, "arch": cfg.model.arch, "tokenizer": tokenizer.kind,
+        "vocabulary_size": tokenizer.vocabulary_size, "steps": steps_done,
+        "tokens_seen": steps_done * tokens_per_step,
+        "wall_seconds": round(time.time() - t_start, 2),
+        "train_seconds": round(logger.train_seconds, 2),
+        "tokens_per_second": round(logger.tokens_per_second, 1),
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "sample": sample,
+    }
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
