@@ -46,9 +46,11 @@ class CausalLM(keras.Model):
         self.log_size = max(1, steps_per_execution)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Per-step (loss, grad_norm, lr) for the last `log_size` steps; read by the
-        # TensorBoard callback after each execution so every step is logged.
-        self.step_log = tf.Variable(tf.zeros([self.log_size, len(LOG_FIELDS)]),
-                                    trainable=False, name="step_log")
+        # TensorBoard callback after each execution so every step is logged. Set with
+        # object.__setattr__ so it is not tracked: it is not model state and its shape
+        # depends on steps_per_execution, so it must stay out of checkpoints.
+        object.__setattr__(self, "step_log", tf.Variable(
+            tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log"))
 
     def call(self, token_ids, training=False):
         token_ids = tf.convert_to_tensor(token_ids)

@@ -101,11 +101,14 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunState:
 def configure_tensorflow(cfg: Config) -> None:
     import tensorflow as tf
 
-    if cfg.train.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
-    # Two cores: one inter-op thread avoids the bimodal step times seen on this CPU.
-    if (os.cpu_count() or 1) <= 4:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        if cfg.train.threads:
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
+        # Two cores: one inter-op thread avoids the bimodal step times seen on this CPU.
+        if (os.cpu_count() or 1) <= 4:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TF already initialized in this process (tests, notebooks): keep its settings
 
 
 def evaluate_rows(model, rows: np.ndarray, token_bytes: np.ndarray, batch_size: int,

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny configs (vocab <= 400, 2 layers, hidden 32, seq 32) that run in
+seconds, and one tiny end-to-end run reused by the tests that inspect a run's outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_raw(tmp_path: Path, **sections) -> dict:
+    raw = {
+        "data": {"embedded_documents": 300},
+        "tokenizer": {"kind": "sentencepiece_bpe", "vocabulary_size": 320,
+                      "byte_fallback": False},
+        "model": {"num_layers": 2, "num_heads": 2, "hidden_dim": 32, "intermediate_dim": 64,
+                  "sequence_length": 32},
+        "optimizer": {"learning_rate": 1e-2, "min_learning_rate": 1e-3, "warmup_steps": 5},
+        "train": {"steps": 60, "batch_size": 16},
+        "eval": {"every": 20, "steps": 4, "sample_tokens": 12},
+        "export": {"dir": str(tmp_path / "saved_models")},
+    }
+    for sec, values in sections.items():
+        raw.setdefault(sec, {}).update(values)
+    return raw
+
+
+def tiny_config(tmp_path: Path, **sections):
+    from tfpretrain.config import build_config
+
+    return build_config(tiny_raw(tmp_path, **sections), name="tiny")
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in a fresh process, the way a user does."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny gpt2 run: (cfg, run_dir, summary)."""
+    from tfpretrain.training.trainer import fit
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_config(tmp)
+    run_dir = tmp / "runs" / "tiny"
+    summary = fit(cfg, run_dir)
+    return cfg, run_dir, summary

@@ -1,0 +1,143 @@
+import gzip
+import json
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from tfpretrain.data.pipeline import (eval_dataset, pack_corpus, pack_rows, row_indices,
+                                      tokenize_documents, train_dataset)
+from tfpretrain.data.sources import load_corpus
+from tfpretrain.data.synthetic import generate_stories
+from tfpretrain.data.tokenizers import EOS_ID, load_tokenizer, train_tokenizer
+from tfpretrain.errors import UserError
+
+DOCS = generate_stories(200, seed=7)
+
+
+def test_story_corpus_is_deterministic_varied_and_story_like():
+    stories = generate_stories(3000, seed=1)
+    assert stories[:50] == generate_stories(50, seed=1)
+    assert stories[:50] != generate_stories(50, seed=2)
+    assert len(set(stories)) == len(stories)
+    words = {w for s in stories for w in re.findall(r"[a-z'-]+", s.lower())}
+    assert 900 <= len(words) <= 2500
+    assert all('"' in s for s in stories[:200] if "said" in s)
+    assert sum("said" in s or "asked" in s for s in stories) > 0.8 * len(stories)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece_bpe", "sentencepiece_unigram", "char", "byte"])
+def test_tokenizer_round_trip_save_and_reload(kind, tmp_path):
+    tok = train_tokenizer(kind, DOCS, 400)
+    text = DOCS[0] + " Zebra café ☃"
+    ids = tok.encode(text)
+    assert all(4 <= i < tok.vocabulary_size or i == 1 for i in ids)
+    if kind != "char":  # char maps characters never seen in training to unk
+        assert tok.decode(ids) == text
+    assert tok.decode(tok.encode(DOCS[1])) == DOCS[1]
+    tok.save(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    assert again.kind == kind and again.vocabulary_size == tok.vocabulary_size
+    assert again.encode(text) == ids
+    meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert meta["special_tokens"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    # bits-per-byte needs the bytes each id stands for: they must add up to the text
+    if kind in ("byte", "char"):
+        known = DOCS[1] + (" café" if kind == "byte" else "")
+        assert int(tok.token_bytes()[tok.encode(known)].sum()) == len(known.encode("utf-8"))
+
+
+def test_packing_keeps_every_token_once_in_order_with_eos_between_documents():
+    tok = train_tokenizer("byte", DOCS, 0)
+    docs = DOCS[:20]
+    stream = tokenize_documents(tok, docs)
+    expected = []
+    for d in docs:
+        expected += [b + 4 for b in d.encode("utf-8")] + [EOS_ID]
+    assert stream.tolist() == expected
+    L = 32
+    rows = pack_rows(stream, L)
+    assert rows.shape == ((len(stream) - 1) // L, L + 1)
+    x, y = rows[:, :-1], rows[:, 1:]
+    assert x.reshape(-1).tolist() == stream[: rows.shape[0] * L].tolist()   # each once, in order
+    assert y.reshape(-1).tolist() == stream[1: rows.shape[0] * L + 1].tolist()
+    assert len(stream) - rows.shape[0] * L - 1 < L   # only the final partial row is lost
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    rows = np.arange(50 * 9, dtype=np.int32).reshape(50, 9)
+    unbroken = [b[0].numpy() for b in train_dataset(rows, 8, seed=3).take(20)]
+    resumed = [b[0].numpy() for b in train_dataset(rows, 8, seed=3, start_step=13).take(7)]
+    for a, b in zip(unbroken[13:], resumed):
+        np.testing.assert_array_equal(a, b)
+    other = [b[0].numpy() for b in train_dataset(rows, 8, seed=4).take(1)]
+    assert not np.array_equal(unbroken[0], other[0])
+    # each epoch is a permutation of all rows: 50 rows, batch 10 -> 5 steps per epoch
+    ids = np.concatenate([row_indices(k, 10, 50, 3).numpy() for k in range(10)])
+    assert sorted(ids[:50]) == list(range(50)) and sorted(ids[50:]) == list(range(50))
+    assert not np.array_equal(ids[:50], ids[50:])  # reshuffled each epoch
+    x, y, w = next(iter(train_dataset(rows, 8, seed=3)))
+    assert x.shape == (8, 8) and y.shape == (8, 8) and w.shape == (8, 8)
+    np.testing.assert_array_equal(x.numpy()[:, 1:], y.numpy()[:, :-1])
+
+
+def test_eval_dataset_covers_all_rows_in_order():
+    rows = np.arange(13 * 5, dtype=np.int32).reshape(13, 5)
+    xs = np.concatenate([x.numpy() for x, _, _ in eval_dataset(rows, 4)])
+    np.testing.assert_array_equal(xs, rows[:, :-1])
+
+
+def test_file_sources_and_splits(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc line one\nline two\n\nsecond doc\n\n\nthird doc\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "from jsonl one"}) + "\n\n")
+        fh.write(json.dumps({"text": "from jsonl two"}) + "\n")
+    (tmp_path / "c.txt").write_bytes(b"bad bytes \xff\xfe here")
+    cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "*"), "val_fraction": 0.2})
+    corpus = load_corpus(cfg.data, seed=0)
+    docs = sorted(corpus.train + corpus.val)
+    assert docs == sorted(["first doc line one\nline two", "second doc", "third doc",
+                           "from jsonl one", "from jsonl two", "bad bytes \ufffd\ufffd here"])
+    assert len(corpus.val) == 1
+    tail = tiny_config(tmp_path, data={"path": str(tmp_path / "a.txt"), "split": "tail",
+                                       "val_fraction": 0.3, "document_separator": "none"})
+    c = load_corpus(tail.data, seed=0)
+    assert c.train[0] + c.val[0] == "first doc line one\nline two\n\nsecond doc\n\n\nthird doc"
+    assert len(c.val[0]) == pytest.approx(0.3 * 50, abs=2)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "data.path: no such file: "),
+    ("  \n\n \t\n", "the corpus is empty"),
+])
+def test_missing_and_empty_corpus_are_user_errors(tmp_path, content, msg):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_text(content)
+    cfg = tiny_config(tmp_path, data={"path": str(path)})
+    with pytest.raises(UserError, match=msg):
+        load_corpus(cfg.data, seed=0)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n')
+    cfg = tiny_config(tmp_path, data={"path": str(path)})
+    with pytest.raises(UserError, match=r"d\.jsonl:2: malformed JSON"):
+        load_corpus(cfg.data, seed=0)
+    path.write_text('{"body": "ok"}\n')
+    with pytest.raises(UserError, match=r"no field 'text' \(fields: body\)"):
+        load_corpus(cfg.data, seed=0)
+
+
+def test_pack_corpus_counts_and_too_small_val(tmp_path):
+    tok = train_tokenizer("char", DOCS, 100)
+    packed = pack_corpus(tok, DOCS[:150], DOCS[150:], 32)
+    assert packed.unigram_counts.sum() == packed.train_tokens
+    assert packed.train_rows.dtype == np.int32 and packed.train_rows.shape[1] == 33
+    with pytest.raises(UserError, match="validation split"):
+        pack_corpus(tok, DOCS[:150], ["hi"], 32)
+    ds = tf.data.Dataset.from_tensor_slices(packed.val_rows)
+    assert ds.cardinality().numpy() == len(packed.val_rows)

@@ -1,0 +1,189 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import last_json_line, run_cli, tiny_config, tiny_raw, write_yaml
+
+
+def read_scalars(event_dir):
+    """{tag: {step: value}} from real TensorBoard event files."""
+    out = {}
+    files = sorted(event_dir.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {event_dir}"
+    for f in files:
+        for record in tf.data.TFRecordDataset(str(f)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                value = tf.make_ndarray(v.tensor)
+                out.setdefault(v.tag, {})[event.step] = value
+    return out
+
+
+def test_tiny_run_learns_and_writes_summary(tiny_run):
+    cfg, run_dir, summary = tiny_run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("run_dir", "saved_model", "params", "steps", "tokens_seen", "wall_seconds",
+                "tokens_per_second", "val_loss", "val_perplexity", "val_bits_per_byte",
+                "unigram_val_loss", "sample"):
+        assert key in summary, key
+    assert summary["steps"] == 60
+    assert summary["tokens_seen"] == 60 * 16 * 32
+    assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-4)
+    # 60 steps on a tiny model: it must beat the unigram baseline
+    assert summary["val_loss"] < summary["unigram_val_loss"]
+    assert summary["sample"].startswith(cfg.eval.prompt)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "spm.model").is_file()
+
+
+def test_tensorboard_has_per_step_train_scalars_and_val(tiny_run):
+    _, run_dir, summary = tiny_run
+    train = read_scalars(run_dir / "logs" / "train")
+    assert sorted(train["loss"]) == list(range(1, 61))          # every step, not per epoch
+    assert sorted(train["grad_norm"]) == list(range(1, 61))
+    lr = train["learning_rate"]
+    assert float(lr[1]) == pytest.approx(0.0, abs=1e-7)        # warmup starts at 0
+    assert float(lr[6]) == pytest.approx(1e-2, rel=1e-4)       # peak after 5 warmup steps
+    assert float(lr[60]) < float(lr[30]) < float(lr[6])        # cosine decay
+    losses = [float(train["loss"][s]) for s in range(1, 61)]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3  # the loss falls
+    assert "tokens_per_second" in train
+    val = read_scalars(run_dir / "logs" / "val")
+    assert sorted(val["loss"]) == [20, 40, 60]
+    samples = val["sample"]
+    assert sorted(samples) == [20, 40, 60]
+    assert samples[60].item().decode().startswith("Once upon a time")
+
+
+def test_checkpoints_commit_atomically_and_keep_three(tiny_run):
+    _, run_dir, _ = tiny_run
+    ck = run_dir / "checkpoints"
+    names = sorted(p.name for p in ck.iterdir() if p.is_dir())
+    assert names == ["step-00000020", "step-00000040", "step-00000060"]
+    assert (ck / "latest").read_text().strip() == "step-00000060"
+    state = json.loads((ck / "step-00000060" / "state.json").read_text())
+    assert state["step"] == 60 and state["files"]
+
+
+def test_saved_model_reloads_in_fresh_process_with_matching_logits(tiny_run, tmp_path):
+    from tfpretrain.export import load_run
+
+    cfg, run_dir, summary = tiny_run
+    sm = summary["saved_model"]
+    assert sm.endswith("/1")
+    _, tokenizer, model = load_run(run_dir)
+    ids = np.array([tokenizer.encode("Once upon a time there was a cat")[:20]], np.int32)
+    expected = model(ids).numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, numpy as np
+        import tensorflow as tf, tensorflow_text  # the only imports a server needs
+        assert "tfpretrain" not in sys.modules and "keras_hub" not in sys.modules
+        m = tf.saved_model.load({sm!r})
+        ids = np.load({str(tmp_path / 'ids.npy')!r})
+        np.save({str(tmp_path / 'logits.npy')!r},
+                m.signatures["logits"](token_ids=tf.constant(ids))["logits"].numpy())
+        g = m.signatures["serving_default"](prompts=tf.constant(["Once upon a time", ""]))
+        s = m.signatures["score"](text=tf.constant(["Once upon a time", "Lily had a cat."]))
+        print(json.dumps({{"sigs": sorted(m.signatures.keys()),
+                          "text": [t.decode() for t in g["text"].numpy()],
+                          "ll": s["log_likelihood"].numpy().tolist(),
+                          "n": s["num_tokens"].numpy().tolist()}}))
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json_line(r.stdout)
+    assert out["sigs"] == ["generate", "logits", "sample", "score", "serving_default"]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5)
+    assert out["text"][0].startswith("Once upon a time") and len(out["text"]) == 2
+    assert all(v < 0 for v in out["ll"]) and out["n"][0] == len(tokenizer.encode("Once upon a time"))
+
+
+def test_generate_cli(tiny_run):
+    _, run_dir, _ = tiny_run
+    r = run_cli("tfpretrain.generate", "--run-dir", str(run_dir), "--prompt", "Lily",
+                "--max-new-tokens", "8", "--sampler", "greedy")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("Lily")
+    r2 = run_cli("tfpretrain.generate", "--run-dir", str(run_dir), "--prompt", "Lily",
+                 "--max-new-tokens", "8", "--sampler", "greedy")
+    assert r2.stdout == r.stdout  # greedy is deterministic
+    bad = run_cli("tfpretrain.generate", "--run-dir", str(run_dir.parent / "nope"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "not a tfpretrain run folder" in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_both_archs_build_checkpoint_and_reload(arch, tmp_path):
+    from tfpretrain.models import build_model
+    from tfpretrain.training.checkpoints import CheckpointManager
+    from tfpretrain.training.optimizers import build_optimizer
+
+    cfg = tiny_config(tmp_path, model={"arch": arch})
+    model = build_model(cfg.model, 100)
+    opt = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt.build(model.trainable_variables)
+    ids = np.random.default_rng(0).integers(4, 100, size=(2, 32)).astype(np.int32)
+    before = model(ids).numpy()
+    assert before.shape == (2, 32, 100)
+    CheckpointManager(tmp_path / "ck", model, opt).save(7)
+    other = build_model(cfg.model, 100)
+    other_opt = build_optimizer(cfg.optimizer, cfg.train.steps)
+    other_opt.build(other.trainable_variables)
+    assert not np.allclose(other(ids).numpy(), before)
+    manager = CheckpointManager(tmp_path / "ck", other, other_opt)
+    path, state = manager.latest_valid()
+    manager.restore(path)
+    np.testing.assert_allclose(other(ids).numpy(), before, atol=1e-6)
+    assert state["step"] == 7
+    if arch == "llama":
+        tied = build_model(tiny_config(tmp_path, model={"arch": "llama",
+                                                        "tie_embeddings": False}).model, 100)
+        assert tied.backbone.count_params() > model.backbone.count_params()
+
+
+def test_cli_fit_resume_and_bad_inputs(tmp_path):
+    raw = tiny_raw(tmp_path, train={"steps": 20}, eval={"every": 10},
+                   model={"arch": "llama", "num_key_value_heads": 1},
+                   tokenizer={"kind": "char"})
+    cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
+    run = tmp_path / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = last_json_line(r.stdout)
+    assert first["steps"] == 20 and first["tokenizer"] == "char"
+    # --resume never refuses to touch the existing run folder
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run),
+                "--resume", "never")
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    # a changed resume-critical setting is refused with the differing keys listed
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run),
+                "--set", "model.hidden_dim=64", "--set", "train.batch_size=4")
+    assert r.returncode == 2
+    assert "model.hidden_dim" in r.stderr and "train.batch_size" in r.stderr
+    # raising train.steps continues from the last checkpoint
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run),
+                "--set", "train.steps=30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 20" in r.stdout
+    assert last_json_line(r.stdout)["steps"] == 30
+    # missing corpus: clear error, nothing created
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir",
+                str(tmp_path / "run2"), "--set", "data.path=missing.txt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.path: no such file: missing.txt" in r.stderr
+    assert not (tmp_path / "run2").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir",
+                str(tmp_path / "run3"), "--set", f"data.path={empty}")
+    assert r.returncode == 2 and "corpus is empty" in r.stderr
+    assert not (tmp_path / "run3").exists()
