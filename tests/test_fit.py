@@ -187,3 +187,17 @@ def test_cli_fit_resume_and_bad_inputs(tmp_path):
                 str(tmp_path / "run3"), "--set", f"data.path={empty}")
     assert r.returncode == 2 and "corpus is empty" in r.stderr
     assert not (tmp_path / "run3").exists()
+
+
+def test_bench_fit_runs_both_paths(tmp_path):
+    raw = tiny_raw(tmp_path)
+    cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
+    r = run_cli("tfpretrain.bench", "fit", "--config", str(cfg_path), "--steps", "8",
+                "--warmup", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = last_json_line(r.stdout)
+    assert result["keras_hub_plain_tokens_per_second"] > 0
+    assert result["tfpretrain_tokens_per_second"] > 0
+    assert result["ratio"] == pytest.approx(result["tfpretrain_tokens_per_second"]
+                                            / result["keras_hub_plain_tokens_per_second"],
+                                            rel=1e-2)
