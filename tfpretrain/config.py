@@ -134,6 +134,9 @@ class ExportConfig:
     enabled: bool = _f(True, "Export a SavedModel at the end of fit.")
     dir: str = _f("saved_models", "Export root: <dir>/<name>/<version>/ (TF Serving layout).")
     name: Optional[str] = _f(None, "Model name (unset = the run folder's name).")
+    validate: bool = _f(True, "Reload the export in a fresh process (tensorflow + "
+                        "tensorflow_text only), compare logits and greedy generation with "
+                        "the Keras model and scan its ops before publishing it.")
 
 
 @dataclass

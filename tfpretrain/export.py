@@ -17,6 +17,7 @@ polling ``<dir>/<name>/`` never sees a half-written version.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -94,8 +95,71 @@ def build_module(model, tokenizer, context: int, default_new_tokens: int):
     return module, signatures
 
 
+class ExportValidationError(RuntimeError):
+    """The SavedModel does not behave like the Keras model, or uses forbidden ops."""
+
+
+def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
+    """Reload ``path`` in a fresh process importing only tensorflow and tensorflow_text;
+    compare logits (atol 1e-5) and greedy generation (identical tokens) with the Keras
+    model, check the signatures with saved_model_cli, and scan the graph's ops."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from tfpretrain.generation import Sampler
+
+    prompts = [cfg.eval.prompt, "", "The"]
+    L = cfg.model.sequence_length
+    rows = [([3] + tokenizer.encode(p * 50))[:L] for p in (cfg.eval.prompt, "Lily and Tom")]
+    ids = np.array([r + [0] * (L - len(r)) for r in rows], np.int32)
+    expected_logits = model(ids, training=False).numpy()
+    sampler = Sampler(model, tokenizer, L)
+    expected_tokens, _ = sampler.run(prompts, max_new_tokens=cfg.eval.sample_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "request.json"
+        req.write_text(json.dumps({"token_ids": ids.tolist(), "prompts": prompts}))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        script = Path(__file__).with_name("serving_check.py")
+        r = subprocess.run([sys.executable, str(script), str(path), str(req), tmp],
+                           capture_output=True, text=True, env=env, timeout=600)
+        if r.returncode != 0:
+            raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
+                                        f"fresh process:\n{r.stderr[-3000:]}")
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        logits = np.load(Path(tmp) / "logits.npy")
+        tokens = np.load(Path(tmp) / "generate.npy")
+    problems = []
+    if report["forbidden_ops"]:
+        problems.append(f"forbidden ops in the graph: {report['forbidden_ops']}")
+    if report["unexpected_modules"]:
+        problems.append(f"the fresh process imported {report['unexpected_modules']}")
+    max_diff = float(np.max(np.abs(logits - expected_logits)))
+    if max_diff > 1e-5:
+        problems.append(f"logits differ from the Keras model by up to {max_diff:.2e} (> 1e-5)")
+    if not np.array_equal(tokens, expected_tokens):
+        problems.append("greedy generation differs from the Keras model's")
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    if cli.exists():
+        shown = subprocess.run([str(cli), "show", "--all", "--dir", str(path)],
+                               capture_output=True, text=True, env=env, timeout=300)
+        missing = [s for s in report["signatures"]
+                   if f"signature_def['{s}']" not in shown.stdout]
+        if shown.returncode != 0 or missing:
+            problems.append(f"saved_model_cli show --all does not list {missing or 'it'}")
+    if problems:
+        raise ExportValidationError(f"export validation failed for {path}: "
+                                    + "; ".join(problems))
+    return {"max_logit_diff": max_diff, "num_ops": report["num_ops"],
+            "signatures": report["signatures"]}
+
+
 def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
-                       version: int | None = None, overwrite: bool = False) -> Path:
+                       version: int | None = None, overwrite: bool = False,
+                       validate: bool | None = None) -> Path:
     import tensorflow as tf
 
     base = Path(out) if out else Path(cfg.export.dir) / (cfg.export.name or Path(run_dir).name)
@@ -115,6 +179,14 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     extra.mkdir(exist_ok=True)
     tokenizer.save(extra / "tokenizer")
     (extra / "config.yaml").write_text(cfg.to_yaml())
+    if cfg.export.validate if validate is None else validate:
+        try:
+            validate_saved_model(tmp, model, tokenizer, cfg)
+        except ExportValidationError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if os.environ.get("TFPRETRAIN_FAULT") == "export_before_rename":
+        os._exit(137)  # test hook: die like kill -9 between writing and publishing
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -156,13 +228,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="model folder (default: <export.dir>/<run name>)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the fresh-process reload, parity check and op scan")
     args = p.parse_args(argv)
     if args.version is not None and args.version < 1:
         raise UserError(f"--version must be >= 1. Received: {args.version}")
     cfg, tokenizer, model = load_run(Path(args.run_dir))
     path = export_saved_model(model, tokenizer, cfg, Path(args.run_dir),
                               Path(args.out) if args.out else None, args.version,
-                              args.overwrite)
+                              args.overwrite, False if args.no_validate else None)
     print(path)
     return 0
 

@@ -97,12 +97,17 @@ class Sampler:
         full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
         return new, self.tokenizer.detokenize(full)
 
-    def __call__(self, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=0):
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        _, text = self._fn(tf.constant(batch), tf.constant(max_new_tokens, tf.int32),
-                           tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
-                           tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32))
-        out = [t.decode("utf-8", errors="replace") for t in text.numpy()]
-        return out[0] if single else out
+    def run(self, prompts: list[str], max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+            seed=0):
+        """(new token ids [batch, max_new_tokens] as numpy, prompt + continuation texts)."""
+        ids, text = self._fn(tf.constant(list(prompts), tf.string),
+                             tf.constant(max_new_tokens, tf.int32),
+                             tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
+                             tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32))
+        return ids.numpy(), [t.decode("utf-8", errors="replace") for t in text.numpy()]
+
+    def __call__(self, prompts, **kwargs):
+        """Text(s) in, prompt + continuation text(s) out."""
+        if isinstance(prompts, str):
+            return self.run([prompts], **kwargs)[1][0]
+        return self.run(prompts, **kwargs)[1]

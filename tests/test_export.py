@@ -1,0 +1,99 @@
+import json
+import os
+import sys
+
+import pytest
+import tensorflow as tf
+
+from conftest import last_json_line, run_cli
+
+
+def versions(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_export_versions_never_overwrite_and_atomic(tiny_run, tmp_path):
+    _, run_dir, summary = tiny_run
+    out = tmp_path / "models" / "tiny"
+    for expected in ("1", "2"):
+        r = run_cli("tfpretrain.export", "--run-dir", str(run_dir), "--out", str(out),
+                    "--no-validate")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == str(out / expected)
+    r = run_cli("tfpretrain.export", "--run-dir", str(run_dir), "--out", str(out),
+                "--version", "1", "--no-validate")
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr
+    # a process killed between writing and publishing leaves no numeric version behind
+    env_before = os.environ.get("TFPRETRAIN_FAULT")
+    os.environ["TFPRETRAIN_FAULT"] = "export_before_rename"
+    try:
+        r = run_cli("tfpretrain.export", "--run-dir", str(run_dir), "--out", str(out),
+                    "--no-validate")
+    finally:
+        os.environ.pop("TFPRETRAIN_FAULT")
+        if env_before is not None:
+            os.environ["TFPRETRAIN_FAULT"] = env_before
+    assert r.returncode == 137
+    assert [v for v in versions(out) if v.isdigit()] == ["1", "2"]
+    # the next export still gets the next number
+    r = run_cli("tfpretrain.export", "--run-dir", str(run_dir), "--out", str(out),
+                "--no-validate")
+    assert r.stdout.strip().splitlines()[-1] == str(out / "3")
+    assert (out / "3" / "assets.extra" / "config.yaml").is_file()
+
+
+def test_fit_export_was_validated_and_has_only_allowed_ops(tiny_run):
+    from tfpretrain.serving_check import scan_ops
+
+    _, _, summary = tiny_run
+    ops, bad = scan_ops(summary["saved_model"])
+    assert not bad
+    assert not any(op.startswith("Xla") for op in ops)
+    assert "SentencepieceTokenizeOp" in ops     # the tokenizer is in the graph
+
+
+def test_op_scan_flags_python_functions(tmp_path):
+    from tfpretrain.serving_check import scan_ops
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def f(self, x):
+            return tf.py_function(lambda v: v * 2, [x], tf.float32)
+
+    tf.saved_model.save(M(), str(tmp_path / "m"))
+    _, bad = scan_ops(str(tmp_path / "m"))
+    assert bad & {"EagerPyFunc", "PyFunc"}
+
+
+def test_export_of_run_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
+    _, run_dir, _ = tiny_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (broken / "tokenizer").mkdir()
+    for f in (run_dir / "tokenizer").iterdir():
+        (broken / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    r = run_cli("tfpretrain.export", "--run-dir", str(broken), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no valid checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_evaluate_reproduces_the_runs_val_metrics(tiny_run, tmp_path):
+    _, run_dir, summary = tiny_run
+    r = run_cli("tfpretrain.evaluate", "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = last_json_line(r.stdout)
+    assert out["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
+    assert out["val_bits_per_byte"] == pytest.approx(summary["val_bits_per_byte"], abs=1e-4)
+    text = tmp_path / "t.txt"
+    text.write_text("Lily went to the park with her friend Tom. " * 5
+                    + "\n\n" + "They played all day. " * 5)
+    r = run_cli("tfpretrain.evaluate", "--saved-model", summary["saved_model"], "--data",
+                str(text))
+    assert r.returncode == 0, r.stderr[-2000:]
+    sm = last_json_line(r.stdout)
+    assert sm["documents"] == 2 and sm["val_tokens"] > 10
+    assert 0 < sm["val_loss"] < 20 and sm["val_bits_per_byte"] > 0
+    r = run_cli("tfpretrain.evaluate", "--saved-model", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr

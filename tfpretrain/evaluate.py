@@ -1,0 +1,112 @@
+"""Loss, perplexity and bits-per-byte of a run or an exported SavedModel on any text.
+
+    python -m tfpretrain.evaluate --run-dir DIR [--data PATH] [--saved-model PATH]
+                                  [--max-batches N]
+
+- ``--run-dir`` alone: the run's latest checkpoint on its own validation split (rebuilt
+  from its config, deterministically), as packed rows like training saw them.
+- ``--run-dir --data PATH``: the same model on every document of PATH (file, glob,
+  directory or list, read like ``data.path``), packed the same way.
+- ``--saved-model PATH [--data PATH]``: the SavedModel's ``score`` signature on each
+  document (each scored on its own, after an end-of-text token); without --data the
+  run's validation split is used, so --run-dir is then needed too.
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+
+def _documents(cfg, data):
+    from tfpretrain.data.sources import load_corpus, read_documents
+
+    if data is None:
+        return load_corpus(cfg.data, cfg.train.seed).val
+    data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "path": data})
+    docs = [d for d in read_documents(data_cfg, cfg.train.seed)[0] if d.strip()]
+    if not docs:
+        raise UserError(f"--data: no text in {data}")
+    return docs
+
+
+def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
+    from tfpretrain.data.pipeline import pack_rows, tokenize_documents
+    from tfpretrain.export import load_run
+    from tfpretrain.training.trainer import evaluate_rows
+
+    cfg, tokenizer, model = load_run(run_dir)
+    docs = _documents(cfg, data)
+    rows = pack_rows(tokenize_documents(tokenizer, docs), cfg.model.sequence_length)
+    if len(rows) == 0:
+        raise UserError(f"--data: the text is shorter than one row of "
+                        f"{cfg.model.sequence_length + 1} tokens")
+    out = evaluate_rows(model, rows, tokenizer.token_bytes(), cfg.train.batch_size,
+                        max_batches)
+    out.update(source=str(data) if data else "run validation split", documents=len(docs))
+    return out
+
+
+def evaluate_saved_model(path: Path, docs: list[str], batch_size: int = 16) -> dict:
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  registers the SentencePiece ops
+
+    if not (Path(path) / "saved_model.pb").is_file():
+        raise UserError(f"--saved-model: no saved_model.pb in {path}")
+    score = tf.saved_model.load(str(path)).signatures["score"]
+    nll, tokens, nbytes = 0.0, 0, 0
+    for i in range(0, len(docs), batch_size):
+        batch = docs[i:i + batch_size]
+        out = score(text=tf.constant(batch))
+        nll -= float(tf.reduce_sum(out["log_likelihood"]))
+        tokens += int(tf.reduce_sum(out["num_tokens"]))
+        nbytes += sum(len(d.encode("utf-8")) for d in batch)
+    loss = nll / max(tokens, 1)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_bits_per_byte": nll / math.log(2) / max(nbytes, 1), "val_tokens": tokens,
+            "val_bytes": nbytes, "documents": len(docs), "saved_model": str(path)}
+
+
+@cli_main
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(prog="python -m tfpretrain.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir")
+    p.add_argument("--data", help="text to evaluate on (default: the run's validation split)")
+    p.add_argument("--saved-model", help="evaluate this SavedModel through its score signature")
+    p.add_argument("--max-batches", type=int, default=0, help="0 = all")
+    a = p.parse_args(argv)
+    if not a.run_dir and not a.saved_model:
+        raise UserError("give --run-dir, --saved-model, or both")
+    if a.saved_model:
+        if a.data is None and not a.run_dir:
+            raise UserError("--saved-model without --data evaluates on a run's validation "
+                            "split: add --run-dir or --data")
+        if a.data is not None:
+            from tfpretrain.config import Config
+
+            docs = _documents(Config(), a.data)
+        else:
+            from tfpretrain.config import build_config, read_yaml
+
+            cfg_path = Path(a.run_dir) / "config.yaml"
+            if not cfg_path.is_file():
+                raise UserError(f"--run-dir: {a.run_dir} is not a tfpretrain run folder "
+                                "(no config.yaml)")
+            docs = _documents(build_config(read_yaml(cfg_path)), None)
+        result = evaluate_saved_model(Path(a.saved_model), docs)
+    else:
+        result = evaluate_run(Path(a.run_dir), a.data, a.max_batches)
+    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
+                      for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Check an exported SavedModel the way a server sees it. Run as a script, in a fresh process:
+
+    python tfpretrain/serving_check.py SAVED_MODEL REQUEST.json OUT_DIR
+
+It imports only tensorflow and tensorflow_text (never tfpretrain or keras_hub), so
+it proves the model loads where only TF Serving's ops exist. It:
+- scans every op of every function in saved_model.pb: an op must be a TF core op
+  (``tf.raw_ops``) or one that tensorflow_text registers, and never Xla*, a Python
+  function or a file read/write;
+- calls the ``logits`` signature on REQUEST["token_ids"] (saved to OUT_DIR/logits.npy) and
+  the ``generate`` signature on REQUEST["prompts"] (token ids to OUT_DIR/generate.npy);
+- prints one JSON line: signatures and their input names, op count, forbidden ops.
+"""
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+FORBIDDEN_PREFIXES = ("Xla", "_Xla")
+FORBIDDEN = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "ReadFile", "WriteFile",
+             "ImmutableConst", "MatchingFiles"}
+
+
+def graph_ops(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(f"{path}/saved_model.pb", "rb") as fh:
+        sm.ParseFromString(fh.read())
+    ops = set()
+    for mg in sm.meta_graphs:
+        ops.update(n.op for n in mg.graph_def.node)
+        for fn in mg.graph_def.library.function:
+            ops.update(n.op for n in fn.node_def)
+    return ops
+
+
+def scan_ops(path):
+    """(all ops, ops not allowed)."""
+    from tensorflow.python.framework import op_def_registry
+
+    core = set(dir(tf.raw_ops))
+    ops = graph_ops(path)
+    import tensorflow_text  # noqa: F401  registers the TF Text / SentencePiece ops
+
+    bad = set()
+    for op in ops:
+        if op.startswith(FORBIDDEN_PREFIXES) or op in FORBIDDEN:
+            bad.add(op)
+        elif op not in core and op_def_registry.get(op) is None:
+            bad.add(op)
+    return ops, bad
+
+
+def main(path, request_path, out_dir):
+    request = json.loads(open(request_path).read())
+    ops, bad = scan_ops(path)
+    model = tf.saved_model.load(path)
+    sigs = {name: sorted(fn.structured_input_signature[1].keys())
+            for name, fn in model.signatures.items()}
+    ids = tf.constant(np.array(request["token_ids"], np.int32))
+    np.save(f"{out_dir}/logits.npy", model.signatures["logits"](token_ids=ids)["logits"].numpy())
+    gen = model.signatures["generate"](prompts=tf.constant(request["prompts"]))
+    np.save(f"{out_dir}/generate.npy", gen["token_ids"].numpy())
+    # tensorflow_text itself pulls in tf.keras; what must never be needed is our code or
+    # keras_hub (the model must be self-contained)
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("keras_hub", "keras_nlp",
+                                                                   "tfpretrain"))
+    print(json.dumps({"signatures": sigs, "num_ops": len(ops), "forbidden_ops": sorted(bad),
+                      "text": [t.decode("utf-8", "replace") for t in gen["text"].numpy()],
+                      "unexpected_modules": loaded[:5]}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
