@@ -3,6 +3,8 @@
     python -m tfpretrain.bench fit [--config PATH] [--set KEY=VALUE ...] [--data FILE]
                                    [--steps N] [--warmup N]
 
+    python -m tfpretrain.bench generate --run-dir DIR [--saved-model PATH] [--new-tokens N]
+
 ``fit`` trains the configured model on the configured data two ways in one process and
 prints tokens/s for each and their ratio:
 - ``keras_hub_plain``: keras_hub's own task (GPT2CausalLM / LlamaCausalLM, no preprocessor)
@@ -10,7 +12,13 @@ prints tokens/s for each and their ratio:
 - ``tfpretrain``: our model and train step with the settings ``fit`` uses (XLA,
   steps_per_execution, global-norm clipping, per-step logging buffer).
 Both see the same packed rows, batch size and sequence length; the first ``--warmup``
-steps (tracing/compilation) are excluded. The last line is a JSON object.
+steps (tracing/compilation) are excluded.
+
+``generate`` times greedy generation at batch 1 (prompt ``eval.prompt``, N new tokens):
+keras_hub's own ``CausalLM.generate()`` on the run's weights with and without XLA, and the
+exported SavedModel's ``generate`` signature (which has no Xla ops), after one warm-up call.
+
+The last line of each is a JSON object.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from tfpretrain.errors import cli_main, quiet_tensorflow
 
@@ -85,6 +94,59 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
     return results
 
 
+def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int = 3) -> dict:
+    import numpy as np
+    import keras_hub
+    import tensorflow as tf
+
+    from tfpretrain.export import export_saved_model, load_run
+
+    cfg, tok, model = load_run(run_dir)
+    prompt = [3] + tok.encode(cfg.eval.prompt)
+    n_new = min(new_tokens, cfg.model.sequence_length - len(prompt))
+    task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
+                "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
+    task = task_cls(backbone=model.backbone, preprocessor=None)
+    length = len(prompt) + n_new
+    ids = np.zeros([1, length], np.int32)
+    ids[0, :len(prompt)] = prompt
+    mask = np.zeros([1, length], bool)
+    mask[0, :len(prompt)] = True
+    out = {"run_dir": str(run_dir), "new_tokens": n_new}
+    for jit in (True, False):
+        task.compile(sampler="greedy")
+        task.jit_compile = jit
+        task.generate_function = None
+        inputs = {"token_ids": ids, "padding_mask": mask}
+        task.generate(inputs, stop_token_ids=None)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            task.generate(inputs, stop_token_ids=None)
+        out[f"keras_hub_{'xla' if jit else 'no_xla'}_tokens_per_second"] = round(
+            n_new * repeats / (time.perf_counter() - t0), 1)
+    if saved_model is None:
+        import tempfile
+
+        saved_model = export_saved_model(model, tok, cfg, run_dir,
+                                         Path(tempfile.mkdtemp()) / "m", validate=False)
+    import tensorflow_text  # noqa: F401
+
+    fn = tf.saved_model.load(str(saved_model)).signatures["sample"]
+    args = dict(prompts=tf.constant([cfg.eval.prompt]), max_new_tokens=tf.constant(n_new),
+                temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0),
+                seed=tf.constant(0))
+    fn(**args)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        result = fn(**args)
+    produced = int(np.sum(np.cumsum(result["token_ids"].numpy() == 3, axis=1) == 0)) + 1
+    out["saved_model_tokens_per_second"] = round(
+        min(produced, n_new) * repeats / (time.perf_counter() - t0), 1)
+    out["ratio_vs_keras_hub_xla"] = round(out["saved_model_tokens_per_second"]
+                                          / out["keras_hub_xla_tokens_per_second"], 3)
+    return out
+
+
 @cli_main
 def main(argv=None) -> int:
     quiet_tensorflow()
@@ -97,7 +159,17 @@ def main(argv=None) -> int:
     f.add_argument("--data", help="shortcut for --set data.path=FILE")
     f.add_argument("--steps", type=int, default=200)
     f.add_argument("--warmup", type=int, default=32)
+    g = sub.add_parser("generate", help="greedy tokens/s: SavedModel vs keras_hub generate()")
+    g.add_argument("--run-dir", required=True)
+    g.add_argument("--saved-model", help="default: export the run to a temporary folder")
+    g.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args(argv)
+    if args.what == "generate":
+        result = bench_generate(Path(args.run_dir), args.saved_model, args.new_tokens)
+        for k, v in result.items():
+            print(f"{k:>36}: {v}")
+        print(json.dumps(result))
+        return 0
     from tfpretrain.config import load_config
 
     overrides = args.overrides + ([f"data.path={args.data}"] if args.data else [])
