@@ -64,9 +64,12 @@ def test_overrides_parse_yaml_scalars_including_exponent_floats(tmp_path):
 
 
 def test_every_key_is_documented_in_readme():
+    from tfpretrain.config import markdown_reference
+
     readme = (REPO / "README.md").read_text()
     missing = [k for k in all_keys() if f"`{k}`" not in readme]
     assert not missing, f"undocumented config keys: {missing}"
+    assert markdown_reference() in readme, "regenerate with: python -m tfpretrain.config"
 
 
 def test_cli_config_errors_exit_2_without_traceback(tmp_path):

@@ -47,7 +47,7 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
     from tfpretrain.data.pipeline import pack_corpus, train_dataset
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import train_tokenizer
-    from tfpretrain.models import build_backbone, build_model
+    from tfpretrain.models import build_backbone, build_from_config
     from tfpretrain.training.optimizers import build_optimizer
     from tfpretrain.training.trainer import choose_steps_per_execution, configure_tensorflow
 
@@ -80,7 +80,7 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
     spe = choose_steps_per_execution(cfg)
     warmup = max(spe, warmup // spe * spe)
     steps = max(spe, steps // spe * spe)
-    model = build_model(cfg.model, tok.vocabulary_size, cfg.optimizer.clipnorm, spe)
+    model = build_from_config(cfg, tok.vocabulary_size, spe)
     opt = build_optimizer(cfg.optimizer, cfg.train.steps)
     opt.build(model.trainable_variables)
     jit = cfg.train.jit_compile if cfg.train.jit_compile is not None else True

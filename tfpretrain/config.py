@@ -111,10 +111,27 @@ class TrainConfig:
     seed: int = _f(1337, "Seed for data generation, split, shuffling and initialization.",
                    min=0)
     steps_per_execution: int = _f(0, "Steps run per tf.function call (0 = auto: the "
-                                  "largest of 16, 8, 4, 2, 1 that divides eval.every).", min=0)
+                                  "largest of 16, 8, 4, 2, 1 that divides eval.every, "
+                                  "checkpoint_every and steps).", min=0)
     jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on for CPU "
                                      "and GPU).")
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
+    checkpoint_every: int = _f(0, "Commit a checkpoint every this many steps (0 = at each "
+                               "evaluation, i.e. eval.every). Also at the end and on "
+                               "SIGTERM/SIGINT.", min=0)
+    keep_checkpoints: int = _f(3, "Checkpoints kept; older ones are deleted only after a "
+                               "newer one is committed.", min=1)
+    deterministic: bool = _f(False, "TF op determinism: two runs with the same seed give "
+                             "bitwise identical losses and weights (on CPU), and so does a "
+                             "resumed run.")
+    guard: bool = _f(True, "Stability guard: skip the update (weights and optimizer moments "
+                     "unchanged) when the loss or gradient is not finite, or spikes above "
+                     "mean + spike_threshold * std of the last spike_window accepted steps.")
+    spike_window: int = _f(100, "Accepted steps the spike detector's mean and std cover "
+                           "(detection starts once the window is full).", min=2)
+    spike_threshold: float = _f(6.0, "How many standard deviations above the window mean a "
+                                "loss or gradient norm counts as a spike (0 = only skip "
+                                "non-finite steps).", min=0.0)
 
 
 @dataclass
@@ -127,6 +144,16 @@ class EvalConfig:
     sample_tokens: int = _f(64, "Tokens generated for each sample.", min=1)
     temperature: float = _f(0.8, "Sampling temperature for samples (0 = greedy).", min=0.0)
     top_k: int = _f(40, "Top-k for samples (0 = off).", min=0)
+
+
+@dataclass
+class DebugConfig:
+    nan_at_step: int = _f(0, "Fault injection for tests and drills: make the loss of this "
+                          "step NaN (0 = off).", min=0)
+    spike_at_step: int = _f(0, "Fault injection: multiply the loss of this step by 1000 "
+                            "(0 = off).", min=0)
+    slow_checkpoint_seconds: float = _f(0.0, "Fault injection: sleep this long inside every "
+                                        "checkpoint write, before it is committed.", min=0.0)
 
 
 @dataclass
@@ -148,6 +175,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     name: str = "default"
 
     def to_dict(self) -> dict:
@@ -322,9 +350,13 @@ def _cross_checks(c: Config) -> list[str]:
         p.append(f"`optimizer.min_learning_rate` must be <= `optimizer.learning_rate`. "
                  f"Received: min_learning_rate={o.min_learning_rate}, "
                  f"learning_rate={o.learning_rate}")
-    if t.steps_per_execution and c.eval.every % t.steps_per_execution:
-        p.append(f"`eval.every` must be a multiple of `train.steps_per_execution`. "
-                 f"Received: every={c.eval.every}, steps_per_execution={t.steps_per_execution}")
+    if t.steps_per_execution:
+        for key, value in (("eval.every", c.eval.every), ("train.steps", t.steps),
+                           ("train.checkpoint_every", t.checkpoint_every)):
+            if value % t.steps_per_execution:
+                p.append(f"`{key}` must be a multiple of `train.steps_per_execution`. "
+                         f"Received: {key.split('.')[1]}={value}, "
+                         f"steps_per_execution={t.steps_per_execution}")
     sep = c.data.document_separator
     if not sep:
         p.append("`data.document_separator` must not be empty: use `line`, `blank_line`, "
@@ -405,3 +437,24 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def config_from_dict(d: dict) -> Config:
     return build_config(d, name=d.get("name", "default"))
+
+
+def markdown_reference() -> str:
+    """The README's config reference tables, generated from the field metadata."""
+    out = []
+    for sec, cls in _section_classes().items():
+        out += [f"**`{sec}`**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                text += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+            text = text.replace("|", "\\|")
+            shown = yaml.safe_dump(default).strip().removesuffix("...").strip()
+            out.append(f"| `{sec}.{f.name}` | `{shown}` | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

@@ -197,7 +197,7 @@ def load_run(run_dir: Path):
     """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint."""
     from tfpretrain.config import build_config, read_yaml
     from tfpretrain.data.tokenizers import load_tokenizer
-    from tfpretrain.models import build_model
+    from tfpretrain.models import build_from_config
     from tfpretrain.training.checkpoints import CheckpointManager
     from tfpretrain.training.optimizers import build_optimizer
 
@@ -208,7 +208,7 @@ def load_run(run_dir: Path):
     cfg = build_config(read_yaml(run_dir / "config.yaml"), name=run_dir.name,
                        source=str(run_dir / "config.yaml"))
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    model = build_model(cfg.model, tokenizer.vocabulary_size)
+    model = build_from_config(cfg, tokenizer.vocabulary_size)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     optimizer.build(model.trainable_variables)
     manager = CheckpointManager(run_dir / "checkpoints", model, optimizer)

@@ -1,7 +1,7 @@
 """Pretrain a causal LM end to end: the main job.
 
     python -m tfpretrain.fit [--config PATH] [--set KEY=VALUE ...] [--run-dir DIR]
-                             [--resume auto|never|must] [--dry-run]
+                             [--resume auto|never|must] [--allow-config-change] [--dry-run]
 
 With no --config the packaged configs/default.yaml is used (embedded story corpus, CPU,
 a few minutes). The last line of stdout is the run summary as one JSON object.
@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: continue from the run folder's latest valid checkpoint if "
                         "there is one; never: refuse an existing run folder; must: fail "
                         "unless there is a checkpoint to resume")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if resume-critical settings (model, tokenizer, data, "
+                        "batch size, seed) differ from the run's config.yaml")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, parameter count and token budget; "
                         "do not train")
@@ -61,10 +64,14 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg)))
         return 0
-    from tfpretrain.training.trainer import fit
+    from tfpretrain.training.trainer import Preempted, fit
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    summary = fit(cfg, run_dir, args.resume)
+    try:
+        summary = fit(cfg, run_dir, args.resume, args.allow_config_change)
+    except Preempted as exc:
+        print(f"[tfpretrain] {exc}; exit {exc.exit_code}", file=sys.stderr)
+        return exc.exit_code
     print(json.dumps(summary))
     return 0
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tfpretrain.config import ModelConfig
 from tfpretrain.errors import UserError
 
-LOG_FIELDS = ("loss", "grad_norm", "learning_rate")
+LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
 
 
 def build_backbone(cfg: ModelConfig, vocabulary_size: int) -> keras.Model:
@@ -36,19 +36,39 @@ def build_backbone(cfg: ModelConfig, vocabulary_size: int) -> keras.Model:
 
 
 class CausalLM(keras.Model):
-    """token_ids [batch, seq] -> logits [batch, seq, vocab] over a keras_hub backbone."""
+    """token_ids [batch, seq] -> logits [batch, seq, vocab] over a keras_hub backbone.
+
+    The train step is where the stability guard lives: a step whose loss or global gradient
+    norm is not finite, or spikes above mean + k*std of the last ``spike_window`` accepted
+    steps, is skipped with ``tf.cond`` - weights and Adam moments stay as they were, only
+    the step counter advances (so the schedule and the data position stay aligned).
+    """
 
     def __init__(self, backbone: keras.Model, clipnorm: float | None = None,
-                 steps_per_execution: int = 1, **kwargs):
+                 steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
+                 spike_threshold: float = 6.0, nan_at_step: int = 0, spike_at_step: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
+        self.guard, self.spike_threshold = guard, spike_threshold
+        self.spike_window = spike_window
+        self.nan_at_step, self.spike_at_step = nan_at_step, spike_at_step
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        # Per-step (loss, grad_norm, lr) for the last `log_size` steps; read by the
-        # TensorBoard callback after each execution so every step is logged. Set with
-        # object.__setattr__ so it is not tracked: it is not model state and its shape
-        # depends on steps_per_execution, so it must stay out of checkpoints.
+        # Guard state (tracked, so it is checkpointed and survives a resume): recent
+        # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
+        self.guard_history = self.add_weight(shape=(spike_window, 2), initializer="zeros",
+                                             trainable=False, name="guard_history")
+        self.guard_accepted = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                              trainable=False, name="guard_accepted")
+        self.skipped_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                             trainable=False, name="skipped_steps")
+        self.clipped_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                             trainable=False, name="clipped_steps")
+        # Per-step log for the last `log_size` steps; read by the TensorBoard callback after
+        # each execution so every step is logged. Set with object.__setattr__ so it is not
+        # tracked: it is not model state and its shape depends on steps_per_execution.
         object.__setattr__(self, "step_log", tf.Variable(
             tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log"))
 
@@ -73,21 +93,55 @@ class CausalLM(keras.Model):
         weight = tf.cast(sample_weight, per_token.dtype)
         return tf.reduce_sum(per_token * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
 
+    def _is_spike(self, loss, grad_norm):
+        if not self.guard or self.spike_threshold <= 0:
+            return tf.constant(False)
+        hist = self.guard_history
+        mean = tf.reduce_mean(hist, axis=0)
+        std = tf.math.reduce_std(hist, axis=0)
+        limit = mean + self.spike_threshold * std
+        full = self.guard_accepted >= self.spike_window
+        return full & ((loss > limit[0]) | (grad_norm > limit[1]))
+
     def train_step(self, data):
         x, y, sample_weight = data
+        iterations = self.optimizer.iterations
+        step = iterations + 1  # 1-based number of the step being taken
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
-        slot = tf.cast(self.optimizer.iterations % self.log_size, tf.int32)
+        slot = tf.cast(iterations % self.log_size, tf.int32)
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             loss = self._mean_loss(y, logits, sample_weight)
+            if self.nan_at_step:
+                loss = loss * tf.where(step == self.nan_at_step, float("nan"), 1.0)
+            if self.spike_at_step:
+                loss = loss * tf.where(step == self.spike_at_step, 1000.0, 1.0)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         grad_norm = tf.linalg.global_norm(grads)
         if self.clipnorm:
             grads, _ = tf.clip_by_global_norm(grads, self.clipnorm, use_norm=grad_norm)
-        self.optimizer.apply_gradients(zip(grads, variables))
-        self.loss_tracker.update_state(loss)
-        self.step_log.scatter_nd_update([[slot]], [tf.stack([loss, grad_norm, lr])])
+            self.clipped_steps.assign_add(tf.cast(grad_norm > self.clipnorm, tf.int64))
+        finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
+        accept = finite & ~self._is_spike(loss, grad_norm) if self.guard else tf.constant(True)
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            row = tf.cast(self.guard_accepted % self.spike_window, tf.int32)
+            self.guard_history.assign(tf.tensor_scatter_nd_update(
+                self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
+            self.guard_accepted.assign_add(1)
+            return tf.constant(0.0)
+
+        def skip():
+            iterations.assign_add(1)
+            self.skipped_steps.assign_add(1)
+            return tf.constant(1.0)
+
+        skipped = tf.cond(accept, apply, skip)
+        self.loss_tracker.update_state(tf.where(finite, loss, 0.0),
+                                       sample_weight=tf.cast(finite, tf.float32))
+        self.step_log.scatter_nd_update([[slot]], [tf.stack([loss, grad_norm, lr, skipped])])
         return {"loss": self.loss_tracker.result(), "lr": lr}
 
     def test_step(self, data):
@@ -99,11 +153,35 @@ class CausalLM(keras.Model):
 
 
 def build_model(cfg: ModelConfig, vocabulary_size: int, clipnorm: float | None = None,
-                steps_per_execution: int = 1) -> CausalLM:
+                steps_per_execution: int = 1, **guard) -> CausalLM:
+    """``guard``: guard, spike_window, spike_threshold, nan_at_step, spike_at_step."""
     backbone = build_backbone(cfg, vocabulary_size)
-    model = CausalLM(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution)
+    model = CausalLM(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution,
+                     **guard)
     model(tf.zeros([1, cfg.sequence_length], tf.int32))  # build all weights
     return model
+
+
+def build_from_config(cfg, vocabulary_size: int, steps_per_execution: int = 1) -> CausalLM:
+    """The model of a full :class:`~tfpretrain.config.Config` (guard and fault hooks too)."""
+    return build_model(cfg.model, vocabulary_size, cfg.optimizer.clipnorm, steps_per_execution,
+                       guard=cfg.train.guard, spike_window=cfg.train.spike_window,
+                       spike_threshold=cfg.train.spike_threshold,
+                       nan_at_step=cfg.debug.nan_at_step, spike_at_step=cfg.debug.spike_at_step)
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """SHA-256 over every weight of the backbone, in a fixed order (name, shape, bytes)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for i, w in enumerate(model.backbone.weights):
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
+        h.update(f"{i}:{w.path}:{value.shape}:{value.dtype}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def count_params(cfg: ModelConfig, vocabulary_size: int) -> int:

@@ -11,7 +11,7 @@ from tfpretrain.models import LOG_FIELDS
 
 
 class StepLogger(keras.callbacks.Callback):
-    """Writes train/{loss,grad_norm,learning_rate} for *every* step (the model keeps a
+    """Writes train/{loss,grad_norm,learning_rate,skipped} for *every* step (the model keeps a
     per-step buffer, so this holds with steps_per_execution > 1), train/tokens_per_second,
     and val/{loss,perplexity} plus a text sample at each evaluation."""
 
@@ -95,15 +95,38 @@ class StopAtStep(keras.callbacks.Callback):
 
 
 class CheckpointEvery(keras.callbacks.Callback):
-    """Commits a checkpoint at each evaluation boundary (epoch end) and at the final step."""
+    """Commits a checkpoint every ``every`` steps and when training ends."""
 
-    def __init__(self, manager, extra: dict):
+    def __init__(self, manager, extra: dict, every: int):
         super().__init__()
-        self.manager, self.extra = manager, extra
+        self.manager, self.extra, self.every = manager, extra, every
         self.last_saved = None
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _save(self):
         step = int(self.model.optimizer.iterations.numpy())
         if step != self.last_saved:
             self.manager.save(step, self.extra)
             self.last_saved = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            self._save()
+
+    def on_train_end(self, logs=None):
+        self._save()
+
+
+class PreemptionCheckpoint(keras.callbacks.Callback):
+    """After SIGTERM/SIGINT: commit a checkpoint at the next step boundary and stop."""
+
+    def __init__(self, manager, extra: dict, preemption):
+        super().__init__()
+        self.manager, self.extra, self.preemption = manager, extra, preemption
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.preemption.signum is not None and not self.model.stop_training:
+            step = int(self.model.optimizer.iterations.numpy())
+            path = self.manager.save(step, self.extra)
+            print(f"[tfpretrain] checkpoint {path} committed at step {step}; rerun the same "
+                  "command to resume", flush=True)
+            self.model.stop_training = True

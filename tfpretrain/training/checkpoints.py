@@ -52,9 +52,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, model, optimizer, keep: int = 3):
+    def __init__(self, directory: Path, model, optimizer, keep: int = 3,
+                 slow_seconds: float = 0.0):
         self.directory = Path(directory)
         self.keep = keep
+        self.slow_seconds = slow_seconds  # fault injection: a slow writer
         self._ckpt = (tf.train.Checkpoint(model=model, optimizer=optimizer)
                       if model is not None else None)
 
@@ -68,6 +70,10 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self._ckpt.write(str(tmp / "ckpt"))
+        if self.slow_seconds:
+            import time
+
+            time.sleep(self.slow_seconds)
         files = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
@@ -117,3 +123,41 @@ class CheckpointManager:
 
     def restore(self, path: Path) -> None:
         self._ckpt.read(str(path / "ckpt")).assert_existing_objects_matched()
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<run>/.lock``, flock) for the life of a process.
+
+    The OS drops the lock when the process dies, even with kill -9, so a stale lock file
+    never blocks a rerun.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        from tfpretrain.errors import UserError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UserError(f"run folder {self.path.parent} is in use by {holder}; wait for "
+                            "it to finish or use another --run-dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

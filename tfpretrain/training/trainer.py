@@ -20,7 +20,8 @@ from tfpretrain.config import Config, build_config, read_yaml
 from tfpretrain.errors import UserError
 
 # Settings that change what a checkpoint means; changing them on resume is refused.
-RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed")
+RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed",
+                   "train.spike_window")
 
 
 def log(msg: str) -> None:
@@ -28,10 +29,12 @@ def log(msg: str) -> None:
 
 
 def choose_steps_per_execution(cfg: Config) -> int:
+    """Largest of 16..1 dividing every step count at which something must happen."""
     if cfg.train.steps_per_execution:
         return cfg.train.steps_per_execution
+    marks = (cfg.eval.every, cfg.train.steps, cfg.train.checkpoint_every or cfg.eval.every)
     for n in (16, 8, 4, 2, 1):
-        if cfg.eval.every % n == 0 and cfg.train.steps % n == 0:
+        if all(m % n == 0 for m in marks):
             return n
     return 1
 
@@ -60,7 +63,8 @@ class RunState:
     complete: bool = False
 
 
-def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunState:
+def plan_run_dir(cfg: Config, run_dir: Path, resume: str,
+                 allow_config_change: bool = False) -> RunState:
     """Decide what to do with ``run_dir`` without modifying anything."""
     from tfpretrain.training.checkpoints import CheckpointManager
 
@@ -85,11 +89,15 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunState:
     old = build_config(read_yaml(old_cfg_path), name=cfg.name).to_dict()
     diffs = config_differences(old, cfg.to_dict())
     critical = [k for k in diffs if k.startswith(RESUME_CRITICAL)]
-    if critical:
+    if critical and allow_config_change:
+        log(f"warning: --allow-config-change: resuming with changed resume-critical settings: "
+            f"{', '.join(critical)}")
+    elif critical:
         listed = ", ".join(f"{k} ({flatten(old).get(k)!r} -> {flatten(cfg.to_dict()).get(k)!r})"
                            for k in critical)
         raise UserError(f"cannot resume {run_dir}: these settings differ from the run's "
-                        f"config.yaml: {listed}. Use another --run-dir to start a new run")
+                        f"config.yaml: {listed}. Use another --run-dir to start a new run, or "
+                        "--allow-config-change if you know the checkpoint still fits")
     if diffs:
         log(f"warning: resuming with changed settings: {', '.join(diffs)}")
     path, ckpt_state = found
@@ -143,10 +151,64 @@ def unigram_loss(counts: np.ndarray, rows: np.ndarray, max_rows: int = 0) -> flo
     return float(-logp[targets].mean())
 
 
-def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
-    t_start = time.time()
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after committing a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+        self.exit_code = 128 + signum
+
+
+class PreemptionHandler:
+    """First SIGTERM/SIGINT: ask for a checkpoint at the next step boundary; second: exit."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"\n[tfpretrain] second signal {signum}: exiting now without a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n[tfpretrain] signal {signum}: checkpointing at the next step boundary "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def fit(cfg: Config, run_dir: Path, resume: str = "auto",
+        allow_config_change: bool = False) -> dict:
+    """Train ``cfg`` in ``run_dir``; returns the summary. Raises UserError, Preempted."""
+    from tfpretrain.training.checkpoints import RunLock
+
     run_dir = Path(run_dir)
-    state = plan_run_dir(cfg, run_dir, resume)
+    lock = RunLock(run_dir)
+    if run_dir.exists():
+        lock.acquire()  # before reading the folder: nobody else may be writing it
+    try:
+        with PreemptionHandler() as preemption:
+            return _fit(cfg, run_dir, resume, allow_config_change, lock, preemption)
+    finally:
+        lock.release()
+
+
+def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
+    t_start = time.time()
+    state = plan_run_dir(cfg, run_dir, resume, allow_config_change)
     if state.complete:
         summary_path = run_dir / "summary.json"
         log(f"{run_dir} already finished {state.resume_step} steps (train.steps="
@@ -161,12 +223,15 @@ def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import load_tokenizer, train_tokenizer
     from tfpretrain.generation import Sampler
-    from tfpretrain.models import build_model
-    from tfpretrain.training.callbacks import CheckpointEvery, StepLogger, StopAtStep
+    from tfpretrain.models import build_from_config, weights_sha256
+    from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
+                                               StepLogger, StopAtStep)
     from tfpretrain.training.checkpoints import CheckpointManager, write_atomic
     from tfpretrain.training.optimizers import build_optimizer
 
     configure_tensorflow(cfg)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     # Seed first: tf.random.set_seed resets TF's eager context, which invalidates resources
     # created before it (tensorflow_text's SentencePiece op among them).
     keras.utils.set_random_seed(cfg.train.seed)
@@ -189,7 +254,9 @@ def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
         f"{len(packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
 
     # 2. run folder
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        lock.acquire()
     if state.resume_from is None:
         shutil.rmtree(run_dir / "logs", ignore_errors=True)
         tokenizer.save(run_dir / "tokenizer")
@@ -197,40 +264,54 @@ def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
 
     # 3. model and optimizer, compiled explicitly (never keras_hub's fine-tuning defaults)
     spe = choose_steps_per_execution(cfg)
-    model = build_model(cfg.model, tokenizer.vocabulary_size, cfg.optimizer.clipnorm, spe)
+    model = build_from_config(cfg, tokenizer.vocabulary_size, spe)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     optimizer.build(model.trainable_variables)
     jit = cfg.train.jit_compile if cfg.train.jit_compile is not None else True
     model.compile(optimizer=optimizer, jit_compile=jit, steps_per_execution=spe)
     params = int(model.backbone.count_params())
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
-    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer)
+    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer,
+                                keep=cfg.train.keep_checkpoints,
+                                slow_seconds=cfg.debug.slow_checkpoint_seconds)
     start = 0
     if state.resume_from is not None:
+        t0 = time.time()
         manager.restore(state.resume_from)
         start = int(optimizer.iterations.numpy())
-        log(f"resumed from {state.resume_from} at step {start}")
+        log(f"resumed from {state.resume_from} at step {start} ({time.time() - t0:.1f}s)")
     log(f"model: {cfg.model.arch}, {params:,} parameters; {tokens_per_step:,} tokens/step, "
         f"{cfg.train.steps:,} steps = {tokens_per_step * cfg.train.steps:,} tokens; "
         f"jit_compile={jit}, steps_per_execution={spe}")
 
-    # 4. fit
+    # 4. fit. An "epoch" is one evaluation interval; a run resumed mid-interval first
+    # finishes that interval, so evaluations and checkpoints land on the same steps as in
+    # an unbroken run.
     sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
     sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
                          top_k=cfg.eval.top_k, seed=cfg.train.seed)
     logger = StepLogger(run_dir / "logs", tokens_per_step, sampler, sample_kwargs,
                         cfg.eval.prompt)
-    every = cfg.eval.every
-    callbacks = [logger, StopAtStep(cfg.train.steps),
-                 CheckpointEvery(manager, {"config": cfg.to_dict()})]
-    if start < cfg.train.steps:
-        model.fit(
-            train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed, start),
-            validation_data=eval_dataset(packed.val_rows, cfg.train.batch_size,
-                                         cfg.eval.steps),
-            steps_per_epoch=every, initial_epoch=start // every,
-            epochs=math.ceil(cfg.train.steps / every), callbacks=callbacks,
-            shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    every, total = cfg.eval.every, cfg.train.steps
+    extra = {"config": cfg.to_dict()}
+    callbacks = [logger, StopAtStep(total),
+                 CheckpointEvery(manager, extra, cfg.train.checkpoint_every or every),
+                 PreemptionCheckpoint(manager, extra, preemption)]
+    val_ds = eval_dataset(packed.val_rows, cfg.train.batch_size, cfg.eval.steps)
+    verbose = 1 if sys.stdout.isatty() else 2
+    step = start
+    while step < total and preemption.signum is None:
+        first_epoch = step // every
+        partial = step % every
+        model.fit(train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed, step),
+                  validation_data=val_ds,
+                  steps_per_epoch=every - partial if partial else every,
+                  initial_epoch=first_epoch,
+                  epochs=first_epoch + 1 if partial else math.ceil(total / every),
+                  callbacks=callbacks, shuffle=False, verbose=verbose)
+        step = int(optimizer.iterations.numpy())
+    if preemption.signum is not None:
+        raise Preempted(preemption.signum, int(optimizer.iterations.numpy()))
 
     # 5. final evaluation, sample, export
     t0 = time.time()
@@ -260,6 +341,10 @@ def fit(cfg: Config, run_dir: Path, resume: str = "auto") -> dict:
         "train_seconds": round(logger.train_seconds, 2),
         "tokens_per_second": round(logger.tokens_per_second, 1),
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "skipped_steps": int(model.skipped_steps.numpy()),
+        "clipped_steps": int(model.clipped_steps.numpy()),
+        "rollbacks": 0,
+        "weights_sha256": weights_sha256(model),
         "sample": sample,
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
