@@ -1,0 +1,219 @@
+"""Training that survives: real subprocesses killed and resumed, compared bit for bit."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, last_json_line, run_cli, tiny_config, tiny_raw, write_yaml
+from test_fit import read_scalars
+
+
+def resume_raw(tmp_path, **train):
+    return tiny_raw(tmp_path, train={"steps": 60, "checkpoint_every": 10, "deterministic": True,
+                                     "steps_per_execution": 2, **train},
+                    eval={"every": 20}, export={"enabled": False})
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unbroken")
+    cfg_path = write_yaml(tmp / "r.yaml", resume_raw(tmp))
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(tmp / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg_path, tmp / "run", last_json_line(r.stdout)
+
+
+def start_fit(cfg_path, run_dir, *extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg_path),
+                             "--run-dir", str(run_dir), *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout=240):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def latest_step(run_dir):
+    ck = run_dir / "checkpoints"
+    steps = [int(p.name.split("-")[1]) for p in ck.iterdir()
+             if p.is_dir() and p.name.startswith("step-")] if ck.exists() else []
+    return max(steps, default=0)
+
+
+def assert_same_run(run_dir, unbroken_dir, summary, reference):
+    assert summary["weights_sha256"] == reference["weights_sha256"]
+    assert summary["val_loss"] == reference["val_loss"]
+    ours = read_scalars(run_dir / "logs" / "train")
+    theirs = read_scalars(unbroken_dir / "logs" / "train")
+    for tag in ("loss", "learning_rate", "grad_norm"):
+        assert sorted(ours[tag]) == list(range(1, 61)), tag
+        for step in range(1, 61):
+            assert float(ours[tag][step]) == float(theirs[tag][step]), (tag, step)
+
+
+def test_two_deterministic_runs_are_identical(unbroken, tmp_path):
+    cfg_path, run_dir, reference = unbroken
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = last_json_line(r.stdout)
+    assert len(reference["weights_sha256"]) == 64
+    assert_same_run(tmp_path / "b", run_dir, again, reference)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_a_random_step_then_resume_matches_unbroken_run(unbroken, tmp_path, seed):
+    cfg_path, unbroken_dir, reference = unbroken
+    raw = resume_raw(tmp_path)
+    raw["debug"] = {"slow_checkpoint_seconds": 0.3}   # widen the window for kills during saves
+    cfg_path = write_yaml(tmp_path / "r.yaml", raw)
+    run_dir = tmp_path / "run"
+    rng = random.Random(seed)
+    proc = start_fit(cfg_path, run_dir)
+    target = rng.choice([10, 20, 30, 40])
+    wait_for(lambda: latest_step(run_dir) >= target
+             or (run_dir / "checkpoints").exists() and any(
+                 p.name.startswith(".tmp-") and int(p.name.split("-")[-1]) >= target
+                 for p in (run_dir / "checkpoints").iterdir()), proc)
+    time.sleep(rng.uniform(0.0, 0.4))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(unbroken, tmp_path):
+    cfg_path, unbroken_dir, reference = unbroken
+    run_dir = tmp_path / "run"
+    proc = start_fit(cfg_path, run_dir)
+    wait_for(lambda: latest_step(run_dir) >= 20, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.time() - t0 < 30
+    assert "committed at step" in out
+    stopped_at = latest_step(run_dir)
+    assert 20 <= stopped_at < 60 and stopped_at % 2 == 0
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped_at}" in r.stdout
+    assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(unbroken, tmp_path):
+    import shutil
+
+    cfg_path, unbroken_dir, reference = unbroken
+    run_dir = tmp_path / "run"
+    shutil.copytree(unbroken_dir, run_dir)
+    ck = run_dir / "checkpoints"
+    newest = sorted(p for p in ck.iterdir() if p.name.startswith("step-"))[-1]
+    data = next(f for f in newest.iterdir() if f.name.startswith("ckpt.data"))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF                         # one flipped byte
+    data.write_bytes(bytes(blob))
+    second = sorted(p for p in ck.iterdir() if p.name.startswith("step-"))[-2]
+    (second / "state.json").write_text('{"step": 5')   # truncated manifest
+    (run_dir / "summary.json").unlink()
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping corrupt or incomplete checkpoint {newest}" in r.stderr
+    assert f"skipping corrupt or incomplete checkpoint {second}" in r.stderr
+    assert "at step 40" in r.stdout
+    assert last_json_line(r.stdout)["weights_sha256"] == reference["weights_sha256"]
+    # with every checkpoint broken, --resume must refuses
+    for p in ck.iterdir():
+        if p.name.startswith("step-"):
+            (p / "state.json").write_text("{")
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir),
+                "--resume", "must")
+    assert r.returncode == 2 and "no valid checkpoint" in r.stderr
+
+
+def test_second_process_on_a_run_folder_gets_a_lock_error(unbroken, tmp_path):
+    from tfpretrain.training.checkpoints import RunLock
+
+    cfg_path, _, _ = unbroken
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir))
+    finally:
+        lock.release()
+    assert r.returncode == 2 and "is in use by pid" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _fit_with_weights_per_step(tmp_path, **debug_and_train):
+    """Train a tiny model in-process with steps_per_execution=1, recording weights and Adam
+    moments after every step."""
+    import keras
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import pack_corpus, train_dataset
+    from tfpretrain.data.sources import load_corpus
+    from tfpretrain.data.tokenizers import train_tokenizer
+    from tfpretrain.models import build_from_config
+    from tfpretrain.training.optimizers import build_optimizer
+
+    debug = {k: v for k, v in debug_and_train.items() if k in ("nan_at_step", "spike_at_step")}
+    train = {k: v for k, v in debug_and_train.items() if k not in debug}
+    cfg = tiny_config(tmp_path, debug=debug, train={"steps": 30, **train})
+    corpus = load_corpus(cfg.data, 0)
+    tok = train_tokenizer("byte", corpus.train, 0)
+    packed = pack_corpus(tok, corpus.train, corpus.val, 32)
+    model = build_from_config(cfg, tok.vocabulary_size, 1)
+    opt = build_optimizer(cfg.optimizer, 30)
+    opt.build(model.trainable_variables)
+    model.compile(optimizer=opt, jit_compile=True, steps_per_execution=1)
+    snaps = {}
+
+    class Snap(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(opt.iterations.numpy())
+            snaps[step] = ([v.numpy().copy() for v in model.trainable_variables],
+                           [v.numpy().copy() for v in opt.variables[1:]],
+                           model.step_log.numpy()[0].copy())
+
+    model.fit(train_dataset(packed.train_rows, 16, 0), steps_per_epoch=30, epochs=1,
+              callbacks=[Snap()], verbose=0)
+    return model, snaps
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_path):
+    model, snaps = _fit_with_weights_per_step(tmp_path, nan_at_step=12)
+    weights_11, moments_11, _ = snaps[11]
+    weights_12, moments_12, log_12 = snaps[12]
+    assert _same(weights_11, weights_12) and _same(moments_11[1:], moments_12[1:])
+    assert np.isnan(log_12[0]) and log_12[3] == 1.0          # logged loss NaN, skipped
+    assert not _same(snaps[12][0], snaps[13][0])              # training goes on
+    assert int(model.skipped_steps.numpy()) == 1
+    assert all(np.isfinite(w).all() for w in snaps[30][0])
+
+
+def test_synthetic_loss_spike_is_skipped(tmp_path):
+    model, snaps = _fit_with_weights_per_step(tmp_path, spike_at_step=25, spike_window=10,
+                                              spike_threshold=4.0)
+    assert snaps[25][2][3] == 1.0 and _same(snaps[24][0], snaps[25][0])
+    assert int(model.skipped_steps.numpy()) == 1
+    assert snaps[24][2][3] == 0.0 and snaps[26][2][3] == 0.0
