@@ -15,8 +15,18 @@ def test_defaults_are_valid_and_default_yaml_matches_package_copy():
     cfg = load_config()
     assert cfg.name == "default" and cfg.model.arch == "gpt2"
     assert cfg.tokenizer.kind == "sentencepiece_bpe" and cfg.data.path is None
-    shipped = (REPO / "tfpretrain" / "configs" / "default.yaml").read_text()
-    assert (REPO / "configs" / "default.yaml").read_text() == shipped
+    for path in (REPO / "configs").glob("*.yaml"):   # the package ships the same presets
+        assert (REPO / "tfpretrain" / "configs" / path.name).read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("name", ["default", "char-cpu", "tune"])
+def test_every_shipped_config_loads_and_builds(name):
+    from tfpretrain.models import build_from_config
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+    vocab = 260 if cfg.tokenizer.kind == "byte" else min(cfg.tokenizer.vocabulary_size, 300)
+    model = build_from_config(cfg, vocab)
+    assert model.backbone.count_params() > 0
 
 
 def test_unknown_key_suggests_the_right_one():

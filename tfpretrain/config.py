@@ -33,8 +33,8 @@ def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=
     """A config field with its documentation and allowed range."""
     meta = {"help": help, "choices": choices, "min": min, "max": max,
             "min_exclusive": min_exclusive}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -146,6 +146,23 @@ class EvalConfig:
     top_k: int = _f(40, "Top-k for samples (0 = off).", min=0)
 
 
+TUNERS = ("random", "grid", "bayesian", "hyperband")
+
+
+@dataclass
+class TuneConfig:
+    space: dict = _f({}, "Search space: per dotted config key either a list of choices "
+                     "(`[64, 128]`) or a range `{min: 1e-4, max: 1e-2, log: true}` "
+                     "(`step:` optional; ints give an integer range).")
+    tuner: str = _f("random", "KerasTuner search algorithm.", choices=TUNERS)
+    max_trials: int = _f(10, "Trials to run (grid: at most this many grid points; hyperband: "
+                         "ignored, the budget decides).", min=1)
+    steps_per_trial: int = _f(200, "Training steps of each proxy trial (hyperband: of the "
+                              "longest trials).", min=1)
+    objective: str = _f("val_loss", "What the search minimizes; `val_bits_per_byte` "
+                        "compares across tokenizers.", choices=("val_loss", "val_bits_per_byte"))
+
+
 @dataclass
 class DebugConfig:
     nan_at_step: int = _f(0, "Fault injection for tests and drills: make the loss of this "
@@ -175,6 +192,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     name: str = "default"
 
@@ -210,6 +228,8 @@ def _describe(tp) -> str:
         return inner + " (or null)" if type(None) in typing.get_args(tp) else inner
     if tp is list or origin is list:
         return "a list"
+    if tp is dict or origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
         tp, str(tp))
 
@@ -259,6 +279,8 @@ def _coerce(value, tp):
         return (isinstance(value, str), value)
     if tp is list or origin is list:
         return (isinstance(value, list), value)
+    if tp is dict or origin is dict:
+        return (isinstance(value, dict), value)
     return True, value
 
 
@@ -357,6 +379,7 @@ def _cross_checks(c: Config) -> list[str]:
                 p.append(f"`{key}` must be a multiple of `train.steps_per_execution`. "
                          f"Received: {key.split('.')[1]}={value}, "
                          f"steps_per_execution={t.steps_per_execution}")
+    p.extend(_check_space(c.tune.space, c.tune.tuner))
     sep = c.data.document_separator
     if not sep:
         p.append("`data.document_separator` must not be empty: use `line`, `blank_line`, "
@@ -364,6 +387,43 @@ def _cross_checks(c: Config) -> list[str]:
     path = c.data.path
     if isinstance(path, list) and (not path or not all(isinstance(x, str) for x in path)):
         p.append(f"`data.path` must be a path or a non-empty list of paths. Received: {path!r}")
+    return p
+
+
+def _check_space(space: dict, tuner: str) -> list[str]:
+    """Each key a real config key; each value a non-empty list or a {min, max} range."""
+    p = []
+    keys = all_keys()
+    for key, spec in space.items():
+        where = f"`tune.space.{key}`"
+        if key not in keys or key.startswith(("tune.", "debug.")):
+            p.append(f"{where}: not a tunable config key.{_suggest(str(key), keys)}")
+            continue
+        if isinstance(spec, list):
+            if not spec:
+                p.append(f"{where}: the list of choices is empty")
+        elif isinstance(spec, dict):
+            extra = set(spec) - {"min", "max", "log", "step"}
+            if extra or "min" not in spec or "max" not in spec:
+                p.append(f"{where}: a range needs `min` and `max` (optional `log`, `step`). "
+                         f"Received: {spec!r}")
+                continue
+            try:
+                lo, hi = float(spec["min"]), float(spec["max"])
+            except (TypeError, ValueError):
+                p.append(f"{where}: `min` and `max` must be numbers. Received: {spec!r}")
+                continue
+            if lo >= hi:
+                p.append(f"{where}: `min` must be < `max`. Received: {spec!r}")
+            if spec.get("log") and lo <= 0:
+                p.append(f"{where}: log sampling needs `min` > 0. Received: {spec!r}")
+            both_int = all(isinstance(spec[k], int) for k in ("min", "max"))
+            if tuner == "grid" and not both_int and "step" not in spec:
+                p.append(f"{where}: grid search needs a list of choices or a `step` for a "
+                         f"float range. Received: {spec!r}")
+        else:
+            p.append(f"{where}: must be a list of choices or a {{min, max}} range. "
+                     f"Received: {spec!r}")
     return p
 
 

@@ -25,6 +25,7 @@ class StepLogger(keras.callbacks.Callback):
         self.train_seconds = 0.0
         self.trained_steps = 0
         self.last_sample = ""
+        self.first_step_seconds = None  # process start -> first step done (imports, data, XLA)
         self._t0 = None
         self._last_step = None
 
@@ -39,6 +40,10 @@ class StepLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
         now = time.perf_counter()
+        if self.first_step_seconds is None:
+            from tfpretrain import PROCESS_START
+
+            self.first_step_seconds = time.time() - PROCESS_START
         n = step - self._last_step
         elapsed = now - self._t0
         self.train_seconds += elapsed

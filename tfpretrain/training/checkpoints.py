@@ -57,6 +57,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep = keep
         self.slow_seconds = slow_seconds  # fault injection: a slow writer
+        self.seconds = 0.0  # time spent saving, for the summary
         self._ckpt = (tf.train.Checkpoint(model=model, optimizer=optimizer)
                       if model is not None else None)
 
@@ -64,6 +65,15 @@ class CheckpointManager:
         return self.directory / f"{PREFIX}{step:08d}"
 
     def save(self, step: int, extra: dict | None = None) -> Path:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            return self._save(step, extra)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _save(self, step: int, extra: dict | None) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self._path(step)
         tmp = self.directory / f".tmp-{final.name}"

@@ -340,6 +340,8 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
         "wall_seconds": round(time.time() - t_start, 2),
         "train_seconds": round(logger.train_seconds, 2),
         "tokens_per_second": round(logger.tokens_per_second, 1),
+        "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
+        "checkpoint_seconds": round(manager.seconds, 2),
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
         "skipped_steps": int(model.skipped_steps.numpy()),
         "clipped_steps": int(model.clipped_steps.numpy()),

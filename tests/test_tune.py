@@ -1,0 +1,113 @@
+import json
+import signal
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, last_json_line, run_cli, tiny_raw, write_yaml
+from test_fit import read_scalars
+
+
+def tune_raw(tmp_path, **tune):
+    raw = tiny_raw(tmp_path, train={"steps": 500}, eval={"final_steps": 4})
+    raw["tune"] = {"steps_per_trial": 20, "max_trials": 3,
+                   "space": {"optimizer.learning_rate": {"min": 1e-3, "max": 3e-2, "log": True},
+                             "model.hidden_dim": [16, 32]}, **tune}
+    return raw
+
+
+def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(tmp_path):
+    cfg_path = write_yaml(tmp_path / "t.yaml", tune_raw(tmp_path))
+    run = tmp_path / "search"
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = last_json_line(r.stdout)
+    assert result["trials"] == 3 and result["failed"] == 0
+    assert "optimizer.learning_rate" in r.stdout and "val_loss" in r.stdout  # leaderboard
+    board = json.loads((run / "leaderboard.json").read_text())
+    objectives = [row["objective"] for row in board]
+    assert objectives == sorted(objectives) and result["val_loss"] == objectives[0]
+    # best.yaml: the winning values with the full step budget; fit accepts it
+    best = yaml.safe_load((run / "best.yaml").read_text())
+    assert best["train"]["steps"] == 500 and best["export"]["enabled"] is True
+    assert best["model"]["hidden_dim"] == board[0]["values"]["model.hidden_dim"]
+    assert best["optimizer"]["learning_rate"] == pytest.approx(
+        board[0]["values"]["optimizer.learning_rate"])
+    dry = run_cli("tfpretrain.fit", "--config", str(run / "best.yaml"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert (run / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every trial is a real run with its own TensorBoard logs and an HParams session
+    for row in board:
+        trial = run / "trials" / row["trial"]
+        assert json.loads((trial / "summary.json").read_text())["steps"] == 20
+        assert sorted(read_scalars(trial / "logs" / "train")["loss"]) == list(range(1, 21))
+        tags = read_scalars(trial / "logs")
+        assert "_hparams_/session_start_info" in tags and "final/val_loss" in tags
+    assert "_hparams_/experiment" in read_scalars(run / "trials")
+
+
+def test_grid_search_enumerates_exactly_the_grid(tmp_path):
+    raw = tune_raw(tmp_path, tuner="grid", max_trials=50, steps_per_trial=8,
+                   space={"optimizer.warmup_steps": [0, 2], "model.hidden_dim": [16, 32]})
+    cfg_path = write_yaml(tmp_path / "g.yaml", raw)
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    board = json.loads((tmp_path / "g" / "leaderboard.json").read_text())
+    combos = sorted((b["values"]["optimizer.warmup_steps"], b["values"]["model.hidden_dim"])
+                    for b in board)
+    assert combos == [(0, 16), (0, 32), (2, 16), (2, 32)]
+
+
+def test_failed_trial_is_recorded_and_search_goes_on(tmp_path):
+    # warmup 30 >= 20 proxy steps is an invalid combination: that trial fails
+    raw = tune_raw(tmp_path, tuner="grid", max_trials=10,
+                   space={"optimizer.warmup_steps": [2, 30]})
+    cfg_path = write_yaml(tmp_path / "f.yaml", raw)
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = last_json_line(r.stdout)
+    assert result["trials"] == 2 and result["failed"] == 1
+    assert result["best_values"] == {"optimizer.warmup_steps": 2}
+    errors = list((tmp_path / "f" / "trials").glob("*/error.txt"))
+    assert len(errors) == 1 and "warmup_steps" in errors[0].read_text()
+
+
+def test_killed_search_resumes_without_repeating_finished_trials(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    raw = tune_raw(tmp_path, max_trials=3, steps_per_trial=40)
+    cfg_path = write_yaml(tmp_path / "k.yaml", raw)
+    run = tmp_path / "k"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "tfpretrain.tune", "--config",
+                             str(cfg_path), "--run-dir", str(run)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(list(run.glob("trials/*/summary.json"))) < 1:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("trials/*/summary.json")}
+    assert 1 <= len(finished) < 3
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json_line(r.stdout)["trials"] == 3
+    for trial, mtime in finished.items():   # finished trials were not run again
+        assert (run / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_empty_space_and_bad_space_are_user_errors(tmp_path):
+    raw = tune_raw(tmp_path, space={})
+    r = run_cli("tfpretrain.tune", "--config", str(write_yaml(tmp_path / "e.yaml", raw)),
+                "--run-dir", str(tmp_path / "e"))
+    assert r.returncode == 2 and "tune.space is empty" in r.stderr
+    raw = tune_raw(tmp_path, space={"optimizer.lr": [1]})
+    r = run_cli("tfpretrain.tune", "--config", str(write_yaml(tmp_path / "b.yaml", raw)),
+                "--run-dir", str(tmp_path / "b"))
+    assert r.returncode == 2 and "not a tunable config key" in r.stderr
+    assert "Traceback" not in r.stderr

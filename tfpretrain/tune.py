@@ -1,0 +1,294 @@
+"""Hyperparameter search with KerasTuner over short proxy runs of the fit path.
+
+    python -m tfpretrain.tune --config PATH [--tuner random|grid|bayesian|hyperband]
+                              [--max-trials N] [--set KEY=VALUE ...] [--run-dir DIR]
+
+The search space is ``tune.space`` in the YAML. Every trial is a real ``fit`` run (same data,
+tokenizer, model and optimizer builders) of ``tune.steps_per_trial`` steps in
+``<run-dir>/trials/<trial id>/`` with its own TensorBoard logs; the HParams dashboard
+(``tensorboard --logdir <run-dir>/trials``) shows all trials side by side. A trial that fails
+(bad combination, out of memory, divergence) is recorded as failed and the search goes on.
+Rerunning a killed search reloads KerasTuner's state from ``<run-dir>/tuner``: finished
+trials are not repeated, and an interrupted trial resumes from its last checkpoint.
+
+At the end: a leaderboard on the console, ``<run-dir>/best.yaml`` (a complete fit config
+with the winning values and the full ``train.steps``: ``python -m tfpretrain.fit --config
+<run-dir>/best.yaml``), ``<run-dir>/leaderboard.json`` and ``<run-dir>/objective.png``
+(the objective against each tuned value).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+HYPERBAND_MAX_EPOCHS = 9  # budget units: a trial with tuner/epochs=e trains e/9 of the steps
+
+
+def _number(v):
+    return float(v) if isinstance(v, str) else v
+
+
+def declare(hp, space: dict) -> None:
+    """Register ``tune.space`` with a KerasTuner HyperParameters object."""
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            hp.Choice(key, spec)
+            continue
+        lo, hi = _number(spec["min"]), _number(spec["max"])
+        step = _number(spec.get("step")) if spec.get("step") is not None else None
+        sampling = "log" if spec.get("log") else "linear"
+        if isinstance(lo, int) and isinstance(hi, int) and (step is None or isinstance(step, int)):
+            hp.Int(key, lo, hi, step=step, sampling=sampling)
+        else:
+            hp.Float(key, float(lo), float(hi), step=step, sampling=sampling)
+
+
+def trial_raw(base: dict, values: dict, steps: int) -> dict:
+    """The base config with the trial's values, a proxy budget and no export."""
+    raw = json.loads(json.dumps(base))
+    for key, value in values.items():
+        if key.startswith("tuner/"):
+            continue
+        sec, name = key.split(".", 1)
+        raw.setdefault(sec, {})[name] = value
+    raw.setdefault("train", {})["steps"] = steps
+    raw["train"]["checkpoint_every"] = 0
+    raw.setdefault("eval", {})["every"] = steps
+    raw["export"] = {**raw.get("export", {}), "enabled": False}
+    raw.pop("tune", None)
+    return raw
+
+
+def make_tuner(cfg, base_raw: dict, run_dir: Path):
+    import keras_tuner as kt
+
+    from tfpretrain.config import build_config
+    from tfpretrain.training.trainer import Preempted, fit
+
+    objective = kt.Objective(cfg.tune.objective, direction="min")
+    hp = kt.HyperParameters()
+    declare(hp, cfg.tune.space)
+    common = dict(objective=objective, hyperparameters=hp, seed=cfg.train.seed,
+                  tune_new_entries=False, max_consecutive_failed_trials=10)
+    kind = cfg.tune.tuner
+    if kind == "random":
+        oracle = kt.oracles.RandomSearchOracle(max_trials=cfg.tune.max_trials, **common)
+    elif kind == "grid":
+        oracle = kt.oracles.GridSearchOracle(max_trials=cfg.tune.max_trials, **common)
+    elif kind == "bayesian":
+        try:
+            import scipy  # noqa: F401
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise UserError("--tuner bayesian needs scipy and scikit-learn: "
+                            "pip install 'tfpretrain[tune]'") from None
+        oracle = kt.oracles.BayesianOptimizationOracle(max_trials=cfg.tune.max_trials, **common)
+    else:
+        oracle = kt.oracles.HyperbandOracle(max_epochs=HYPERBAND_MAX_EPOCHS, factor=3, **common)
+
+    class FitTuner(kt.engine.base_tuner.BaseTuner):
+        """Each trial is one tfpretrain.fit run; KerasTuner only proposes values."""
+
+        def run_trial(self, trial, *args, **kwargs):
+            import keras
+
+            values = dict(trial.hyperparameters.values)
+            steps = cfg.tune.steps_per_trial
+            if "tuner/epochs" in values:
+                steps = max(1, round(steps * values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS))
+            trial_dir = run_dir / "trials" / trial.trial_id
+            t0 = time.time()
+            try:
+                trial_cfg = build_config(trial_raw(base_raw, values, steps),
+                                         name=f"{cfg.name}-trial-{trial.trial_id}")
+                keras.backend.clear_session()
+                summary = fit(trial_cfg, trial_dir)
+            except Preempted as exc:
+                raise SystemExit(exc.exit_code)  # stop the whole search; rerun resumes
+            except Exception as exc:  # a failed trial must not end the search
+                trial_dir.mkdir(parents=True, exist_ok=True)
+                (trial_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+                print(f"[tfpretrain] trial {trial.trial_id} failed: {exc}", flush=True)
+                raise kt.errors.FailedTrialError(str(exc)) from exc
+            write_hparams(trial_dir / "logs", values, summary)
+            value = summary[cfg.tune.objective]
+            if not math.isfinite(value):
+                raise kt.errors.FailedTrialError(f"objective is {value}")
+            (trial_dir / "trial.json").write_text(json.dumps(
+                {"trial_id": trial.trial_id, "values": values, "steps": steps,
+                 "seconds": round(time.time() - t0, 1), **{k: summary[k] for k in (
+                     "val_loss", "val_bits_per_byte", "tokens_per_second")}}, indent=1))
+            return {cfg.tune.objective: value}
+
+    return FitTuner(oracle=oracle, directory=str(run_dir), project_name="tuner",
+                    overwrite=False)
+
+
+def write_hparams(log_dir: Path, values: dict, summary: dict) -> None:
+    """An HParams session for this trial (its val/loss is the metric the dashboard shows)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp_api
+
+    clean = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+    with tf.summary.create_file_writer(str(log_dir)).as_default():
+        hp_api.hparams(clean, trial_id=log_dir.parent.name)
+        tf.summary.scalar("final/val_loss", summary["val_loss"], step=summary["steps"])
+        tf.summary.scalar("final/val_bits_per_byte", summary["val_bits_per_byte"],
+                          step=summary["steps"])
+
+
+def write_hparams_config(trials_dir: Path, space: dict) -> None:
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp_api
+
+    hparams = []
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            hparams.append(hp_api.HParam(key, hp_api.Discrete(spec)))
+        else:
+            hparams.append(hp_api.HParam(key, hp_api.RealInterval(
+                float(_number(spec["min"])), float(_number(spec["max"])))))
+    metrics = [hp_api.Metric("final/val_loss", display_name="val_loss"),
+               hp_api.Metric("final/val_bits_per_byte", display_name="val_bits_per_byte")]
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    with tf.summary.create_file_writer(str(trials_dir)).as_default():
+        hp_api.hparams_config(hparams=hparams, metrics=metrics)
+
+
+def leaderboard(tuner, cfg) -> list[dict]:
+    rows = []
+    for trial in tuner.oracle.trials.values():
+        info_path = Path(tuner.project_dir).parent / "trials" / trial.trial_id / "trial.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        rows.append({"trial": trial.trial_id, "status": str(trial.status),
+                     "values": {k: v for k, v in trial.hyperparameters.values.items()
+                                if not k.startswith("tuner/")},
+                     "objective": trial.score, "steps": info.get("steps"),
+                     "seconds": info.get("seconds")})
+    rows.sort(key=lambda r: (r["objective"] is None, r["objective"] or 0.0))
+    return rows
+
+
+def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None:
+    head = ["trial", "status"] + keys + [objective, "steps", "seconds"]
+    table = [[r["trial"], r["status"]] + [_fmt(r["values"].get(k)) for k in keys]
+             + [_fmt(r["objective"]), _fmt(r["steps"]), _fmt(r["seconds"])] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    for line in [head] + table:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) -> None:
+    """One scatter per tuned key: the objective of each finished trial against its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(space)
+    done = [r for r in rows if r["objective"] is not None]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2),
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys or ["trial"]):
+        xs = [r["values"].get(key) if keys else r["trial"] for r in done]
+        ys = [r["objective"] for r in done]
+        if xs and all(isinstance(x, (int, float)) for x in xs):
+            ax.scatter(xs, ys)
+            if isinstance(space.get(key), dict) and space[key].get("log"):
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel(objective)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def tune(cfg, base_raw: dict, run_dir: Path) -> dict:
+    from tfpretrain.config import build_config
+    from tfpretrain.training.checkpoints import write_atomic
+
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: add keys to search, e.g. "
+                        "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
+                        "(see configs/tune.yaml)")
+    keys = list(cfg.tune.space)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_hparams_config(run_dir / "trials", cfg.tune.space)
+    tuner = make_tuner(cfg, base_raw, run_dir)
+    tuner.search()
+    rows = leaderboard(tuner, cfg)
+    print_leaderboard(rows, keys, cfg.tune.objective)
+    write_atomic(run_dir / "leaderboard.json", json.dumps(rows, indent=1, default=str))
+    best = next((r for r in rows if r["objective"] is not None), None)
+    if best is None:
+        raise UserError(f"no trial finished; see {run_dir / 'trials'}/*/error.txt")
+    best_raw = json.loads(json.dumps(base_raw))
+    for key, value in best["values"].items():
+        sec, name = key.split(".", 1)
+        best_raw.setdefault(sec, {})[name] = value
+    best_raw.pop("tune", None)
+    best_cfg = build_config(best_raw, name=f"{cfg.name}-best")
+    best_path = run_dir / "best.yaml"
+    body = {"name": best_cfg.name, **{k: v for k, v in best_cfg.to_dict().items()
+                                      if k not in ("name", "tune")}}
+    write_atomic(best_path, f"# best of {len(rows)} trials by {cfg.tune.objective} = "
+                 f"{best['objective']:.6g} (trial {best['trial']}), with the full "
+                 f"train.steps\n" + yaml.safe_dump(body, sort_keys=False))
+    plot_objective(rows, cfg.tune.space, cfg.tune.objective, run_dir / "objective.png")
+    return {"run_dir": str(run_dir), "best_yaml": str(best_path), "best_trial": best["trial"],
+            "best_values": best["values"], cfg.tune.objective: best["objective"],
+            "trials": len(rows),
+            "failed": sum(1 for r in rows if r["objective"] is None)}
+
+
+@cli_main
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(prog="python -m tfpretrain.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML with a tune: section (default: configs/tune.yaml)")
+    p.add_argument("--tuner", choices=("random", "grid", "bayesian", "hyperband"))
+    p.add_argument("--max-trials", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-dir", help="search folder (default: runs/<config name>)")
+    a = p.parse_args(argv)
+    from tfpretrain.config import PACKAGE_CONFIGS, load_config, parse_overrides, read_yaml
+    from tfpretrain.config import _merge
+
+    path = a.config or str(PACKAGE_CONFIGS / "tune.yaml")
+    overrides = list(a.overrides)
+    if a.tuner:
+        overrides.append(f"tune.tuner={a.tuner}")
+    if a.max_trials is not None:
+        overrides.append(f"tune.max_trials={a.max_trials}")
+    cfg = load_config(path, overrides)
+    base_raw = _merge(read_yaml(Path(path)), parse_overrides(overrides))
+    base_raw.pop("name", None)
+    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / cfg.name
+    result = tune(cfg, base_raw, run_dir)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
