@@ -111,3 +111,27 @@ def test_empty_space_and_bad_space_are_user_errors(tmp_path):
                 "--run-dir", str(tmp_path / "b"))
     assert r.returncode == 2 and "not a tunable config key" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_runs_lists_runs_with_metrics_and_plots_curves(tiny_run, tmp_path):
+    import shutil
+
+    _, run_dir, summary = tiny_run
+    root = tmp_path / "runs"
+    shutil.copytree(run_dir, root / "a")
+    shutil.copytree(run_dir, root / "b")
+    second = json.loads((root / "b" / "summary.json").read_text())
+    second["val_loss"] = summary["val_loss"] - 0.5
+    (root / "b" / "summary.json").write_text(json.dumps(second))
+    (root / "c" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (root / "c" / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    r = run_cli("tfpretrain.runs", str(root), "--json", "--plot", str(tmp_path / "v.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["run"] for row in rows] == ["b", "a", "c"]        # sorted by val_loss
+    assert rows[1]["val_loss"] == summary["val_loss"] and rows[1]["status"] == "done"
+    assert rows[1]["params"] == summary["params"] and rows[1]["arch"] == "gpt2"
+    assert rows[2]["status"] == "stopped at step 10"
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("tfpretrain.runs", str(root))
+    assert "val_bits_per_byte" in r.stdout.splitlines()[0] and "stopped at step 10" in r.stdout

@@ -1,0 +1,147 @@
+"""A table of runs, and their validation curves, without starting a server.
+
+    python -m tfpretrain.runs [DIR] [--sort val_bits_per_byte] [--plot [PNG]] [--json]
+
+Finds every run folder under DIR (default ``runs/``; tune trials included): a folder with a
+``config.yaml``. For each: name, key config values, parameters, tokens seen, val
+loss / perplexity / bits-per-byte, tokens/s, wall time and status (``done``, ``stopped at
+step N`` for a run with checkpoints but no summary, ``failed`` for a tune trial with an
+error, ``empty``). ``--plot`` writes a PNG of the val-loss curves read from each run's
+TensorBoard logs (default ``DIR/val_loss.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+COLUMNS = ("run", "arch", "size", "tokenizer", "params", "tokens_seen", "val_loss",
+           "val_perplexity", "val_bits_per_byte", "tokens_per_second", "wall_seconds",
+           "status")
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("config.yaml")
+                  if not any(part.startswith(".") for part in p.parent.relative_to(root).parts)
+                  and p.parent.name != "assets.extra")
+
+
+def describe(run: Path, root: Path) -> dict:
+    row = {"run": str(run.relative_to(root)) if run != root else run.name, "path": str(run)}
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    model = cfg.get("model", {})
+    row["arch"] = model.get("arch")
+    row["size"] = (f"{model.get('num_layers')}x{model.get('hidden_dim')}"
+                   f"/T{model.get('sequence_length')}") if model else None
+    row["tokenizer"] = cfg.get("tokenizer", {}).get("kind")
+    summary_path = run / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        for key in COLUMNS[4:-1]:
+            row[key] = summary.get(key)
+        row["status"] = "done"
+    else:
+        steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")
+                 if p.is_dir()] if (run / "checkpoints").is_dir() else []
+        if (run / "error.txt").exists():
+            row["status"] = "failed"
+        elif steps:
+            row["status"] = f"stopped at step {max(steps)}"
+        else:
+            row["status"] = "empty"
+    return row
+
+
+def val_curve(run: Path) -> tuple[list[int], list[float]]:
+    import tensorflow as tf
+
+    points = {}
+    for f in sorted((run / "logs" / "val").glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(f)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                if v.tag == "loss":
+                    points[event.step] = float(tf.make_ndarray(v.tensor))
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def plot(rows: list[dict], root: Path, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        steps, losses = val_curve(Path(row["path"]))
+        if steps:
+            ax.plot(steps, losses, marker="o", markersize=3, label=row["run"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    body = [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths))
+                     for line in [COLUMNS, *body])
+
+
+@cli_main
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(prog="python -m tfpretrain.runs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", default="runs")
+    p.add_argument("--sort", default="val_loss", choices=COLUMNS)
+    p.add_argument("--plot", nargs="?", const="", help="write val-loss curves to this PNG")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    a = p.parse_args(argv)
+    root = Path(a.dir)
+    if not root.is_dir():
+        raise UserError(f"no such folder: {root}")
+    runs = find_runs(root)
+    if not runs:
+        raise UserError(f"no run folders (with config.yaml) under {root}")
+    rows = [describe(r, root) for r in runs]
+    rows.sort(key=lambda r: (r.get(a.sort) is None, r.get(a.sort) or 0)
+              if a.sort not in ("run", "arch", "size", "tokenizer", "status")
+              else str(r.get(a.sort)))
+    if a.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(table(rows))
+    if a.plot is not None:
+        path = Path(a.plot) if a.plot else root / "val_loss.png"
+        print(f"wrote {plot(rows, root, path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
