@@ -153,7 +153,7 @@ def test_both_archs_build_checkpoint_and_reload(arch, tmp_path):
 def test_cli_fit_resume_and_bad_inputs(tmp_path):
     raw = tiny_raw(tmp_path, train={"steps": 20}, eval={"every": 10},
                    model={"arch": "llama", "num_key_value_heads": 1},
-                   tokenizer={"kind": "char"})
+                   tokenizer={"kind": "char"}, export={"enabled": False})
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     run = tmp_path / "run"
     r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run))

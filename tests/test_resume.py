@@ -160,21 +160,21 @@ def test_second_process_on_a_run_folder_gets_a_lock_error(unbroken, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _fit_with_weights_per_step(tmp_path, **debug_and_train):
+def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
     """Train a tiny model in-process with steps_per_execution=1, recording weights and Adam
     moments after every step."""
     import keras
     import tensorflow as tf
 
-    from tfpretrain.data.pipeline import pack_corpus, train_dataset
+    from tfpretrain.data.pipeline import pack_corpus, poisoned_positions, train_dataset
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import train_tokenizer
     from tfpretrain.models import build_from_config
     from tfpretrain.training.optimizers import build_optimizer
 
-    debug = {k: v for k, v in debug_and_train.items() if k in ("nan_at_step", "spike_at_step")}
-    train = {k: v for k, v in debug_and_train.items() if k not in debug}
-    cfg = tiny_config(tmp_path, debug=debug, train={"steps": 30, **train})
+    cfg = tiny_config(tmp_path, debug=debug or {}, train={"steps": 30, **(train or {})},
+                      model=model or {})
+    keras.utils.set_random_seed(0)
     corpus = load_corpus(cfg.data, 0)
     tok = train_tokenizer("byte", corpus.train, 0)
     packed = pack_corpus(tok, corpus.train, corpus.val, 32)
@@ -191,7 +191,8 @@ def _fit_with_weights_per_step(tmp_path, **debug_and_train):
                            [v.numpy().copy() for v in opt.variables[1:]],
                            model.step_log.numpy()[0].copy())
 
-    model.fit(train_dataset(packed.train_rows, 16, 0), steps_per_epoch=30, epochs=1,
+    model.fit(train_dataset(packed.train_rows, 16, 0, poison=poisoned_positions(cfg.debug)),
+              steps_per_epoch=30, epochs=1,
               callbacks=[Snap()], verbose=0)
     return model, snaps
 
@@ -201,7 +202,7 @@ def _same(a, b):
 
 
 def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_path):
-    model, snaps = _fit_with_weights_per_step(tmp_path, nan_at_step=12)
+    model, snaps = _fit_with_weights_per_step(tmp_path, debug={"nan_at_step": 12})
     weights_11, moments_11, _ = snaps[11]
     weights_12, moments_12, log_12 = snaps[12]
     assert _same(weights_11, weights_12) and _same(moments_11[1:], moments_12[1:])
@@ -212,8 +213,48 @@ def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_pat
 
 
 def test_synthetic_loss_spike_is_skipped(tmp_path):
-    model, snaps = _fit_with_weights_per_step(tmp_path, spike_at_step=25, spike_window=10,
-                                              spike_threshold=4.0)
+    model, snaps = _fit_with_weights_per_step(tmp_path, debug={"spike_at_step": 25},
+                                              train={"spike_window": 10,
+                                                     "spike_threshold": 20.0})
     assert snaps[25][2][3] == 1.0 and _same(snaps[24][0], snaps[25][0])
     assert int(model.skipped_steps.numpy()) == 1
     assert snaps[24][2][3] == 0.0 and snaps[26][2][3] == 0.0
+
+
+def test_consecutive_bad_batches_roll_back_and_skip_them(tmp_path):
+    raw = resume_raw(tmp_path, rollback_after=3, rollback_lr_scale=0.5)
+    raw["debug"] = {"nan_at_step": 25, "nan_for_steps": 4}   # batches of steps 25..28 are bad
+    run_dir = tmp_path / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "r.yaml", raw)),
+                "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = last_json_line(r.stdout)
+    assert summary["rollbacks"] == 1 and summary["lr_scale"] == 0.5
+    assert summary["skipped_steps"] == 0   # restored from the checkpoint before the skips
+    # 4 skips seen at step 28 (steps_per_execution 2): back to step 20, and the stream
+    # moves 8 positions on, past the bad batches; the offset is in every later checkpoint,
+    # so a resume does not replay them either
+    assert "rollback 1: 8 steps after step-00000020" in r.stdout
+    state = json.loads((run_dir / "checkpoints" / "step-00000060" / "state.json").read_text())
+    assert state["guard"] == {"data_offset": 8, "lr_scale": 0.5, "rollbacks": 1}
+    from tfpretrain.config import build_config
+    from tfpretrain.training.optimizers import build_schedule
+
+    cfg = build_config(raw)
+    base = build_schedule(cfg.optimizer, cfg.train.steps)
+    lr = read_scalars(run_dir / "logs" / "train")["learning_rate"]
+    assert float(lr[40]) == pytest.approx(0.5 * float(base(39)), rel=1e-5)  # scaled after
+    assert np.isfinite(summary["val_loss"])
+    # continuing the run keeps the rollback's offset, scale and count
+    r = run_cli("tfpretrain.fit", "--config", str(tmp_path / "r.yaml"), "--run-dir",
+                str(run_dir), "--set", "train.steps=70")
+    assert r.returncode == 0, r.stderr[-3000:]
+    later = last_json_line(r.stdout)
+    assert later["rollbacks"] == 1 and later["lr_scale"] == 0.5 and later["steps"] == 70
+
+
+def test_z_loss_changes_training_but_not_the_reported_loss_definition(tmp_path):
+    model_a, snaps_a = _fit_with_weights_per_step(tmp_path)
+    model_b, snaps_b = _fit_with_weights_per_step(tmp_path, model={"z_loss": 1e-2})
+    assert snaps_a[1][2][0] == pytest.approx(snaps_b[1][2][0], rel=1e-6)  # same step-1 loss
+    assert not _same(snaps_a[5][0], snaps_b[5][0])                        # different updates

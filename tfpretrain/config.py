@@ -85,6 +85,9 @@ class ModelConfig:
     hidden_dim: int = _f(128, "Model width.", min=2)
     intermediate_dim: int = _f(512, "Feed-forward width.", min=1)
     dropout: float = _f(0.0, "Dropout rate.", min=0.0, max=1.0)
+    z_loss: float = _f(0.0, "Weight of the z-loss (PaLM): z_loss * mean(logsumexp(logits)^2) "
+                       "is added to the training loss to keep logits from drifting "
+                       "(0 = off; 1e-4 is typical).", min=0.0)
     sequence_length: int = _f(128, "Tokens per training row (context length).", min=2)
     tie_embeddings: bool = _f(True, "Share input and output embeddings (gpt2 always ties).")
 
@@ -129,6 +132,12 @@ class TrainConfig:
                      "mean + spike_threshold * std of the last spike_window accepted steps.")
     spike_window: int = _f(100, "Accepted steps the spike detector's mean and std cover "
                            "(detection starts once the window is full).", min=2)
+    rollback_after: int = _f(8, "After this many consecutive skipped steps, restore the last "
+                             "checkpoint and continue past the offending batches (0 = never).",
+                             min=0)
+    rollback_lr_scale: float = _f(1.0, "Multiply the learning rate by this at each rollback "
+                                  "(PaLM-style; 1 = keep it).", min=0.0, max=1.0,
+                                  min_exclusive=True)
     spike_threshold: float = _f(6.0, "How many standard deviations above the window mean a "
                                 "loss or gradient norm counts as a spike (0 = only skip "
                                 "non-finite steps).", min=0.0)
@@ -165,8 +174,10 @@ class TuneConfig:
 
 @dataclass
 class DebugConfig:
-    nan_at_step: int = _f(0, "Fault injection for tests and drills: make the loss of this "
-                          "step NaN (0 = off).", min=0)
+    nan_at_step: int = _f(0, "Fault injection for tests and drills: poison the batch of this "
+                          "step (its data position) so its loss is NaN (0 = off).", min=0)
+    nan_for_steps: int = _f(1, "Fault injection: how many consecutive batches from "
+                            "nan_at_step are poisoned.", min=1)
     spike_at_step: int = _f(0, "Fault injection: multiply the loss of this step by 1000 "
                             "(0 = off).", min=0)
     slow_checkpoint_seconds: float = _f(0.0, "Fault injection: sleep this long inside every "

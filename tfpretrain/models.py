@@ -46,7 +46,7 @@ class CausalLM(keras.Model):
 
     def __init__(self, backbone: keras.Model, clipnorm: float | None = None,
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
-                 spike_threshold: float = 6.0, nan_at_step: int = 0, spike_at_step: int = 0,
+                 spike_threshold: float = 6.0, spike_at_step: int = 0, z_loss: float = 0.0,
                  **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
@@ -54,7 +54,7 @@ class CausalLM(keras.Model):
         self.log_size = max(1, steps_per_execution)
         self.guard, self.spike_threshold = guard, spike_threshold
         self.spike_window = spike_window
-        self.nan_at_step, self.spike_at_step = nan_at_step, spike_at_step
+        self.spike_at_step, self.z_loss = spike_at_step, z_loss
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Guard state (tracked, so it is checkpointed and survives a resume): recent
         # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
@@ -66,6 +66,8 @@ class CausalLM(keras.Model):
                                              trainable=False, name="skipped_steps")
         self.clipped_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
                                              trainable=False, name="clipped_steps")
+        self.consecutive_skips = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                                 trainable=False, name="consecutive_skips")
         # Per-step log for the last `log_size` steps; read by the TensorBoard callback after
         # each execution so every step is logged. Set with object.__setattr__ so it is not
         # tracked: it is not model state and its shape depends on steps_per_execution.
@@ -112,12 +114,17 @@ class CausalLM(keras.Model):
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             loss = self._mean_loss(y, logits, sample_weight)
-            if self.nan_at_step:
-                loss = loss * tf.where(step == self.nan_at_step, float("nan"), 1.0)
+            objective = loss
+            if self.z_loss:
+                z = tf.reduce_logsumexp(logits, axis=-1)
+                weight = tf.cast(sample_weight, z.dtype)
+                objective = loss + self.z_loss * tf.reduce_sum(tf.square(z) * weight) \
+                    / tf.maximum(tf.reduce_sum(weight), 1.0)
             if self.spike_at_step:
+                objective = objective * tf.where(step == self.spike_at_step, 1000.0, 1.0)
                 loss = loss * tf.where(step == self.spike_at_step, 1000.0, 1.0)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(objective, variables)
         grad_norm = tf.linalg.global_norm(grads)
         if self.clipnorm:
             grads, _ = tf.clip_by_global_norm(grads, self.clipnorm, use_norm=grad_norm)
@@ -131,11 +138,13 @@ class CausalLM(keras.Model):
             self.guard_history.assign(tf.tensor_scatter_nd_update(
                 self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
             self.guard_accepted.assign_add(1)
+            self.consecutive_skips.assign(0)
             return tf.constant(0.0)
 
         def skip():
             iterations.assign_add(1)
             self.skipped_steps.assign_add(1)
+            self.consecutive_skips.assign_add(1)
             return tf.constant(1.0)
 
         skipped = tf.cond(accept, apply, skip)
@@ -154,7 +163,7 @@ class CausalLM(keras.Model):
 
 def build_model(cfg: ModelConfig, vocabulary_size: int, clipnorm: float | None = None,
                 steps_per_execution: int = 1, **guard) -> CausalLM:
-    """``guard``: guard, spike_window, spike_threshold, nan_at_step, spike_at_step."""
+    """``guard``: guard, spike_window, spike_threshold, spike_at_step, z_loss."""
     backbone = build_backbone(cfg, vocabulary_size)
     model = CausalLM(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution,
                      **guard)
@@ -167,7 +176,7 @@ def build_from_config(cfg, vocabulary_size: int, steps_per_execution: int = 1) -
     return build_model(cfg.model, vocabulary_size, cfg.optimizer.clipnorm, steps_per_execution,
                        guard=cfg.train.guard, spike_window=cfg.train.spike_window,
                        spike_threshold=cfg.train.spike_threshold,
-                       nan_at_step=cfg.debug.nan_at_step, spike_at_step=cfg.debug.spike_at_step)
+                       spike_at_step=cfg.debug.spike_at_step, z_loss=cfg.model.z_loss)
 
 
 def weights_sha256(model: keras.Model) -> str:

@@ -112,8 +112,12 @@ def row_indices(step, batch_size: int, num_rows: int, seed: int) -> tf.Tensor:
 
 
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None) -> tf.data.Dataset:
-    """Batches for steps start_step, start_step+1, ... (forever unless num_steps)."""
+                  num_steps: int | None = None, poison=()) -> tf.data.Dataset:
+    """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
+
+    ``poison``: 0-based data positions whose sample weights become NaN (fault injection:
+    ``debug.nan_at_step``), so a "bad batch" follows its data position through rollbacks.
+    """
     table = tf.constant(rows, tf.int32)
     n = int(rows.shape[0])
     if batch_size > n:
@@ -122,9 +126,13 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     end = start_step + num_steps if num_steps is not None else np.iinfo(np.int64).max
     ds = tf.data.Dataset.range(start_step, end)
 
+    poison = tf.constant(sorted(poison) or [-1], tf.int64)
+
     def batch_for(step):
         idx = row_indices(step, batch_size, n, seed)
-        return _split_xy(tf.gather(table, idx))
+        x, y, w = _split_xy(tf.gather(table, idx))
+        bad = tf.reduce_any(tf.equal(poison, step))
+        return x, y, tf.where(bad, float("nan"), w)
 
     return ds.map(batch_for, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True).prefetch(tf.data.AUTOTUNE)
@@ -136,3 +144,10 @@ def eval_dataset(rows: np.ndarray, batch_size: int, max_batches: int = 0) -> tf.
         rows = rows[: max_batches * batch_size]
     ds = tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).map(_split_xy)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def poisoned_positions(debug) -> list[int]:
+    """0-based data positions that ``debug.nan_at_step`` / ``nan_for_steps`` poison."""
+    if not debug.nan_at_step:
+        return []
+    return list(range(debug.nan_at_step - 1, debug.nan_at_step - 1 + debug.nan_for_steps))

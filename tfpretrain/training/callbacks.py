@@ -100,11 +100,12 @@ class StopAtStep(keras.callbacks.Callback):
 
 
 class CheckpointEvery(keras.callbacks.Callback):
-    """Commits a checkpoint every ``every`` steps and when training ends."""
+    """Commits a checkpoint every ``every`` steps and when training ends (unless ``hold()``
+    says not to: a run stopping for a rollback must not checkpoint its bad streak)."""
 
-    def __init__(self, manager, extra: dict, every: int):
+    def __init__(self, manager, extra: dict, every: int, hold=lambda: False):
         super().__init__()
-        self.manager, self.extra, self.every = manager, extra, every
+        self.manager, self.extra, self.every, self.hold = manager, extra, every, hold
         self.last_saved = None
 
     def _save(self):
@@ -118,7 +119,8 @@ class CheckpointEvery(keras.callbacks.Callback):
             self._save()
 
     def on_train_end(self, logs=None):
-        self._save()
+        if not self.hold():
+            self._save()
 
 
 class PreemptionCheckpoint(keras.callbacks.Callback):
@@ -134,4 +136,18 @@ class PreemptionCheckpoint(keras.callbacks.Callback):
             path = self.manager.save(step, self.extra)
             print(f"[tfpretrain] checkpoint {path} committed at step {step}; rerun the same "
                   "command to resume", flush=True)
+            self.model.stop_training = True
+
+
+class RollbackMonitor(keras.callbacks.Callback):
+    """Stops fit when ``after`` consecutive steps were skipped, so the trainer can roll back."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+        self.requested = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.after and int(self.model.consecutive_skips.numpy()) >= self.after:
+            self.requested = True
             self.model.stop_training = True

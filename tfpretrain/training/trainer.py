@@ -60,6 +60,7 @@ class RunState:
     run_dir: Path
     resume_from: Path | None = None
     resume_step: int = 0
+    resume_guard: dict = None
     complete: bool = False
 
 
@@ -102,6 +103,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str,
         log(f"warning: resuming with changed settings: {', '.join(diffs)}")
     path, ckpt_state = found
     state.resume_from, state.resume_step = path, int(ckpt_state["step"])
+    state.resume_guard = dict(ckpt_state.get("guard", {}))
     state.complete = state.resume_step >= cfg.train.steps
     return state
 
@@ -149,6 +151,40 @@ def unigram_loss(counts: np.ndarray, rows: np.ndarray, max_rows: int = 0) -> flo
     targets = (rows[:max_rows] if max_rows else rows)[:, 1:].reshape(-1)
     logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
     return float(-logp[targets].mean())
+
+
+def lr_scale_variable(optimizer):
+    """The ScaledSchedule's scale (see training.optimizers)."""
+    return optimizer._learning_rate.scale
+
+
+def roll_back(model, optimizer, manager, guard: dict, lr_scale: float, saver) -> int:
+    """Restore the last valid checkpoint and move the data stream past the bad batches.
+
+    Returns the step training continues from. The offending batches are those between the
+    checkpoint and now: ``guard['data_offset']`` grows by that many, so they are never seen
+    again, not even by a later resume (the offset is in every later checkpoint)."""
+    bad_until = int(optimizer.iterations.numpy())
+    found = manager.latest_valid()
+    if found is None:
+        log(f"warning: {int(model.consecutive_skips.numpy())} consecutive skipped steps at "
+            f"step {bad_until} but no checkpoint to roll back to; continuing")
+        model.consecutive_skips.assign(0)
+        return bad_until
+    path, _ = found
+    manager.restore(path)
+    restored = int(optimizer.iterations.numpy())
+    # the stream was at data position bad_until + offset; continue from there at `restored`
+    guard["data_offset"] += bad_until - restored
+    guard["rollbacks"] += 1
+    guard["lr_scale"] *= lr_scale
+    lr_scale_variable(optimizer).assign(guard["lr_scale"])
+    model.consecutive_skips.assign(0)
+    saver.last_saved = None
+    log(f"warning: rollback {guard['rollbacks']}: {bad_until - restored} steps after "
+        f"{path.name} ended in consecutive skips; restored step {restored}, skipping "
+        f"those batches (data offset {guard['data_offset']}), lr scale {guard['lr_scale']:g}")
+    return restored
 
 
 class Preempted(Exception):
@@ -219,13 +255,14 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     import keras
     import tensorflow as tf
 
-    from tfpretrain.data.pipeline import eval_dataset, pack_corpus, train_dataset
+    from tfpretrain.data.pipeline import (eval_dataset, pack_corpus, poisoned_positions,
+                                          train_dataset)
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import load_tokenizer, train_tokenizer
     from tfpretrain.generation import Sampler
     from tfpretrain.models import build_from_config, weights_sha256
     from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
-                                               StepLogger, StopAtStep)
+                                               RollbackMonitor, StepLogger, StopAtStep)
     from tfpretrain.training.checkpoints import CheckpointManager, write_atomic
     from tfpretrain.training.optimizers import build_optimizer
 
@@ -274,10 +311,16 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     manager = CheckpointManager(run_dir / "checkpoints", model, optimizer,
                                 keep=cfg.train.keep_checkpoints,
                                 slow_seconds=cfg.debug.slow_checkpoint_seconds)
+    # Guard state that lives outside the graph: where the data stream is relative to the
+    # step counter (advanced by rollbacks past bad batches), the learning-rate scale and
+    # the rollback count. Saved in every checkpoint's state.json.
+    guard = {"data_offset": 0, "lr_scale": 1.0, "rollbacks": 0}
     start = 0
     if state.resume_from is not None:
         t0 = time.time()
         manager.restore(state.resume_from)
+        guard.update(state.resume_guard)
+        lr_scale_variable(optimizer).assign(guard["lr_scale"])
         start = int(optimizer.iterations.numpy())
         log(f"resumed from {state.resume_from} at step {start} ({time.time() - t0:.1f}s)")
     log(f"model: {cfg.model.arch}, {params:,} parameters; {tokens_per_step:,} tokens/step, "
@@ -293,23 +336,32 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     logger = StepLogger(run_dir / "logs", tokens_per_step, sampler, sample_kwargs,
                         cfg.eval.prompt)
     every, total = cfg.eval.every, cfg.train.steps
-    extra = {"config": cfg.to_dict()}
-    callbacks = [logger, StopAtStep(total),
-                 CheckpointEvery(manager, extra, cfg.train.checkpoint_every or every),
+    extra = {"config": cfg.to_dict(), "guard": guard}
+    rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
+    saver = CheckpointEvery(manager, extra, cfg.train.checkpoint_every or every,
+                            hold=lambda: rollback.requested)
+    callbacks = [logger, StopAtStep(total), rollback, saver,
                  PreemptionCheckpoint(manager, extra, preemption)]
+    poison = poisoned_positions(cfg.debug)
     val_ds = eval_dataset(packed.val_rows, cfg.train.batch_size, cfg.eval.steps)
     verbose = 1 if sys.stdout.isatty() else 2
     step = start
     while step < total and preemption.signum is None:
         first_epoch = step // every
         partial = step % every
-        model.fit(train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed, step),
+        data = train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed,
+                             step + guard["data_offset"], poison=poison)
+        model.fit(data,
                   validation_data=val_ds,
                   steps_per_epoch=every - partial if partial else every,
                   initial_epoch=first_epoch,
                   epochs=first_epoch + 1 if partial else math.ceil(total / every),
                   callbacks=callbacks, shuffle=False, verbose=verbose)
         step = int(optimizer.iterations.numpy())
+        if rollback.requested:
+            rollback.requested = False
+            step = roll_back(model, optimizer, manager, guard, cfg.train.rollback_lr_scale,
+                             saver)
     if preemption.signum is not None:
         raise Preempted(preemption.signum, int(optimizer.iterations.numpy()))
 
@@ -345,7 +397,8 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
         "skipped_steps": int(model.skipped_steps.numpy()),
         "clipped_steps": int(model.clipped_steps.numpy()),
-        "rollbacks": 0,
+        "rollbacks": guard["rollbacks"],
+        "lr_scale": guard["lr_scale"],
         "weights_sha256": weights_sha256(model),
         "sample": sample,
     }
