@@ -141,3 +141,57 @@ def test_pack_corpus_counts_and_too_small_val(tmp_path):
         pack_corpus(tok, DOCS[:150], ["hi"], 32)
     ds = tf.data.Dataset.from_tensor_slices(packed.val_rows)
     assert ds.cardinality().numpy() == len(packed.val_rows)
+
+
+def test_parquet_source_and_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2, 3], "story": ["one doc", "", "two doc"]}),
+                   tmp_path / "d.parquet", row_group_size=1)
+    cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "d.parquet"),
+                                      "text_field": "story"})
+    corpus = load_corpus(cfg.data, seed=0)
+    assert sorted(corpus.train + corpus.val) == ["one doc", "two doc"]
+    cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "d.parquet")})
+    with pytest.raises(UserError, match=r"d\.parquet has no column 'text' \(columns: id, story\)"):
+        load_corpus(cfg.data, seed=0)
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("replace", ["good one", "bad \ufffd\ufffd two", "good three"]),
+    ("skip", ["good one", "good three"]),
+])
+def test_decode_error_policies(tmp_path, policy, expected):
+    from tfpretrain.data.sources import read_documents
+
+    path = tmp_path / "d.txt"
+    path.write_bytes(b"good one\n\nbad \xff\xfe two\n\ngood three\n")
+    cfg = tiny_config(tmp_path, data={"path": str(path), "on_decode_error": policy})
+    docs, desc = read_documents(cfg.data, 0)
+    assert docs == expected
+    assert "2 undecodable byte(s)" in desc
+    strict = tiny_config(tmp_path, data={"path": str(path), "on_decode_error": "strict"})
+    with pytest.raises(UserError, match=r"d\.txt: invalid UTF-8 at byte offset 14"):
+        read_documents(strict.data, 0)
+
+
+def test_val_path_and_tfds_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    (tmp_path / "train.txt").write_text("a story\n\nanother story\n")
+    (tmp_path / "val.jsonl").write_text('{"text": "held out"}\n')
+    cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "train.txt"),
+                                      "val_path": str(tmp_path / "val.jsonl")})
+    corpus = load_corpus(cfg.data, 0)
+    assert corpus.train == ["a story", "another story"] and corpus.val == ["held out"]
+    with tfds.testing.mock_data(num_examples=5):
+        cfg = tiny_config(tmp_path, data={"path": "tfds://tiny_shakespeare",
+                                          "val_path": "tfds://tiny_shakespeare@validation"})
+        corpus = load_corpus(cfg.data, 0)
+    assert len(corpus.train) >= 1 and len(corpus.val) >= 1
+    assert all(isinstance(d, str) and d for d in corpus.train + corpus.val)
+    assert "tfds://tiny_shakespeare" in corpus.description
+    bad = tiny_config(tmp_path, data={"path": "tfds://no_such_dataset_xyz"})
+    with pytest.raises(UserError, match="cannot load tfds://no_such_dataset_xyz"):
+        load_corpus(bad.data, 0)

@@ -1,6 +1,4 @@
-import json
 import os
-import sys
 
 import pytest
 import tensorflow as tf

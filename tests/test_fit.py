@@ -104,7 +104,8 @@ def test_saved_model_reloads_in_fresh_process_with_matching_logits(tiny_run, tmp
     assert out["sigs"] == ["generate", "logits", "sample", "score", "serving_default"]
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5)
     assert out["text"][0].startswith("Once upon a time") and len(out["text"]) == 2
-    assert all(v < 0 for v in out["ll"]) and out["n"][0] == len(tokenizer.encode("Once upon a time"))
+    assert all(v < 0 for v in out["ll"])
+    assert out["n"][0] == len(tokenizer.encode("Once upon a time"))
 
 
 def test_generate_cli(tiny_run):

@@ -164,7 +164,6 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
     """Train a tiny model in-process with steps_per_execution=1, recording weights and Adam
     moments after every step."""
     import keras
-    import tensorflow as tf
 
     from tfpretrain.data.pipeline import pack_corpus, poisoned_positions, train_dataset
     from tfpretrain.data.sources import load_corpus

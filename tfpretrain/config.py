@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
@@ -45,8 +45,9 @@ ARCHS = ("gpt2", "llama")
 @dataclass
 class DataConfig:
     path: Optional[Union[str, list]] = _f(
-        None, "Text file, glob, directory or list of them (.txt, .jsonl, .json, optionally .gz). "
-        "Unset: the embedded synthetic story corpus.")
+        None, "Text file, glob, directory, `tfds://NAME[/config][@split]`, or a list of them "
+        "(.txt, .jsonl, .json, optionally .gz, and .parquet). Unset: the embedded synthetic "
+        "story corpus.")
     val_fraction: float = _f(0.05, "Fraction of the data held out for validation.",
                              min=0.0, max=0.5, min_exclusive=True)
     split: str = _f("documents", "`documents`: hold out whole documents (seeded); "
@@ -55,7 +56,16 @@ class DataConfig:
     document_separator: str = _f(
         "blank_line", "How a .txt file splits into documents: `line`, `blank_line`, `none` "
         "(whole file is one document) or a literal string such as `<|endoftext|>`.")
-    text_field: str = _f("text", "Field holding the text in .jsonl/.json records.")
+    text_field: str = _f("text", "Field (column, feature) holding the text in .jsonl/.json "
+                         "records, .parquet files and TFDS datasets.")
+    val_path: Optional[Union[str, list]] = _f(
+        None, "Validation source(s), read like `data.path` (e.g. "
+        "`tfds://tiny_shakespeare@validation`); when set, all of data.path is training data "
+        "and val_fraction/split are not used.")
+    on_decode_error: str = _f("replace", "Undecodable (non-UTF-8) bytes: `replace` each with "
+                              "U+FFFD, `skip` the documents containing them, or `strict`: "
+                              "stop with the file and byte offset.",
+                              choices=("replace", "skip", "strict"))
     embedded_documents: int = _f(8000, "Number of stories generated for the embedded corpus.",
                                  min=10)
 
@@ -173,6 +183,17 @@ class TuneConfig:
 
 
 @dataclass
+class TrackConfig:
+    mlflow: bool = _f(False, "Also log params, per-step metrics, samples and artifacts to MLflow "
+                      "(pip install 'tfpretrain[mlflow]').")
+    mlflow_uri: Optional[str] = _f(None, "MLflow tracking URI (unset = a local ./mlruns store).")
+    wandb: bool = _f(False, "Also log to Weights & Biases (pip install wandb); offline mode, "
+                     "files under <run>/wandb, when WANDB_API_KEY is not set.")
+    experiment: Optional[str] = _f(None, "MLflow experiment / W&B project (unset = the config "
+                                   "name).")
+
+
+@dataclass
 class DebugConfig:
     nan_at_step: int = _f(0, "Fault injection for tests and drills: poison the batch of this "
                           "step (its data position) so its loss is NaN (0 = off).", min=0)
@@ -204,6 +225,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     name: str = "default"
 

@@ -28,8 +28,7 @@ def _documents(cfg, data):
 
     if data is None:
         return load_corpus(cfg.data, cfg.train.seed).val
-    data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "path": data})
-    docs = [d for d in read_documents(data_cfg, cfg.train.seed)[0] if d.strip()]
+    docs = [d for d in read_documents(cfg.data, cfg.train.seed, data)[0] if d.strip()]
     if not docs:
         raise UserError(f"--data: no text in {data}")
     return docs

@@ -65,8 +65,8 @@ def main(path, request_path, out_dir):
     np.save(f"{out_dir}/generate.npy", gen["token_ids"].numpy())
     # tensorflow_text itself pulls in tf.keras; what must never be needed is our code or
     # keras_hub (the model must be self-contained)
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("keras_hub", "keras_nlp",
-                                                                   "tfpretrain"))
+    ours = ("keras_hub", "keras_nlp", "tfpretrain")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ours)
     print(json.dumps({"signatures": sigs, "num_ops": len(ops), "forbidden_ops": sorted(bad),
                       "text": [t.decode("utf-8", "replace") for t in gen["text"].numpy()],
                       "unexpected_modules": loaded[:5]}))

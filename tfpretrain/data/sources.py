@@ -1,8 +1,11 @@
-"""Where text comes from: the embedded corpus or local files, split into train and val.
+"""Where text comes from: the embedded corpus, local files or TFDS, split into train and val.
 
-``data.path`` is a file, a glob, a directory or a list of them. ``.txt`` files split into
-documents by ``data.document_separator``; ``.jsonl``/``.json`` read ``data.text_field``;
-``.gz`` variants are read transparently. Undecodable bytes are replaced (U+FFFD).
+``data.path`` is a file, a glob, a directory, ``tfds://NAME[/config][@split]`` or a list of
+them. ``.txt`` files split into documents by ``data.document_separator``;
+``.jsonl``/``.json`` and ``.parquet`` read ``data.text_field``; ``.gz`` variants are read
+transparently. Undecodable bytes follow ``data.on_decode_error``: ``replace`` (U+FFFD per
+bad byte), ``skip`` (drop the documents that contain them) or ``strict`` (stop, naming the
+file and byte offset); the count is reported.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import gzip
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from tfpretrain.config import DataConfig
 from tfpretrain.data.synthetic import generate_stories
 from tfpretrain.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
+TFDS_PREFIX = "tfds://"
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8
 
 
 @dataclass
@@ -45,6 +51,9 @@ def resolve_paths(spec) -> list[Path]:
     files: list[Path] = []
     for s in specs:
         s = os.path.expanduser(str(s))
+        if s.startswith(TFDS_PREFIX):
+            files.append(s)  # not a file: read by read_source
+            continue
         if any(ch in s for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True) if Path(m).is_file())
             if not matches:
@@ -61,20 +70,59 @@ def resolve_paths(spec) -> list[Path]:
         else:
             raise UserError(f"data.path: no such file: {s}")
     for f in files:
-        if _base_suffix(f) not in TEXT_SUFFIXES:
-            raise UserError(f"data.path: unsupported file type {f.name!r}; use .txt, .jsonl "
-                            "or .json (optionally .gz)")
+        if isinstance(f, Path) and _base_suffix(f) not in TEXT_SUFFIXES:
+            raise UserError(f"data.path: unsupported file type {f.name!r}; use .txt, .jsonl, "
+                            ".json (optionally .gz), .parquet or tfds://NAME")
     return files
 
 
-def _read_text(path: Path) -> str:
+class DecodeStats:
+    """Counts undecodable bytes and the documents they cost, per ``data.on_decode_error``."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.bad_bytes = 0
+        self.skipped_documents = 0
+
+    def decode(self, raw: bytes, path) -> str:
+        text = raw.decode("utf-8", errors="surrogateescape")
+        bad = len(_BAD_BYTE.findall(text))
+        if bad and self.policy == "strict":
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"data.path: {path}: invalid UTF-8 at byte offset {exc.start} "
+                                "(data.on_decode_error=strict); set `data.on_decode_error` to "
+                                "`replace` or `skip` to read it anyway") from None
+        self.bad_bytes += bad
+        return text
+
+    def clean(self, docs: list[str]) -> list[str]:
+        """Apply the policy to documents decoded with surrogateescape."""
+        if not self.bad_bytes:
+            return docs
+        if self.policy == "skip":
+            kept = [d for d in docs if not _BAD_BYTE.search(d)]
+            self.skipped_documents += len(docs) - len(kept)
+            return kept
+        return [_BAD_BYTE.sub("\ufffd", d) for d in docs]
+
+    def describe(self) -> str:
+        if not self.bad_bytes:
+            return ""
+        what = {"replace": "replaced with U+FFFD",
+                "skip": f"skipped {self.skipped_documents} document(s)"}[self.policy]
+        return f"; {self.bad_bytes} undecodable byte(s): {what}"
+
+
+def _read_text(path: Path, stats: DecodeStats) -> str:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:
         raise UserError(f"data.path: cannot read {path}: {exc}") from None
-    return raw.decode("utf-8", errors="replace")
+    return stats.decode(raw, path)
 
 
 def split_documents(text: str, separator: str) -> list[str]:
@@ -97,8 +145,8 @@ def split_documents(text: str, separator: str) -> list[str]:
     return [d.strip("\n") for d in docs if d.strip()]
 
 
-def _read_json_records(path: Path, field: str) -> list[str]:
-    text = _read_text(path)
+def _read_json_records(path: Path, field: str, stats: DecodeStats) -> list[str]:
+    text = _read_text(path, stats)
     docs = []
     if _base_suffix(path) == ".jsonl":
         records = []
@@ -132,20 +180,64 @@ def _read_json_records(path: Path, field: str) -> list[str]:
     return docs
 
 
-def read_documents(cfg: DataConfig, seed: int) -> tuple[list[str], str]:
-    """All documents of the configured source, and a one-line description."""
-    if cfg.path is None:
+def _read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise UserError(f"data.path: cannot read parquet file {path}: {exc}") from None
+    columns = pf.schema_arrow.names
+    if field not in columns:
+        raise UserError(f"data.path: {path} has no column {field!r} (columns: "
+                        f"{', '.join(columns)}); set `data.text_field`")
+    docs = []
+    for batch in pf.iter_batches(columns=[field], batch_size=8192):  # bounded memory
+        docs.extend(t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+    return docs
+
+
+def _read_tfds(spec: str, field: str) -> list[str]:
+    """``tfds://NAME[/config][@split]``: every example's text feature."""
+    import tensorflow_datasets as tfds
+
+    name, _, split = spec[len(TFDS_PREFIX):].partition("@")
+    try:
+        ds = tfds.load(name, split=split or "train", shuffle_files=False)
+    except Exception as exc:  # not downloaded, unknown name, no network
+        raise UserError(f"data.path: cannot load {spec}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if field not in ds.element_spec:
+        raise UserError(f"data.path: {spec} has no feature {field!r} (features: "
+                        f"{', '.join(ds.element_spec)}); set `data.text_field`")
+    return [ex[field].decode("utf-8", errors="replace") for ex in tfds.as_numpy(ds)]
+
+
+def read_source(spec, cfg: DataConfig, stats: DecodeStats) -> list[str]:
+    """The documents of one resolved source (a file path or a tfds:// spec)."""
+    if isinstance(spec, str) and spec.startswith(TFDS_PREFIX):
+        return [d for d in _read_tfds(spec, cfg.text_field) if d.strip()]
+    suffix = _base_suffix(spec)
+    if suffix == ".parquet":
+        return _read_parquet(spec, cfg.text_field)
+    if suffix in (".jsonl", ".json"):
+        return stats.clean(_read_json_records(spec, cfg.text_field, stats))
+    return stats.clean(split_documents(_read_text(spec, stats), cfg.document_separator))
+
+
+def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], str]:
+    """All documents of ``path`` (default ``cfg.path``), and a one-line description."""
+    path = cfg.path if path is None else path
+    if path is None:
         docs = generate_stories(cfg.embedded_documents, seed)
         return docs, f"embedded synthetic stories ({len(docs)} documents, seed {seed})"
-    files = resolve_paths(cfg.path)
+    sources = resolve_paths(path)
+    stats = DecodeStats(cfg.on_decode_error)
     docs: list[str] = []
-    for f in files:
-        if _base_suffix(f) in (".jsonl", ".json"):
-            docs.extend(_read_json_records(f, cfg.text_field))
-        else:
-            docs.extend(split_documents(_read_text(f), cfg.document_separator))
-    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
-    return docs, f"{len(files)} file(s): {names}"
+    for src in sources:
+        docs.extend(read_source(src, cfg, stats))
+    names = ", ".join(str(f) for f in sources[:3]) + (" ..." if len(sources) > 3 else "")
+    return docs, f"{len(sources)} source(s): {names}{stats.describe()}"
 
 
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
@@ -154,6 +246,12 @@ def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     where = desc if cfg.path is not None else "the embedded corpus"
     if not docs:
         raise UserError(f"data.path: the corpus is empty (no non-whitespace text in {where})")
+    if cfg.val_path is not None:
+        val, val_desc = read_documents(cfg, seed, cfg.val_path)
+        val = [d for d in val if d.strip()]
+        if not val:
+            raise UserError(f"data.val_path: no text in {val_desc}")
+        return Corpus(train=docs, val=val, description=f"{desc}; validation: {val_desc}")
     if cfg.split == "tail":
         train, val = _split_tail(docs, cfg.val_fraction)
     else:

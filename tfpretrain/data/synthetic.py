@@ -224,7 +224,8 @@ def story(rng: random.Random) -> str:
         obj=obj, adj=rng.choice(ADJ), feeling=rng.choice(FEELINGS),
         activity=rng.choice(ACTIVITIES), animal=rng.choice(ANIMALS), food=rng.choice(FOODS),
         water=rng.choice(WATER), Mom=rng.choice(MOMS), age=rng.choice(range(3, 9)),
-        adj2=rng.choice(ADJ), padj=rng.choice(PERSON_ADJ), verb_ing=rng.choice(VERBS_ING), verb_ing2=rng.choice(VERBS_ING),
+        adj2=rng.choice(ADJ), padj=rng.choice(PERSON_ADJ), verb_ing=rng.choice(VERBS_ING),
+        verb_ing2=rng.choice(VERBS_ING),
         thing=rng.choice(THINGS), thing2=rng.choice(THINGS), sound=rng.choice(SOUNDS),
         count=rng.choice(COUNTS), color=rng.choice(COLORS),
     )

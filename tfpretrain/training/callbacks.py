@@ -5,21 +5,20 @@ import math
 import time
 
 import keras
-import tensorflow as tf
 
 from tfpretrain.models import LOG_FIELDS
 
 
 class StepLogger(keras.callbacks.Callback):
-    """Writes train/{loss,grad_norm,learning_rate,skipped} for *every* step (the model keeps a
-    per-step buffer, so this holds with steps_per_execution > 1), train/tokens_per_second,
-    and val/{loss,perplexity} plus a text sample at each evaluation."""
+    """Sends train/{loss,grad_norm,learning_rate,skipped} for *every* step (the model keeps
+    a per-step buffer, so this holds with steps_per_execution > 1), train/tokens_per_second,
+    and val/{loss,perplexity} plus a text sample at each evaluation, to every sink
+    (TensorBoard, and MLflow / W&B when enabled; see training.tracking)."""
 
-    def __init__(self, log_dir, tokens_per_step: int, sampler=None, sample_kwargs=None,
+    def __init__(self, sinks, tokens_per_step: int, sampler=None, sample_kwargs=None,
                  prompt: str = ""):
         super().__init__()
-        self.train_writer = tf.summary.create_file_writer(str(log_dir / "train"))
-        self.val_writer = tf.summary.create_file_writer(str(log_dir / "val"))
+        self.sinks = sinks
         self.tokens_per_step = tokens_per_step
         self.sampler, self.sample_kwargs, self.prompt = sampler, sample_kwargs or {}, prompt
         self.train_seconds = 0.0
@@ -50,35 +49,40 @@ class StepLogger(keras.callbacks.Callback):
         self.trained_steps += n
         values = self.model.step_log.numpy()
         size = values.shape[0]
-        with self.train_writer.as_default():
-            for s in range(step - n + 1, step + 1):
-                row = values[(s - 1) % size]
-                for name, v in zip(LOG_FIELDS, row):
-                    tf.summary.scalar(name, float(v), step=s)
-            if elapsed > 0 and n > 0:
-                tf.summary.scalar("tokens_per_second", n * self.tokens_per_step / elapsed,
-                                  step=step)
+        for s in range(step - n + 1, step + 1):
+            row = values[(s - 1) % size]
+            scalars = {f"train/{name}": float(v) for name, v in zip(LOG_FIELDS, row)}
+            if s == step and elapsed > 0 and n > 0:
+                scalars["train/tokens_per_second"] = n * self.tokens_per_step / elapsed
+            for sink in self.sinks:
+                sink.scalars(s, scalars)
         self._t0, self._last_step = time.perf_counter(), step
 
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
         logs = logs or {}
-        with self.val_writer.as_default():
-            if "val_loss" in logs:
-                val = float(logs["val_loss"])
-                tf.summary.scalar("loss", val, step=step)
-                tf.summary.scalar("perplexity", math.exp(min(val, 50.0)), step=step)
-            if self.sampler is not None:
-                self.last_sample = self.sampler(self.prompt, **self.sample_kwargs)
-                tf.summary.text("sample", self.last_sample, step=step)
-        self.train_writer.flush()
-        self.val_writer.flush()
+        if "val_loss" in logs:
+            val = float(logs["val_loss"])
+            for sink in self.sinks:
+                sink.scalars(step, {"val/loss": val,
+                                    "val/perplexity": math.exp(min(val, 50.0))})
+        if self.sampler is not None:
+            self.last_sample = self.sampler(self.prompt, **self.sample_kwargs)
+            for sink in self.sinks:
+                sink.text(step, "val/sample", self.last_sample)
+        for sink in self.sinks:
+            sink.flush()
         # time spent validating and sampling is not training time
         self._t0 = time.perf_counter()
 
     def on_train_end(self, logs=None):
-        self.train_writer.flush()
-        self.val_writer.flush()
+        for sink in self.sinks:
+            sink.flush()
+
+    def finish(self, summary: dict | None, files=()) -> None:
+        """End every sink's run (summary None: the run stopped early)."""
+        for sink in self.sinks:
+            sink.finish(summary, list(files))
 
     @property
     def tokens_per_second(self) -> float:

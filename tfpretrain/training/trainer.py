@@ -255,14 +255,12 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     import keras
     import tensorflow as tf
 
-    from tfpretrain.data.pipeline import (eval_dataset, pack_corpus, poisoned_positions,
-                                          train_dataset)
+    from tfpretrain.data.pipeline import pack_corpus
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import load_tokenizer, train_tokenizer
     from tfpretrain.generation import Sampler
-    from tfpretrain.models import build_from_config, weights_sha256
-    from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
-                                               RollbackMonitor, StepLogger, StopAtStep)
+    from tfpretrain.models import build_from_config
+    from tfpretrain.training.callbacks import StepLogger
     from tfpretrain.training.checkpoints import CheckpointManager, write_atomic
     from tfpretrain.training.optimizers import build_optimizer
 
@@ -296,6 +294,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
         lock.acquire()
     if state.resume_from is None:
         shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        (run_dir / "tracking.json").unlink(missing_ok=True)
         tokenizer.save(run_dir / "tokenizer")
     write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
@@ -333,8 +332,30 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
     sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
                          top_k=cfg.eval.top_k, seed=cfg.train.seed)
-    logger = StepLogger(run_dir / "logs", tokens_per_step, sampler, sample_kwargs,
-                        cfg.eval.prompt)
+    from tfpretrain.training.tracking import build_sinks
+
+    sinks = build_sinks(cfg, run_dir)
+    for sink in sinks:
+        sink.start(cfg)
+    logger = StepLogger(sinks, tokens_per_step, sampler, sample_kwargs, cfg.eval.prompt)
+    try:
+        return _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed,
+                                 guard, sampler, sample_kwargs, logger, preemption, start,
+                                 params, tokens_per_step, t_start)
+    except BaseException:
+        logger.finish(None)  # external trackers see the run end (KILLED), not hang
+        raise
+
+
+def _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed, guard,
+                      sampler, sample_kwargs, logger, preemption, start, params,
+                      tokens_per_step, t_start) -> dict:
+    from tfpretrain.data.pipeline import eval_dataset, poisoned_positions, train_dataset
+    from tfpretrain.models import weights_sha256
+    from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
+                                               RollbackMonitor, StopAtStep)
+    from tfpretrain.training.checkpoints import write_atomic
+
     every, total = cfg.eval.every, cfg.train.steps
     extra = {"config": cfg.to_dict(), "guard": guard}
     rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
@@ -403,4 +424,5 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
         "sample": sample,
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    logger.finish(summary, [run_dir / "config.yaml", run_dir / "summary.json"])
     return summary
