@@ -135,3 +135,18 @@ def test_runs_lists_runs_with_metrics_and_plots_curves(tiny_run, tmp_path):
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("tfpretrain.runs", str(root))
     assert "val_bits_per_byte" in r.stdout.splitlines()[0] and "stopped at step 10" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner", ["bayesian", "hyperband"])
+def test_bayesian_and_hyperband_searches_complete(tmp_path, tuner):
+    raw = tune_raw(tmp_path, tuner=tuner, max_trials=3, steps_per_trial=18)
+    cfg_path = write_yaml(tmp_path / "t.yaml", raw)
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = last_json_line(r.stdout)
+    assert result["failed"] == 0 and result["trials"] >= 3
+    board = json.loads((tmp_path / "s" / "leaderboard.json").read_text())
+    if tuner == "hyperband":   # brackets: short trials first, survivors trained longer
+        assert len({row["steps"] for row in board}) > 1
+    assert (tmp_path / "s" / "best.yaml").exists()
