@@ -51,14 +51,23 @@ def declare(hp, space: dict) -> None:
             hp.Float(key, float(lo), float(hi), step=step, sampling=sampling)
 
 
-def trial_raw(base: dict, values: dict, steps: int) -> dict:
-    """The base config with the trial's values, a proxy budget and no export."""
+def trial_raw(base: dict, values: dict, steps: int, budget_fraction: float = 1.0) -> dict:
+    """The base config with the trial's values, a proxy budget and no export.
+
+    ``budget_fraction`` < 1 (Hyperband's short brackets) shrinks the warmup with the budget,
+    so a 2-step trial is not all warmup."""
     raw = json.loads(json.dumps(base))
     for key, value in values.items():
         if key.startswith("tuner/"):
             continue
         sec, name = key.split(".", 1)
         raw.setdefault(sec, {})[name] = value
+    if budget_fraction < 1.0:
+        from tfpretrain.config import OptimizerConfig
+
+        opt = raw.setdefault("optimizer", {})
+        warmup = int(opt.get("warmup_steps", OptimizerConfig().warmup_steps))
+        opt["warmup_steps"] = int(warmup * budget_fraction)
     raw.setdefault("train", {})["steps"] = steps
     raw["train"]["checkpoint_every"] = 0
     raw.setdefault("eval", {})["every"] = steps
@@ -101,13 +110,14 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
             import keras
 
             values = dict(trial.hyperparameters.values)
-            steps = cfg.tune.steps_per_trial
+            steps, fraction = cfg.tune.steps_per_trial, 1.0
             if "tuner/epochs" in values:
-                steps = max(1, round(steps * values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS))
+                fraction = values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS
+                steps = max(1, round(steps * fraction))
             trial_dir = run_dir / "trials" / trial.trial_id
             t0 = time.time()
             try:
-                trial_cfg = build_config(trial_raw(base_raw, values, steps),
+                trial_cfg = build_config(trial_raw(base_raw, values, steps, fraction),
                                          name=f"{cfg.name}-trial-{trial.trial_id}")
                 keras.backend.clear_session()
                 summary = fit(trial_cfg, trial_dir)
