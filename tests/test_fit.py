@@ -117,6 +117,11 @@ def test_generate_cli(tiny_run):
     r2 = run_cli("tfpretrain.generate", "--run-dir", str(run_dir), "--prompt", "Lily",
                  "--max-new-tokens", "8", "--sampler", "greedy")
     assert r2.stdout == r.stdout  # greedy is deterministic
+    long_prompt = "Lily and Tom went to the park to play with the big red ball. " * 10
+    r3 = run_cli("tfpretrain.generate", "--run-dir", str(run_dir), "--prompt", long_prompt,
+                 "--max-new-tokens", "40", "--sampler", "top_p", "--num-samples", "2")
+    assert r3.returncode == 0, r3.stderr[-2000:]   # longer than the 32-token context: fine
+    assert r3.stdout.count("--- sample") == 2 and long_prompt.strip()[:40] in r3.stdout
     bad = run_cli("tfpretrain.generate", "--run-dir", str(run_dir.parent / "nope"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "not a tfpretrain run folder" in bad.stderr
