@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -95,3 +97,44 @@ def test_evaluate_reproduces_the_runs_val_metrics(tiny_run, tmp_path):
     assert 0 < sm["val_loss"] < 20 and sm["val_bits_per_byte"] > 0
     r = run_cli("tfpretrain.evaluate", "--saved-model", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
+    import numpy as np
+
+    from conftest import tiny_raw, write_yaml
+
+    raw = tiny_raw(tmp_path, model={"arch": arch}, train={"steps": 10}, eval={"every": 10},
+                   export={"enabled": False})
+    cfg_path = write_yaml(tmp_path / "c.yaml", raw)
+    run = tmp_path / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "preset"
+    r = run_cli("tfpretrain.export", "--run-dir", str(run), "--format", "keras", "--out",
+                str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "config.json").is_file() and (out / "tfpretrain" / "tokenizer").is_dir()
+    # a fresh process that knows only keras_hub loads it (safe mode) and matches our model
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import sys, numpy as np, keras_hub\n"
+        f"m = keras_hub.models.CausalLM.from_preset({str(out)!r})\n"
+        "ids = np.array([[3, 10, 20, 30]], np.int32)\n"
+        "out = m({'token_ids': ids, 'padding_mask': np.ones_like(ids, bool)})\n"
+        f"np.save({str(tmp_path / 'l.npy')!r}, np.asarray(out))\n"
+        "print(type(m).__name__, m.backbone.token_embedding.tie_weights)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == [{"gpt2": "GPT2CausalLM", "llama": "LlamaCausalLM"}[arch],
+                                     "True"]
+    from tfpretrain.export import load_run
+
+    _, _, model = load_run(run)
+    expected = model(np.array([[3, 10, 20, 30]], np.int32)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected, atol=1e-5)
+    r = run_cli("tfpretrain.export", "--run-dir", str(run), "--format", "keras", "--out",
+                str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr

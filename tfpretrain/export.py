@@ -193,6 +193,61 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     return final
 
 
+def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
+                        overwrite: bool = False) -> Path:
+    """A keras_hub preset (``task.save_to_preset``) that
+    ``keras_hub.models.CausalLM.from_preset(path)`` loads in safe mode, checked by reloading.
+
+    keras_hub's LlamaBackbone.get_config() omits ``tie_word_embeddings``, so a tied Llama
+    would come back untied and fail to load its weights: we write the flag into config.json
+    (LlamaBackbone's constructor accepts it). The preset has no keras_hub preprocessor (our
+    tokenizers have no keras_hub task preprocessor); the run's tokenizer and config are in
+    ``<preset>/tfpretrain/`` for ``tfpretrain.data.tokenizers.load_tokenizer``.
+    """
+    import json
+
+    import keras_hub
+    import numpy as np
+
+    name = cfg.export.name or Path(run_dir).name
+    final = Path(out) if out else Path(cfg.export.dir) / f"{name}_keras"
+    if final.exists() and not overwrite:
+        raise UserError(f"export: {final} already exists; pass --overwrite or another --out")
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
+                "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
+    task = task_cls(backbone=model.backbone, preprocessor=None)
+    task.save_to_preset(str(tmp))
+    if cfg.model.arch == "llama":  # the backbone config is in config.json and task.json
+        tie = bool(cfg.model.tie_embeddings)
+        config = json.loads((tmp / "config.json").read_text())
+        config["config"]["tie_word_embeddings"] = tie
+        (tmp / "config.json").write_text(json.dumps(config, indent=4))
+        task_config = json.loads((tmp / "task.json").read_text())
+        task_config["config"]["backbone"]["config"]["tie_word_embeddings"] = tie
+        (tmp / "task.json").write_text(json.dumps(task_config, indent=4))
+    tokenizer.save(tmp / "tfpretrain" / "tokenizer")
+    (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
+    try:
+        reloaded = keras_hub.models.CausalLM.from_preset(str(tmp))
+        ids = np.array([[3] + tokenizer.encode(cfg.eval.prompt)[: cfg.model.sequence_length - 1]],
+                       np.int32)
+        expected = model(ids, training=False).numpy()
+        got = np.asarray(reloaded({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))
+        diff = float(np.max(np.abs(expected - got)))
+        if diff > 1e-5:
+            raise ExportValidationError(f"the keras_hub preset reloads with logits off by "
+                                        f"{diff:.2e}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
 def load_run(run_dir: Path):
     """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint."""
     from tfpretrain.config import build_config, read_yaml
@@ -228,12 +283,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="model folder (default: <export.dir>/<run name>)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--format", choices=("saved_model", "keras"), default="saved_model",
+                   help="saved_model: TF Serving layout (default); keras: a keras_hub preset "
+                        "that keras_hub.models.CausalLM.from_preset() loads")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the fresh-process reload, parity check and op scan")
     args = p.parse_args(argv)
     if args.version is not None and args.version < 1:
         raise UserError(f"--version must be >= 1. Received: {args.version}")
     cfg, tokenizer, model = load_run(Path(args.run_dir))
+    if args.format == "keras":
+        print(export_keras_preset(model, tokenizer, cfg, Path(args.run_dir),
+                                  Path(args.out) if args.out else None, args.overwrite))
+        return 0
     path = export_saved_model(model, tokenizer, cfg, Path(args.run_dir),
                               Path(args.out) if args.out else None, args.version,
                               args.overwrite, False if args.no_validate else None)
