@@ -138,3 +138,39 @@ def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     r = run_cli("tfpretrain.export", "--run-dir", str(run), "--format", "keras", "--out",
                 str(out))
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_export_files_and_transformers_parity(arch, tmp_path):
+    import json as _json
+
+    import numpy as np
+
+    from conftest import tiny_raw, write_yaml
+
+    raw = tiny_raw(tmp_path, model={"arch": arch}, train={"steps": 10}, eval={"every": 10},
+                   export={"enabled": False})
+    run = tmp_path / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
+                "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "hf"
+    r = run_cli("tfpretrain.export", "--run-dir", str(run), "--format", "hf", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = _json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 320 and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.model").is_file()
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tfpretrain.export import load_run
+
+    _, tokenizer, model = load_run(run)
+    text = "Once upon a time there was a little cat"
+    ids = [3] + tokenizer.encode(text)
+    expected = model(np.array([ids], np.int32)).numpy()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        got = hf_model(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids[1:]

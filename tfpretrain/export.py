@@ -248,6 +248,63 @@ def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None =
     return final
 
 
+def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
+              overwrite: bool = False) -> Path:
+    """A Hugging Face transformers folder: config.json + model.safetensors (keras_hub's
+    exporters: GPT-2 as GPT2LMHeadModel; Llama as LlamaForCausalLM through keras_hub's
+    Llama3 mapping, which fits LlamaBackbone's layers) and, for SentencePiece runs, the
+    tokenizer as ``tokenizer.model`` + ``tokenizer_config.json`` (LlamaTokenizer).
+
+    Our models saw an end-of-text token (``</s>``, id 3) before every document: prepend it
+    to inputs (the exported tokenizer adds no BOS)."""
+    import json
+
+    import numpy as np
+    from keras_hub.src.utils.transformers.export import hf_exporter
+
+    name = cfg.export.name or Path(run_dir).name
+    final = Path(out) if out else Path(cfg.export.dir) / f"{name}_hf"
+    if final.exists() and not overwrite:
+        raise UserError(f"export: {final} already exists; pass --overwrite or another --out")
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise UserError("--format hf needs safetensors: pip install 'tfpretrain[hf]'") from None
+    backbone = model.backbone
+    key = {"GPT2Backbone": "GPT2Backbone", "LlamaBackbone": "Llama3Backbone"}[
+        type(backbone).__name__]
+    hf_config = hf_exporter.MODEL_CONFIGS[key](backbone)
+    hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    hf_config.update(bos_token_id=3, eos_token_id=3, pad_token_id=0)
+    if key == "Llama3Backbone":
+        hf_config["max_position_embeddings"] = cfg.model.sequence_length
+    weights = hf_exporter.MODEL_EXPORTERS[key](backbone, include_lm_head=True)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        arrays = {k: np.ascontiguousarray(np.array(v.numpy() if hasattr(v, "numpy") else v))
+                  for k, v in hf_exporter._to_numpy_dict(weights).items()}
+        save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer.kind.startswith("sentencepiece"):
+            (tmp / "tokenizer.model").write_bytes(tokenizer.proto)
+            (tmp / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": False,
+                "add_eos_token": False, "legacy": False,
+                "model_max_length": cfg.model.sequence_length}, indent=2))
+        tokenizer.save(tmp / "tfpretrain" / "tokenizer")
+        (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
 def load_run(run_dir: Path):
     """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint."""
     from tfpretrain.config import build_config, read_yaml
@@ -283,18 +340,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="model folder (default: <export.dir>/<run name>)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument("--format", choices=("saved_model", "keras"), default="saved_model",
+    p.add_argument("--format", choices=("saved_model", "keras", "hf"), default="saved_model",
                    help="saved_model: TF Serving layout (default); keras: a keras_hub preset "
-                        "that keras_hub.models.CausalLM.from_preset() loads")
+                        "that keras_hub.models.CausalLM.from_preset() loads; hf: a Hugging "
+                        "Face transformers folder")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the fresh-process reload, parity check and op scan")
     args = p.parse_args(argv)
     if args.version is not None and args.version < 1:
         raise UserError(f"--version must be >= 1. Received: {args.version}")
     cfg, tokenizer, model = load_run(Path(args.run_dir))
-    if args.format == "keras":
-        print(export_keras_preset(model, tokenizer, cfg, Path(args.run_dir),
-                                  Path(args.out) if args.out else None, args.overwrite))
+    if args.format in ("keras", "hf"):
+        fn = export_keras_preset if args.format == "keras" else export_hf
+        print(fn(model, tokenizer, cfg, Path(args.run_dir),
+                 Path(args.out) if args.out else None, args.overwrite))
         return 0
     path = export_saved_model(model, tokenizer, cfg, Path(args.run_dir),
                               Path(args.out) if args.out else None, args.version,
