@@ -112,7 +112,7 @@ def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
 
     from tfpretrain.generation import Sampler
 
-    prompts = [cfg.eval.prompt, "", "The"]
+    prompts = [cfg.eval.prompt, "", "The", cfg.eval.prompt * 60]  # the last: > context
     L = cfg.model.sequence_length
     rows = [([3] + tokenizer.encode(p * 50))[:L] for p in (cfg.eval.prompt, "Lily and Tom")]
     ids = np.array([r + [0] * (L - len(r)) for r in rows], np.int32)

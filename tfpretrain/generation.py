@@ -60,11 +60,12 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
         window = tf.gather(buf, idx, batch_dims=1)
         logits = tf.cast(logits_fn(window), tf.float32)
         last = tf.gather(logits, lens - 1 - start, batch_dims=1)
-        greedy = tf.argmax(last, axis=-1, output_type=tf.int32)
-        filtered = filter_logits(last, temperature, top_k, top_p)
-        sampled = tf.cast(tf.random.stateless_categorical(
-            filtered, 1, seed=tf.stack([seed, i]))[:, 0], tf.int32)
-        nxt = tf.where(temperature > 0, sampled, greedy)
+        nxt = tf.cond(
+            temperature > 0,
+            lambda: tf.cast(tf.random.stateless_categorical(
+                filter_logits(last, temperature, top_k, top_p), 1,
+                seed=tf.stack([seed, i]))[:, 0], tf.int32),
+            lambda: tf.argmax(last, axis=-1, output_type=tf.int32))
         nxt = tf.where(done, PAD_ID, nxt)
         buf = tf.tensor_scatter_nd_update(buf, tf.stack([rows, lens], axis=1), nxt)
         lens = lens + 1
