@@ -17,12 +17,36 @@ polling ``<dir>/<name>/`` never sees a half-written version.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+
+@contextlib.contextmanager
+def staged(final: Path, overwrite: bool, hint: str = "another --out"):
+    """Write into a hidden sibling ``.tmp-<name>`` and rename it to ``final`` only when the
+    block succeeds, so nobody polling the parent folder sees a half-written export; an
+    existing ``final`` is replaced only with ``overwrite``."""
+    if final.exists() and not overwrite:
+        raise UserError(f"export: {final} already exists; pass --overwrite or {hint}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.environ.get("TFPRETRAIN_FAULT") == "export_before_rename":
+        os._exit(137)  # test hook: die like kill -9 between writing and publishing
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def next_version(base: Path) -> int:
@@ -164,32 +188,20 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
 
     base = Path(out) if out else Path(cfg.export.dir) / (cfg.export.name or Path(run_dir).name)
     base.mkdir(parents=True, exist_ok=True)
-    version = version or next_version(base)
-    final = base / str(version)
-    if final.exists() and not overwrite:
-        raise UserError(f"export: {final} already exists; pass --overwrite or another --version")
-    tmp = base / f".tmp-{version}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = base / str(version or next_version(base))
     module, signatures = build_module(model, tokenizer, cfg.model.sequence_length,
                                       cfg.eval.sample_tokens)
-    tf.saved_model.save(module, str(tmp), signatures=signatures)
-    # the run's config and tokenizer travel with the model (assets.extra is ignored by TF
-    # Serving but lets `evaluate --saved-model` and people see what made it)
-    extra = tmp / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    tokenizer.save(extra / "tokenizer")
-    (extra / "config.yaml").write_text(cfg.to_yaml())
-    if cfg.export.validate if validate is None else validate:
-        try:
+    with staged(final, overwrite, hint="another --version") as tmp:
+        tmp.rmdir()  # tf.saved_model.save creates the folder
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        # the run's config and tokenizer travel with the model (assets.extra is ignored by
+        # TF Serving but lets people and `evaluate --saved-model` see what made it)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        tokenizer.save(extra / "tokenizer")
+        (extra / "config.yaml").write_text(cfg.to_yaml())
+        if cfg.export.validate if validate is None else validate:
             validate_saved_model(tmp, model, tokenizer, cfg)
-        except ExportValidationError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if os.environ.get("TFPRETRAIN_FAULT") == "export_before_rename":
-        os._exit(137)  # test hook: die like kill -9 between writing and publishing
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
     return final
 
 
@@ -211,25 +223,21 @@ def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None =
 
     name = cfg.export.name or Path(run_dir).name
     final = Path(out) if out else Path(cfg.export.dir) / f"{name}_keras"
-    if final.exists() and not overwrite:
-        raise UserError(f"export: {final} already exists; pass --overwrite or another --out")
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
                 "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
-    task = task_cls(backbone=model.backbone, preprocessor=None)
-    task.save_to_preset(str(tmp))
-    if cfg.model.arch == "llama":  # the backbone config is in config.json and task.json
-        tie = bool(cfg.model.tie_embeddings)
-        config = json.loads((tmp / "config.json").read_text())
-        config["config"]["tie_word_embeddings"] = tie
-        (tmp / "config.json").write_text(json.dumps(config, indent=4))
-        task_config = json.loads((tmp / "task.json").read_text())
-        task_config["config"]["backbone"]["config"]["tie_word_embeddings"] = tie
-        (tmp / "task.json").write_text(json.dumps(task_config, indent=4))
-    tokenizer.save(tmp / "tfpretrain" / "tokenizer")
-    (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
-    try:
+    with staged(final, overwrite) as tmp:
+        task = task_cls(backbone=model.backbone, preprocessor=None)
+        task.save_to_preset(str(tmp))
+        if cfg.model.arch == "llama":  # the backbone config is in config.json and task.json
+            tie = bool(cfg.model.tie_embeddings)
+            config = json.loads((tmp / "config.json").read_text())
+            config["config"]["tie_word_embeddings"] = tie
+            (tmp / "config.json").write_text(json.dumps(config, indent=4))
+            task_config = json.loads((tmp / "task.json").read_text())
+            task_config["config"]["backbone"]["config"]["tie_word_embeddings"] = tie
+            (tmp / "task.json").write_text(json.dumps(task_config, indent=4))
+        tokenizer.save(tmp / "tfpretrain" / "tokenizer")
+        (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
         reloaded = keras_hub.models.CausalLM.from_preset(str(tmp))
         ids = np.array([[3] + tokenizer.encode(cfg.eval.prompt)[: cfg.model.sequence_length - 1]],
                        np.int32)
@@ -239,12 +247,6 @@ def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None =
         if diff > 1e-5:
             raise ExportValidationError(f"the keras_hub preset reloads with logits off by "
                                         f"{diff:.2e}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
     return final
 
 
@@ -264,8 +266,6 @@ def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
 
     name = cfg.export.name or Path(run_dir).name
     final = Path(out) if out else Path(cfg.export.dir) / f"{name}_hf"
-    if final.exists() and not overwrite:
-        raise UserError(f"export: {final} already exists; pass --overwrite or another --out")
     try:
         from safetensors.numpy import save_file
     except ImportError:
@@ -279,12 +279,9 @@ def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
     if key == "Llama3Backbone":
         hf_config["max_position_embeddings"] = cfg.model.sequence_length
     weights = hf_exporter.MODEL_EXPORTERS[key](backbone, include_lm_head=True)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(final, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        arrays = {k: np.ascontiguousarray(np.array(v.numpy() if hasattr(v, "numpy") else v))
+        arrays = {k: np.ascontiguousarray(v)
                   for k, v in hf_exporter._to_numpy_dict(weights).items()}
         save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer.kind.startswith("sentencepiece"):
@@ -296,12 +293,6 @@ def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
                 "model_max_length": cfg.model.sequence_length}, indent=2))
         tokenizer.save(tmp / "tfpretrain" / "tokenizer")
         (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
     return final
 
 
