@@ -46,7 +46,7 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
 
     from tfpretrain.data.pipeline import pack_corpus, train_dataset
     from tfpretrain.data.sources import load_corpus
-    from tfpretrain.data.tokenizers import train_tokenizer
+    from tfpretrain.data.tokenizers import train_from_config
     from tfpretrain.models import build_backbone, build_from_config
     from tfpretrain.training.optimizers import build_optimizer
     from tfpretrain.training.trainer import choose_steps_per_execution, configure_tensorflow
@@ -54,9 +54,7 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
     configure_tensorflow(cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     corpus = load_corpus(cfg.data, cfg.train.seed)
-    tc = cfg.tokenizer
-    tok = train_tokenizer(tc.kind, corpus.train, tc.vocabulary_size, tc.character_coverage,
-                          tc.byte_fallback, tc.train_bytes, cfg.train.seed)
+    tok = train_from_config(cfg, corpus.train)
     packed = pack_corpus(tok, corpus.train, corpus.val, cfg.model.sequence_length)
     B, L = cfg.train.batch_size, cfg.model.sequence_length
     total = steps + warmup

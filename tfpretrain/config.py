@@ -532,6 +532,17 @@ def config_from_dict(d: dict) -> Config:
     return build_config(d, name=d.get("name", "default"))
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted config keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def markdown_reference() -> str:
     """The README's config reference tables, generated from the field metadata."""
     out = []

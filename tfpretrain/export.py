@@ -59,7 +59,7 @@ def build_module(model, tokenizer, context: int, default_new_tokens: int):
     import tensorflow as tf
 
     from tfpretrain.data.tokenizers import EOS_ID
-    from tfpretrain.generation import generate_ids, strip_after_eos
+    from tfpretrain.generation import generate_text
 
     module = tf.Module()
     module.model = model
@@ -70,11 +70,9 @@ def build_module(model, tokenizer, context: int, default_new_tokens: int):
         return model(ids, training=False)
 
     def run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        ids = tokenizer.tokenize(prompts)
-        new = generate_ids(logits_fn, ids, max_new_tokens, context, temperature, top_k,
-                           top_p, seed)
-        full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
-        return {"text": tokenizer.detokenize(full), "token_ids": new}
+        new, text = generate_text(model, tokenizer, prompts, max_new_tokens, context,
+                                  temperature, top_k, top_p, seed)
+        return {"text": text, "token_ids": new}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
     def generate(prompts):

@@ -84,6 +84,16 @@ def strip_after_eos(ids):
     return tf.where(seen > 0, PAD_ID, ids)
 
 
+def generate_text(model, tokenizer, prompts, max_new_tokens, context: int, temperature=0.0,
+                  top_k=0, top_p=1.0, seed=0):
+    """Graph-mode text in, (new token ids, prompt + continuation text) out."""
+    ids = tokenizer.tokenize(prompts)
+    new = generate_ids(lambda w: model(w, training=False), ids, max_new_tokens, context,
+                       temperature, top_k, top_p, seed)
+    full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
+    return new, tokenizer.detokenize(full)
+
+
 class Sampler:
     """Eager-friendly wrapper: text in, prompt + continuation out, with the run's tokenizer."""
 
@@ -92,11 +102,8 @@ class Sampler:
         self._fn = tf.function(self._generate, reduce_retracing=True)
 
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        ids = self.tokenizer.tokenize(prompts)
-        new = generate_ids(lambda w: self.model(w, training=False), ids, max_new_tokens,
-                           self.context, temperature, top_k, top_p, seed)
-        full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
-        return new, self.tokenizer.detokenize(full)
+        return generate_text(self.model, self.tokenizer, prompts, max_new_tokens, self.context,
+                             temperature, top_k, top_p, seed)
 
     def run(self, prompts: list[str], max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
             seed=0):

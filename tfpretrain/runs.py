@@ -95,7 +95,8 @@ def plot(rows: list[dict], root: Path, path: Path) -> Path:
     return path
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A table cell: "-" for missing, 4 significant digits, thousands separators."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -106,7 +107,7 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    body = [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    body = [[fmt(r.get(c)) for c in COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths))
                      for line in [COLUMNS, *body])

@@ -173,7 +173,7 @@ def write_hparams_config(trials_dir: Path, space: dict) -> None:
         hp_api.hparams_config(hparams=hparams, metrics=metrics)
 
 
-def leaderboard(tuner, cfg) -> list[dict]:
+def leaderboard(tuner) -> list[dict]:
     rows = []
     for trial in tuner.oracle.trials.values():
         info_path = Path(tuner.project_dir).parent / "trials" / trial.trial_id / "trial.json"
@@ -189,19 +189,13 @@ def leaderboard(tuner, cfg) -> list[dict]:
 
 def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None:
     head = ["trial", "status"] + keys + [objective, "steps", "seconds"]
-    table = [[r["trial"], r["status"]] + [_fmt(r["values"].get(k)) for k in keys]
-             + [_fmt(r["objective"]), _fmt(r["steps"]), _fmt(r["seconds"])] for r in rows]
+    from tfpretrain.runs import fmt
+
+    table = [[r["trial"], r["status"]] + [fmt(r["values"].get(k)) for k in keys]
+             + [fmt(r["objective"]), fmt(r["steps"]), fmt(r["seconds"])] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     for line in [head] + table:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-
-
-def _fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) -> None:
@@ -246,7 +240,7 @@ def tune(cfg, base_raw: dict, run_dir: Path) -> dict:
     write_hparams_config(run_dir / "trials", cfg.tune.space)
     tuner = make_tuner(cfg, base_raw, run_dir)
     tuner.search()
-    rows = leaderboard(tuner, cfg)
+    rows = leaderboard(tuner)
     print_leaderboard(rows, keys, cfg.tune.objective)
     write_atomic(run_dir / "leaderboard.json", json.dumps(rows, indent=1, default=str))
     best = next((r for r in rows if r["objective"] is not None), None)

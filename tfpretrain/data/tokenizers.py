@@ -232,6 +232,13 @@ def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
                     f"sentencepiece_unigram, char, byte. Received: {kind!r}")
 
 
+def train_from_config(cfg, texts: list[str]) -> Tokenizer:
+    """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed)."""
+    tc = cfg.tokenizer
+    return train_tokenizer(tc.kind, texts, tc.vocabulary_size, tc.character_coverage,
+                           tc.byte_fallback, tc.train_bytes, cfg.train.seed)
+
+
 def load_tokenizer(directory: Path) -> Tokenizer:
     directory = Path(directory)
     meta_path = directory / "tokenizer.json"

@@ -11,17 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from tfpretrain.config import flatten
 from tfpretrain.errors import UserError
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _Ids:
@@ -104,7 +95,7 @@ class MlflowSink:
                                          tags={"tfpretrain.run_dir": str(self.run_dir)})
             run_id = run.info.run_id
             self.ids.set("mlflow_run_id", run_id)
-            params = {k: str(v)[:500] for k, v in _flat(cfg.to_dict()).items()}
+            params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
             items = list(params.items())
             for i in range(0, len(items), 100):
                 self.client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
@@ -171,7 +162,7 @@ class WandbSink:
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         self.run = wandb.init(project=self.project, name=self.run_dir.name, id=run_id,
                               resume="allow", dir=str(self.run_dir), mode=mode,
-                              config=_flat(cfg.to_dict()))
+                              config=flatten(cfg.to_dict()))
 
     def scalars(self, step, values: dict):
         self.run.log(dict(values), step=int(step))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfpretrain.config import Config, build_config, read_yaml
+from tfpretrain.config import Config, build_config, flatten, read_yaml
 from tfpretrain.errors import UserError
 
 # Settings that change what a checkpoint means; changing them on resume is refused.
@@ -37,17 +37,6 @@ def choose_steps_per_execution(cfg: Config) -> int:
         if all(m % n == 0 for m in marks):
             return n
     return 1
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -257,7 +246,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
 
     from tfpretrain.data.pipeline import pack_corpus
     from tfpretrain.data.sources import load_corpus
-    from tfpretrain.data.tokenizers import load_tokenizer, train_tokenizer
+    from tfpretrain.data.tokenizers import load_tokenizer, train_from_config
     from tfpretrain.generation import Sampler
     from tfpretrain.models import build_from_config
     from tfpretrain.training.callbacks import StepLogger
@@ -279,10 +268,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     if state.resume_from is not None:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
-        tc = cfg.tokenizer
-        tokenizer = train_tokenizer(tc.kind, corpus.train, tc.vocabulary_size,
-                                    tc.character_coverage, tc.byte_fallback, tc.train_bytes,
-                                    cfg.train.seed)
+        tokenizer = train_from_config(cfg, corpus.train)
     packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length)
     log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocabulary_size} ids; "
         f"{packed.train_tokens:,} train / {packed.val_tokens:,} val tokens, "
