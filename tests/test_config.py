@@ -24,7 +24,7 @@ def test_every_shipped_config_loads_and_builds(name):
     from tfpretrain.models import build_from_config
 
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
-    vocab = 260 if cfg.tokenizer.kind == "byte" else min(cfg.tokenizer.vocabulary_size, 300)
+    vocab = 261 if cfg.tokenizer.kind == "byte" else min(cfg.tokenizer.vocabulary_size, 300)
     model = build_from_config(cfg, vocab)
     assert model.backbone.count_params() > 0
 
@@ -44,7 +44,8 @@ def test_all_problems_reported_at_once_with_received_values():
         "tokenizer": {"kind": "bytes"},
     })
     assert len(problems) == 5, problems
-    assert any("`model.arch` must be one of gpt2, llama. Received: 'gpt3'" in p for p in problems)
+    assert any("`model.arch` must be one of gpt2, llama, bert. Received: 'gpt3'" in p
+               for p in problems)
     assert any("`model.num_layers` must be an integer. Received: 'four'" in p for p in problems)
     assert any("`model.dropout` must be <= 1.0. Received: 1.5" in p for p in problems)
     assert any("`train.steps` must be >= 1. Received: 0" in p for p in problems)

@@ -28,21 +28,25 @@ def test_story_corpus_is_deterministic_varied_and_story_like():
     assert sum("said" in s or "asked" in s for s in stories) > 0.8 * len(stories)
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece_bpe", "sentencepiece_unigram", "char", "byte"])
+@pytest.mark.parametrize("kind", ["sentencepiece_bpe", "sentencepiece_unigram", "char", "byte",
+                                  "wordpiece"])
 def test_tokenizer_round_trip_save_and_reload(kind, tmp_path):
     tok = train_tokenizer(kind, DOCS, 400)
     text = DOCS[0] + " Zebra café ☃"
     ids = tok.encode(text)
-    assert all(4 <= i < tok.vocabulary_size or i == 1 for i in ids)
-    if kind != "char":  # char maps characters never seen in training to unk
-        assert tok.decode(ids) == text
-    assert tok.decode(tok.encode(DOCS[1])) == DOCS[1]
+    assert all(5 <= i < tok.vocabulary_size or i == 1 for i in ids)
+    if kind == "wordpiece":  # BERT-style: lowercased, accents stripped, unseen pieces -> unk
+        assert tok.decode(tok.encode("the dog, the cat.")) == "the dog, the cat."
+    else:
+        if kind != "char":  # char maps characters never seen in training to unk
+            assert tok.decode(ids) == text
+        assert tok.decode(tok.encode(DOCS[1])) == DOCS[1]
     tok.save(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
     assert again.kind == kind and again.vocabulary_size == tok.vocabulary_size
     assert again.encode(text) == ids
     meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
-    assert meta["special_tokens"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert meta["special_tokens"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}
     # bits-per-byte needs the bytes each id stands for: they must add up to the text
     if kind in ("byte", "char"):
         known = DOCS[1] + (" café" if kind == "byte" else "")
@@ -55,7 +59,7 @@ def test_packing_keeps_every_token_once_in_order_with_eos_between_documents():
     stream = tokenize_documents(tok, docs)
     expected = []
     for d in docs:
-        expected += [b + 4 for b in d.encode("utf-8")] + [EOS_ID]
+        expected += [b + 5 for b in d.encode("utf-8")] + [EOS_ID]
     assert stream.tolist() == expected
     L = 32
     rows = pack_rows(stream, L)

@@ -38,8 +38,9 @@ def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=
     return field(default=default, metadata=meta)
 
 
-TOKENIZER_KINDS = ("sentencepiece_bpe", "sentencepiece_unigram", "char", "byte")
-ARCHS = ("gpt2", "llama")
+TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpiece", "char",
+                   "byte")
+ARCHS = ("gpt2", "llama", "bert")
 
 
 @dataclass
@@ -66,17 +67,20 @@ class DataConfig:
                               "U+FFFD, `skip` the documents containing them, or `strict`: "
                               "stop with the file and byte offset.",
                               choices=("replace", "skip", "strict"))
+    packing: str = _f("concat", "`concat`: documents joined with end-of-text and cut into "
+                      "full rows (no padding); `pad`: one document per row (truncated to the "
+                      "context), padding weighted 0.", choices=("concat", "pad"))
     embedded_documents: int = _f(8000, "Number of stories generated for the embedded corpus.",
                                  min=10)
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = _f("sentencepiece_bpe", "Tokenizer trained on the training split.",
-                   choices=TOKENIZER_KINDS)
-    vocabulary_size: int = _f(2048, "Vocabulary size including the 4 special tokens "
-                              "(pad, unk, bos, eos). An upper bound for `char`; "
-                              "ignored for `byte` (always 260).", min=8)
+    kind: str = _f("auto", "Tokenizer trained on the training split (`auto`: `wordpiece` for "
+                   "`model.arch: bert`, else `sentencepiece_bpe`).", choices=TOKENIZER_KINDS)
+    vocabulary_size: int = _f(2048, "Vocabulary size including the 5 special tokens "
+                              "(pad, unk, bos, eos, mask). An upper bound for `char` and "
+                              "`wordpiece`; ignored for `byte` (always 261).", min=8)
     character_coverage: float = _f(0.9995, "SentencePiece character coverage.",
                                    min=0.0, max=1.0, min_exclusive=True)
     byte_fallback: bool = _f(True, "SentencePiece: encode unseen characters as bytes.")
@@ -87,7 +91,11 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     arch: str = _f("gpt2", "`gpt2` (learned positions, LayerNorm, GELU) or `llama` "
-                   "(RoPE, RMSNorm, SwiGLU).", choices=ARCHS)
+                   "(RoPE, RMSNorm, SwiGLU): decoders for `objective: causal`; `bert`: "
+                   "encoder for `objective: mlm`.", choices=ARCHS)
+    objective: str = _f("causal", "`causal`: next-token prediction; `mlm`: masked-LM "
+                        "(BERT/RoBERTa-style, see `mlm.*`; needs `arch: bert`).",
+                        choices=("causal", "mlm"))
     num_layers: int = _f(4, "Transformer blocks.", min=1)
     num_heads: int = _f(4, "Attention (query) heads.", min=1)
     num_key_value_heads: Optional[int] = _f(None, "llama only: key/value heads for GQA "
@@ -165,6 +173,21 @@ class EvalConfig:
     top_k: int = _f(40, "Top-k for samples (0 = off).", min=0)
 
 
+@dataclass
+class MlmConfig:
+    mask_rate: float = _f(0.15, "Fraction of maskable tokens (not pad/unk/bos/eos/mask) "
+                          "selected for prediction in each row.", min=0.0, max=1.0,
+                          min_exclusive=True)
+    mask_token_rate: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].",
+                                min=0.0, max=1.0)
+    random_token_rate: float = _f(0.1, "Of the selected tokens, the fraction replaced by a "
+                                  "random token (the rest are kept).", min=0.0, max=1.0)
+    max_predictions: int = _f(0, "Most predictions per row (0 = auto: "
+                              "ceil(mask_rate * sequence_length) + 1).", min=0)
+    whole_word: bool = _f(False, "Whole-word masking: all pieces of a word are selected "
+                          "together.")
+
+
 TUNERS = ("random", "grid", "bayesian", "hyperband")
 
 
@@ -223,6 +246,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -395,6 +419,23 @@ def _cross_checks(c: Config) -> list[str]:
             p.append("`model.num_heads` must be divisible by `model.num_key_value_heads`. "
                      f"Received: num_heads={m.num_heads}, "
                      f"num_key_value_heads={m.num_key_value_heads}")
+    if (m.arch == "bert") != (m.objective == "mlm"):
+        p.append("`model.objective: mlm` goes with `model.arch: bert` (an encoder), "
+                 "`causal` with gpt2 or llama. "
+                 f"Received: arch={m.arch}, objective={m.objective}")
+    if m.objective == "mlm":
+        if c.tokenizer.kind in ("char", "byte"):
+            p.append("`model.objective: mlm` needs a tokenizer with a [MASK] token in its text "
+                     "form: `wordpiece`, `sentencepiece_bpe` or `sentencepiece_unigram` "
+                     f"(or `auto`). Received: tokenizer.kind={c.tokenizer.kind}")
+        if c.mlm.mask_token_rate + c.mlm.random_token_rate > 1:
+            p.append("`mlm.mask_token_rate` + `mlm.random_token_rate` must be <= 1. Received: "
+                     f"{c.mlm.mask_token_rate} + {c.mlm.random_token_rate}")
+        if c.tune.objective == "val_bits_per_byte":
+            p.append("`tune.objective: val_bits_per_byte` is for causal models; masked-LM "
+                     "runs report val_loss and val_masked_accuracy")
+        if m.sequence_length < 3:
+            p.append("masked-LM rows need `model.sequence_length` >= 3 ([CLS] text [SEP])")
     if m.arch == "gpt2" and not m.tie_embeddings:
         p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
                  "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")

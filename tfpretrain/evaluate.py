@@ -35,18 +35,27 @@ def _documents(cfg, data):
 
 
 def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
-    from tfpretrain.data.pipeline import pack_rows, tokenize_documents
+    """Metrics of the run's objective (masked LM: loss, perplexity and masked accuracy over
+    the same fixed validation masks fit uses, and the baselines; with --data they come from
+    the evaluated text's own token counts)."""
+    import numpy as np
+
+    from tfpretrain.data.pipeline import make_rows, tokenize_documents
+    from tfpretrain.data.sources import load_corpus
     from tfpretrain.export import load_run
-    from tfpretrain.training.trainer import evaluate_rows
+    from tfpretrain.training.trainer import evaluate_split
 
     cfg, tokenizer, model = load_run(run_dir)
     docs = _documents(cfg, data)
-    rows = pack_rows(tokenize_documents(tokenizer, docs), cfg.model.sequence_length)
+    stream = tokenize_documents(tokenizer, docs)
+    rows = make_rows(stream, cfg.model.sequence_length, cfg.model.objective, cfg.data.packing)
     if len(rows) == 0:
         raise UserError(f"--data: the text is shorter than one row of "
                         f"{cfg.model.sequence_length + 1} tokens")
-    out = evaluate_rows(model, rows, tokenizer.token_bytes(), cfg.train.batch_size,
-                        max_batches)
+    if data is None:  # baselines from the run's training split, as fit computed them
+        stream = tokenize_documents(tokenizer, load_corpus(cfg.data, cfg.train.seed).train)
+    counts = np.bincount(stream, minlength=tokenizer.vocabulary_size)
+    out = evaluate_split(cfg, model, tokenizer, rows, counts, max_batches)
     out.update(source=str(data) if data else "run validation split", documents=len(docs))
     return out
 
@@ -57,7 +66,11 @@ def evaluate_saved_model(path: Path, docs: list[str], batch_size: int = 16) -> d
 
     if not (Path(path) / "saved_model.pb").is_file():
         raise UserError(f"--saved-model: no saved_model.pb in {path}")
-    score = tf.saved_model.load(str(path)).signatures["score"]
+    signatures = tf.saved_model.load(str(path)).signatures
+    if "score" not in signatures:
+        raise UserError(f"--saved-model: {path} has no `score` signature (a masked-LM export "
+                        "has fill_mask and logits); evaluate the run with --run-dir instead")
+    score = signatures["score"]
     nll, tokens, nbytes = 0.0, 0, 0
     for i in range(0, len(docs), batch_size):
         batch = docs[i:i + batch_size]

@@ -8,6 +8,12 @@ Signatures (the tokenizer is inside the graph; only TF core and TF Text ops):
 - ``score``: ``text`` string [batch] -> ``log_likelihood`` (nats), ``num_tokens``,
   ``bits_per_byte``.
 - ``logits``: ``token_ids`` int32 [batch, seq] -> ``logits`` float32 [batch, seq, vocab].
+Masked-LM runs (``model.objective: mlm``) instead have:
+- ``fill_mask`` (also ``serving_default``): ``text`` string [batch], each with ``[MASK]``
+  tokens -> per mask the top-5 ``tokens``, ``token_ids`` and ``scores`` (probabilities)
+  [batch, masks, 5], ``num_masks`` [batch] and ``text`` (masks replaced by the top token);
+- ``logits``: ``token_ids`` int32 [batch, seq] (a whole row, e.g. ``[CLS] ... [SEP]``, pad
+  = 0 is masked out) -> ``logits`` float32 [batch, seq, vocab] at every position.
 
 The version is written to a hidden temporary folder and renamed into place, so a server
 polling ``<dir>/<name>/`` never sees a half-written version.
@@ -55,6 +61,54 @@ def next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
+def mlm_logits(model, token_ids):
+    """Masked-LM logits at every position of whole rows (pad = 0 is attention-masked)."""
+    import tensorflow as tf
+
+    from tfpretrain.data.tokenizers import PAD_ID
+
+    token_ids = tf.convert_to_tensor(token_ids, tf.int32)
+    shape = tf.shape(token_ids)
+    positions = tf.broadcast_to(tf.range(shape[1])[None, :], shape)
+    return model({"token_ids": token_ids, "padding_mask": tf.not_equal(token_ids, PAD_ID),
+                  "segment_ids": tf.zeros_like(token_ids), "mask_positions": positions},
+                 training=False)
+
+
+def build_mlm_module(model, tokenizer, context: int):
+    import tensorflow as tf
+
+    from tfpretrain.generation import fill_mask as run_fill_mask
+
+    module = tf.Module()
+    module.model = model
+    module.tokenizer_resources = tokenizer_resources(tokenizer)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def fill_mask(text):
+        return run_fill_mask(model, tokenizer, text, context, FILL_MASK_TOP_K)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+    def logits(token_ids):
+        return {"logits": mlm_logits(model, token_ids)}
+
+    module.fill_mask, module.logits = fill_mask, logits
+    return module, {"serving_default": fill_mask, "fill_mask": fill_mask, "logits": logits}
+
+
+FILL_MASK_TOP_K = 5
+
+
+def tokenizer_resources(tokenizer) -> list:
+    """The tokenizer's trackable parts (tf_text ops' resources, lookup tables, keras_hub
+    tokenizer layers) so tf.saved_model.save captures them."""
+    import keras
+    import tensorflow as tf
+
+    return [v for v in vars(tokenizer).values()
+            if isinstance(v, (tf.Module, tf.lookup.StaticHashTable, keras.layers.Layer))]
+
+
 def build_module(model, tokenizer, context: int, default_new_tokens: int):
     import tensorflow as tf
 
@@ -63,8 +117,7 @@ def build_module(model, tokenizer, context: int, default_new_tokens: int):
 
     module = tf.Module()
     module.model = model
-    module.tokenizer_resources = [v for v in vars(tokenizer).values()
-                                  if isinstance(v, (tf.Module, tf.lookup.StaticHashTable))]
+    module.tokenizer_resources = tokenizer_resources(tokenizer)
 
     def logits_fn(ids):
         return model(ids, training=False)
@@ -132,15 +185,30 @@ def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
 
     import numpy as np
 
-    from tfpretrain.generation import Sampler
+    import tensorflow as tf
 
-    prompts = [cfg.eval.prompt, "", "The", cfg.eval.prompt * 60]  # the last: > context
+    from tfpretrain.generation import FillMasker, Sampler, sample_prompt
+
     L = cfg.model.sequence_length
-    rows = [([3] + tokenizer.encode(p * 50))[:L] for p in (cfg.eval.prompt, "Lily and Tom")]
-    ids = np.array([r + [0] * (L - len(r)) for r in rows], np.int32)
-    expected_logits = model(ids, training=False).numpy()
-    sampler = Sampler(model, tokenizer, L)
-    expected_tokens, _ = sampler.run(prompts, max_new_tokens=cfg.eval.sample_tokens)
+    if cfg.model.objective == "mlm":
+        prompt = sample_prompt(cfg)
+        prompts = [prompt, "", "no mask here", "[MASK] and [MASK] " * 3,
+                   "[MASK] " + prompt * 60]  # the last: > context
+        rows = [([2] + tokenizer.encode(p * 50))[:L - 1] + [3] for p in (prompt, "Lily and")]
+        rows[1] = rows[1][:L // 2]  # one padded row
+        ids = np.array([r + [0] * (L - len(r)) for r in rows], np.int32)
+        # in a tf.function, like the SavedModel: eager Keras differs from graph mode by
+        # float reordering alone (2.6e-5 on logits of magnitude 20 measured)
+        expected_logits = tf.function(lambda x: mlm_logits(model, x))(ids).numpy()
+        out = FillMasker(model, tokenizer, L, FILL_MASK_TOP_K)._fn(prompts, FILL_MASK_TOP_K)
+        expected_tokens = out["token_ids"].numpy()
+    else:
+        prompts = [cfg.eval.prompt, "", "The", cfg.eval.prompt * 60]  # the last: > context
+        rows = [([3] + tokenizer.encode(p * 50))[:L] for p in (cfg.eval.prompt, "Lily and Tom")]
+        ids = np.array([r + [0] * (L - len(r)) for r in rows], np.int32)
+        expected_logits = model(ids, training=False).numpy()
+        sampler = Sampler(model, tokenizer, L)
+        expected_tokens, _ = sampler.run(prompts, max_new_tokens=cfg.eval.sample_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({"token_ids": ids.tolist(), "prompts": prompts}))
@@ -159,11 +227,18 @@ def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
         problems.append(f"forbidden ops in the graph: {report['forbidden_ops']}")
     if report["unexpected_modules"]:
         problems.append(f"the fresh process imported {report['unexpected_modules']}")
+    # 1e-5 of the logits' scale (max |logit|, at least 1): the causal models' logits pass
+    # at 1e-5 absolute; a masked LM's reach ~20 and differ by 2.5e-5 between the Keras
+    # model in a tf.function and the reloaded graph (float32 op fusion and ordering alone)
     max_diff = float(np.max(np.abs(logits - expected_logits)))
-    if max_diff > 1e-5:
-        problems.append(f"logits differ from the Keras model by up to {max_diff:.2e} (> 1e-5)")
+    scale = max(1.0, float(np.max(np.abs(expected_logits))))
+    if max_diff > 1e-5 * scale:
+        problems.append(f"logits differ from the Keras model by up to {max_diff:.2e} "
+                        f"(allowed 1e-5 x max |logit| = {1e-5 * scale:.2e})")
     if not np.array_equal(tokens, expected_tokens):
-        problems.append("greedy generation differs from the Keras model's")
+        problems.append("greedy generation differs from the Keras model's"
+                        if cfg.model.objective == "causal" else
+                        "fill-mask predictions differ from the Keras model's")
     cli = Path(sys.executable).with_name("saved_model_cli")
     if cli.exists():
         shown = subprocess.run([str(cli), "show", "--all", "--dir", str(path)],
@@ -187,8 +262,11 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     base = Path(out) if out else Path(cfg.export.dir) / (cfg.export.name or Path(run_dir).name)
     base.mkdir(parents=True, exist_ok=True)
     final = base / str(version or next_version(base))
-    module, signatures = build_module(model, tokenizer, cfg.model.sequence_length,
-                                      cfg.eval.sample_tokens)
+    if cfg.model.objective == "mlm":
+        module, signatures = build_mlm_module(model, tokenizer, cfg.model.sequence_length)
+    else:
+        module, signatures = build_module(model, tokenizer, cfg.model.sequence_length,
+                                          cfg.eval.sample_tokens)
     with staged(final, overwrite, hint="another --version") as tmp:
         tmp.rmdir()  # tf.saved_model.save creates the folder
         tf.saved_model.save(module, str(tmp), signatures=signatures)
@@ -221,9 +299,11 @@ def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None =
 
     name = cfg.export.name or Path(run_dir).name
     final = Path(out) if out else Path(cfg.export.dir) / f"{name}_keras"
-    task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
-                "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
     with staged(final, overwrite) as tmp:
+        if cfg.model.objective == "mlm":
+            return _export_mlm_preset(model, tokenizer, cfg, tmp, final)
+        task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
+                    "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
         task = task_cls(backbone=model.backbone, preprocessor=None)
         task.save_to_preset(str(tmp))
         if cfg.model.arch == "llama":  # the backbone config is in config.json and task.json
@@ -248,6 +328,28 @@ def export_keras_preset(model, tokenizer, cfg, run_dir: Path, out: Path | None =
     return final
 
 
+def _export_mlm_preset(model, tokenizer, cfg, tmp: Path, final: Path) -> Path:
+    """BertMaskedLM preset (our task, head included) that
+    ``keras_hub.models.MaskedLM.from_preset`` reloads; checked on one row."""
+    import keras_hub
+    import numpy as np
+
+    model.task.save_to_preset(str(tmp))
+    tokenizer.save(tmp / "tfpretrain" / "tokenizer")
+    (tmp / "tfpretrain" / "config.yaml").write_text(cfg.to_yaml())
+    reloaded = keras_hub.models.MaskedLM.from_preset(str(tmp))
+    L = cfg.model.sequence_length
+    ids = np.array([([2] + tokenizer.encode(cfg.eval.prompt))[: L - 1] + [3]], np.int32)
+    features = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool),
+                "segment_ids": np.zeros_like(ids),
+                "mask_positions": np.arange(ids.shape[1], dtype=np.int32)[None]}
+    diff = float(np.max(np.abs(np.asarray(model(features)) - np.asarray(reloaded(features)))))
+    if diff > 1e-5:
+        raise ExportValidationError(f"the keras_hub preset reloads with logits off by "
+                                    f"{diff:.2e}")
+    return final
+
+
 def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
               overwrite: bool = False) -> Path:
     """A Hugging Face transformers folder: config.json + model.safetensors (keras_hub's
@@ -262,6 +364,9 @@ def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
     import numpy as np
     from keras_hub.src.utils.transformers.export import hf_exporter
 
+    if cfg.model.objective == "mlm":
+        raise UserError("--format hf supports causal runs (gpt2, llama) only; export a "
+                        "masked-LM run as --format saved_model or --format keras")
     name = cfg.export.name or Path(run_dir).name
     final = Path(out) if out else Path(cfg.export.dir) / f"{name}_hf"
     try:

@@ -42,7 +42,7 @@ def dry_run(cfg) -> dict:
 
     if cfg.data.path is not None:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
-    vocab = 260 if cfg.tokenizer.kind == "byte" else cfg.tokenizer.vocabulary_size
+    vocab = 261 if cfg.tokenizer.kind == "byte" else cfg.tokenizer.vocabulary_size
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     print(cfg.to_yaml(), end="")
     info = {"params": count_params(cfg.model, vocab), "vocabulary_size": vocab,

@@ -6,12 +6,15 @@ position of each row, so prompts of any length work (a prompt longer than the co
 truncated from the left) and no ``XlaDynamicUpdateSlice`` KV-cache update enters the graph.
 Every prompt is prefixed with ``eos``, the document boundary the model saw in training, so
 an empty prompt starts a fresh story.
+
+Masked LMs get fill-mask instead (:func:`fill_mask`): each ``[MASK]`` in the text is
+predicted (top-k tokens and probabilities) in one forward pass.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfpretrain.data.tokenizers import EOS_ID, PAD_ID
+from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, NUM_SPECIAL, PAD_ID
 
 NEG_INF = -1e9
 
@@ -119,3 +122,88 @@ class Sampler:
         if isinstance(prompts, str):
             return self.run([prompts], **kwargs)[1][0]
         return self.run(prompts, **kwargs)[1]
+
+
+def fill_mask(model, tokenizer, texts, context: int, top_k: int = 5):
+    """Graph-mode fill-mask for a masked LM. ``texts`` string [batch], each with zero or more
+    ``[MASK]``; rows are ``[CLS] text [SEP]`` cut to ``context`` tokens from the right (masks
+    past the context get no prediction). Returns a dict:
+    ``token_ids`` / ``tokens`` / ``scores`` [batch, masks, top_k] (probabilities, special
+    tokens excluded), ``num_masks`` [batch], ``text`` [batch] (each mask replaced by its
+    top-1 token). ``masks`` = the most masks in any text of the batch (at least 1); unused
+    slots have id pad, token "" and score 0."""
+    ids = tokenizer.tokenize(texts)[:, : context - 2]
+    batch = tf.cast(ids.nrows(), tf.int32)
+    bos = tf.RaggedTensor.from_tensor(tf.fill([batch, 1], BOS_ID))
+    eos = tf.RaggedTensor.from_tensor(tf.fill([batch, 1], EOS_ID))
+    dense = tf.concat([bos, ids, eos], axis=1).to_tensor(default_value=PAD_ID)
+    width = tf.shape(dense)[1]
+    is_mask = tf.equal(dense, MASK_ID)
+    num_masks = tf.reduce_sum(tf.cast(is_mask, tf.int32), axis=1)
+    slots = tf.maximum(1, tf.reduce_max(num_masks))
+    pos = tf.broadcast_to(tf.range(width)[None, :], tf.shape(dense))
+    positions = tf.argsort(tf.where(is_mask, pos, width + pos), axis=1, stable=True)[:, :slots]
+    valid = tf.gather(is_mask, positions, batch_dims=1)
+    features = {"token_ids": dense, "padding_mask": tf.not_equal(dense, PAD_ID),
+                "segment_ids": tf.zeros_like(dense), "mask_positions": positions}
+    logits = tf.cast(model(features, training=False), tf.float32)
+    vocab = tf.shape(logits)[-1]
+    logits = tf.where(tf.range(vocab) < NUM_SPECIAL, NEG_INF, logits)
+    top = tf.math.top_k(tf.nn.softmax(logits, axis=-1), k=top_k)
+    token_ids = tf.where(valid[:, :, None], top.indices, PAD_ID)
+    scores = tf.where(valid[:, :, None], top.values, 0.0)
+    tokens = tf.reshape(tokenizer.detokenize(tf.reshape(token_ids, [-1, 1])),
+                        tf.shape(token_ids))
+    rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(positions))
+    where = tf.boolean_mask(tf.stack([rows, positions], axis=-1), valid)
+    filled = tf.tensor_scatter_nd_update(dense, where, tf.boolean_mask(token_ids[:, :, 0], valid))
+    return {"token_ids": token_ids, "tokens": tf.strings.strip(tokens), "scores": scores,
+            "num_masks": num_masks, "text": tokenizer.detokenize(filled)}
+
+
+class FillMasker:
+    """Eager wrapper of :func:`fill_mask`; called like :class:`Sampler` (extra sampling
+    arguments are ignored) so fit can log fill-mask samples for masked LMs."""
+
+    def __init__(self, model, tokenizer, context: int, top_k: int = 5):
+        self.model, self.tokenizer, self.context = model, tokenizer, context
+        self._fn = tf.function(
+            lambda texts, k: fill_mask(self.model, self.tokenizer, texts, self.context, k),
+            reduce_retracing=True)
+        self.top_k = top_k
+
+    def run(self, texts: list[str], top_k: int | None = None) -> list[dict]:
+        """Per text: {"text": filled text, "masks": [[(token, prob), ...] per mask]}."""
+        out = self._fn(tf.constant(list(texts), tf.string), top_k or self.top_k)
+        results = []
+        for i, text in enumerate(out["text"].numpy()):
+            n = int(out["num_masks"][i])
+            masks = [[(t.decode("utf-8", "replace"), float(sc))
+                      for t, sc in zip(out["tokens"][i, m].numpy(), out["scores"][i, m].numpy())]
+                     for m in range(n)]
+            results.append({"text": text.decode("utf-8", "replace"), "masks": masks})
+        return results
+
+    def __call__(self, prompts, **_ignored):
+        """Text(s) with [MASK] in, "filled text | [MASK] 1: tok p, ..." out."""
+        single = isinstance(prompts, str)
+        results = self.run([prompts] if single else list(prompts))
+        lines = [r["text"] + "".join(
+            f" | [MASK] {j + 1}: " + ", ".join(f"{t} {p:.2f}" for t, p in m[:3])
+            for j, m in enumerate(r["masks"])) for r in results]
+        return lines[0] if single else lines
+
+
+def sample_prompt(cfg) -> str:
+    """``eval.prompt``; for masked LMs with a [MASK] appended when it has none."""
+    prompt = cfg.eval.prompt
+    if cfg.model.objective == "mlm" and MASK_TOKEN not in prompt:
+        prompt = f"{prompt} {MASK_TOKEN}"
+    return prompt
+
+
+def make_sampler(model, tokenizer, cfg):
+    """Sampler (causal) or FillMasker (masked LM) for a run's model."""
+    if cfg.model.objective == "mlm":
+        return FillMasker(model, tokenizer, cfg.model.sequence_length)
+    return Sampler(model, tokenizer, cfg.model.sequence_length)

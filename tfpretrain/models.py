@@ -1,4 +1,5 @@
-"""Model registry: ``model.arch`` -> a keras_hub backbone, wrapped as a next-token LM.
+"""Model registry: ``model.arch`` -> a keras_hub backbone, wrapped as a next-token LM
+(gpt2, llama) or a masked LM (bert, through keras_hub's BertMaskedLM head).
 
 :class:`CausalLM` owns only the glue keras_hub's tasks would otherwise decide for us: logits
 through the backbone's (reversible, optionally tied) token embedding, and a ``train_step``
@@ -32,7 +33,14 @@ def build_backbone(cfg: ModelConfig, vocabulary_size: int) -> keras.Model:
             intermediate_dim=cfg.intermediate_dim,
             num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
             dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings)
-    raise UserError(f"`model.arch` must be one of gpt2, llama. Received: {cfg.arch!r}")
+    if cfg.arch == "bert":
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
+            intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
+            max_sequence_length=cfg.sequence_length)
+        return backbone
+    raise UserError(f"`model.arch` must be one of gpt2, llama, bert. Received: {cfg.arch!r}")
 
 
 class CausalLM(keras.Model):
@@ -73,6 +81,11 @@ class CausalLM(keras.Model):
         # tracked: it is not model state and its shape depends on steps_per_execution.
         object.__setattr__(self, "step_log", tf.Variable(
             tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log"))
+
+    @property
+    def network(self) -> keras.Model:
+        """The weights that define the model (hashed, counted, exported)."""
+        return self.backbone
 
     def call(self, token_ids, training=False):
         token_ids = tf.convert_to_tensor(token_ids)
@@ -123,8 +136,12 @@ class CausalLM(keras.Model):
             if self.spike_at_step:
                 objective = objective * tf.where(step == self.spike_at_step, 1000.0, 1.0)
                 loss = loss * tf.where(step == self.spike_at_step, 1000.0, 1.0)
+        # variables outside the loss's graph (BERT's unused pooler in masked-LM) get no
+        # gradient and are left out, not fed to the optimizer as None
         variables = self.trainable_variables
         grads = tape.gradient(objective, variables)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        variables, grads = [variables[i] for i in used], [grads[i] for i in used]
         grad_norm = tf.linalg.global_norm(grads)
         if self.clipnorm:
             grads, _ = tf.clip_by_global_norm(grads, self.clipnorm, use_norm=grad_norm)
@@ -161,13 +178,63 @@ class CausalLM(keras.Model):
         return {"loss": self.loss_tracker.result()}
 
 
+class MaskedLM(CausalLM):
+    """Masked LM: BertMaskedLM's inputs (token_ids, padding_mask, segment_ids,
+    mask_positions) -> logits [batch, predictions, vocab] at the masked positions.
+
+    Shares :class:`CausalLM`'s train step (loss = weighted mean over the predicted
+    positions, so unmasked positions never contribute; guard; clipping; step log) and adds
+    masked accuracy to evaluation."""
+
+    def __init__(self, backbone: keras.Model, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self.task = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
+        self.accuracy_tracker = keras.metrics.Mean(name="masked_accuracy")
+
+    @property
+    def network(self) -> keras.Model:
+        return self.task
+
+    def call(self, features, training=False):
+        return tf.cast(self.task(features, training=training), tf.float32)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    @staticmethod
+    def correct(y, logits):
+        return tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                                tf.cast(y, tf.int32)), tf.float32)
+
+    def test_step(self, data):
+        x, y, sample_weight = data
+        logits = self(x, training=False)
+        loss = self._mean_loss(y, logits, sample_weight)
+        self.loss_tracker.update_state(loss, sample_weight=tf.reduce_sum(sample_weight))
+        self.accuracy_tracker.update_state(self.correct(y, logits), sample_weight=sample_weight)
+        return {"loss": self.loss_tracker.result(),
+                "masked_accuracy": self.accuracy_tracker.result()}
+
+
+def example_input(cfg: ModelConfig):
+    """A one-row input that builds every weight."""
+    L = cfg.sequence_length
+    if cfg.objective == "mlm":
+        return {"token_ids": tf.zeros([1, L], tf.int32),
+                "padding_mask": tf.ones([1, L], tf.bool),
+                "segment_ids": tf.zeros([1, L], tf.int32),
+                "mask_positions": tf.zeros([1, 1], tf.int32)}
+    return tf.zeros([1, L], tf.int32)
+
+
 def build_model(cfg: ModelConfig, vocabulary_size: int, clipnorm: float | None = None,
                 steps_per_execution: int = 1, **guard) -> CausalLM:
     """``guard``: guard, spike_window, spike_threshold, spike_at_step, z_loss."""
     backbone = build_backbone(cfg, vocabulary_size)
-    model = CausalLM(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution,
-                     **guard)
-    model(tf.zeros([1, cfg.sequence_length], tf.int32))  # build all weights
+    cls = MaskedLM if cfg.objective == "mlm" else CausalLM
+    model = cls(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution, **guard)
+    model(example_input(cfg))  # build all weights
     return model
 
 
@@ -180,13 +247,13 @@ def build_from_config(cfg, vocabulary_size: int, steps_per_execution: int = 1) -
 
 
 def weights_sha256(model: keras.Model) -> str:
-    """SHA-256 over every weight of the backbone, in a fixed order (name, shape, bytes)."""
+    """SHA-256 over every weight of the network, in a fixed order (name, shape, bytes)."""
     import hashlib
 
     import numpy as np
 
     h = hashlib.sha256()
-    for i, w in enumerate(model.backbone.weights):
+    for i, w in enumerate(model.network.weights):
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
         h.update(f"{i}:{w.path}:{value.shape}:{value.dtype}".encode())
         h.update(value.tobytes())
@@ -194,6 +261,10 @@ def weights_sha256(model: keras.Model) -> str:
 
 
 def count_params(cfg: ModelConfig, vocabulary_size: int) -> int:
-    """Parameter count without building TF variables on a device (used by --dry-run)."""
+    """Parameter count without training anything (used by --dry-run)."""
     backbone = build_backbone(cfg, vocabulary_size)
+    if cfg.objective == "mlm":
+        task = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
+        task(example_input(cfg))
+        return int(task.count_params())
     return int(backbone.count_params())

@@ -8,7 +8,8 @@ it proves the model loads where only TF Serving's ops exist. It:
   (``tf.raw_ops``) or one that tensorflow_text registers, and never Xla*, a Python
   function or a file read/write;
 - calls the ``logits`` signature on REQUEST["token_ids"] (saved to OUT_DIR/logits.npy) and
-  the ``generate`` signature on REQUEST["prompts"] (token ids to OUT_DIR/generate.npy);
+  the ``generate`` signature (masked LMs: ``fill_mask``) on REQUEST["prompts"] (token ids
+  to OUT_DIR/generate.npy);
 - prints one JSON line: signatures and their input names, op count, forbidden ops.
 """
 import json
@@ -61,7 +62,10 @@ def main(path, request_path, out_dir):
             for name, fn in model.signatures.items()}
     ids = tf.constant(np.array(request["token_ids"], np.int32))
     np.save(f"{out_dir}/logits.npy", model.signatures["logits"](token_ids=ids)["logits"].numpy())
-    gen = model.signatures["generate"](prompts=tf.constant(request["prompts"]))
+    if "generate" in model.signatures:
+        gen = model.signatures["generate"](prompts=tf.constant(request["prompts"]))
+    else:
+        gen = model.signatures["fill_mask"](text=tf.constant(request["prompts"]))
     np.save(f"{out_dir}/generate.npy", gen["token_ids"].numpy())
     # tensorflow_text itself pulls in tf.keras; what must never be needed is our code or
     # keras_hub (the model must be self-contained)

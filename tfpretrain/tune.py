@@ -135,7 +135,8 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
             (trial_dir / "trial.json").write_text(json.dumps(
                 {"trial_id": trial.trial_id, "values": values, "steps": steps,
                  "seconds": round(time.time() - t0, 1), **{k: summary[k] for k in (
-                     "val_loss", "val_bits_per_byte", "tokens_per_second")}}, indent=1))
+                     "val_loss", "val_bits_per_byte", "val_masked_accuracy",
+                     "tokens_per_second") if k in summary}}, indent=1))
             return {cfg.tune.objective: value}
 
     return FitTuner(oracle=oracle, directory=str(run_dir), project_name="tuner",
@@ -150,9 +151,9 @@ def write_hparams(log_dir: Path, values: dict, summary: dict) -> None:
     clean = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     with tf.summary.create_file_writer(str(log_dir)).as_default():
         hp_api.hparams(clean, trial_id=log_dir.parent.name)
-        tf.summary.scalar("final/val_loss", summary["val_loss"], step=summary["steps"])
-        tf.summary.scalar("final/val_bits_per_byte", summary["val_bits_per_byte"],
-                          step=summary["steps"])
+        for key in ("val_loss", "val_bits_per_byte", "val_masked_accuracy"):
+            if key in summary:  # bits per byte: causal runs; masked accuracy: masked LM
+                tf.summary.scalar(f"final/{key}", summary[key], step=summary["steps"])
 
 
 def write_hparams_config(trials_dir: Path, space: dict) -> None:
@@ -167,7 +168,8 @@ def write_hparams_config(trials_dir: Path, space: dict) -> None:
             hparams.append(hp_api.HParam(key, hp_api.RealInterval(
                 float(_number(spec["min"])), float(_number(spec["max"])))))
     metrics = [hp_api.Metric("final/val_loss", display_name="val_loss"),
-               hp_api.Metric("final/val_bits_per_byte", display_name="val_bits_per_byte")]
+               hp_api.Metric("final/val_bits_per_byte", display_name="val_bits_per_byte"),
+               hp_api.Metric("final/val_masked_accuracy", display_name="val_masked_accuracy")]
     trials_dir.mkdir(parents=True, exist_ok=True)
     with tf.summary.create_file_writer(str(trials_dir)).as_default():
         hp_api.hparams_config(hparams=hparams, metrics=metrics)

@@ -1,9 +1,17 @@
 """Tokenize -> pack -> (x, y, sample_weight), deterministic and addressable by step.
 
-Packing: every document's tokens are followed by ``eos``; the streams are concatenated and
-cut into rows of ``sequence_length + 1`` tokens that overlap by one token (row r covers
-``stream[r*L : r*L + L + 1]``). So every token of the stream is a target exactly once and
-appears in exactly one ``x`` row, in order; only the final partial row is dropped.
+Packing (``data.packing``), causal LM: every document's tokens are followed by ``eos``.
+- ``concat``: the streams are concatenated and cut into rows of ``sequence_length + 1``
+  tokens that overlap by one token (row r covers ``stream[r*L : r*L + L + 1]``). So every
+  token of the stream is a target exactly once and appears in exactly one ``x`` row, in
+  order; only the final partial row is dropped.
+- ``pad``: one row per document, ``eos doc eos`` cut to L + 1 tokens and padded with ``pad``
+  (padding targets have weight 0).
+Masked LM (rows of L tokens, RoBERTa-style, no next-sentence task):
+- ``concat``: ``bos`` + L - 1 tokens of the eos-separated stream per row ([CLS] d1 [SEP]
+  d2 [SEP] ...), rows not overlapping.
+- ``pad``: ``bos doc eos`` per row, the document cut to fit, padded.
+Masks for masked LM are drawn per batch from (seed, step): see :mod:`.masking`.
 
 Batches: the batch at step k holds the rows with global sample index ``k*B .. k*B+B-1``;
 sample index i is row ``index_shuffle(i mod R, seed=(seed, i div R))`` - a fresh seeded
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tfpretrain.data.tokenizers import EOS_ID, Tokenizer
+from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, Tokenizer
 from tfpretrain.errors import UserError
 
 TOKENIZE_BATCH = 256
@@ -53,41 +61,81 @@ def pack_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
     return stream[idx]
 
 
+def documents_of(stream: np.ndarray) -> list[np.ndarray]:
+    """The eos-terminated documents of a stream (without their eos)."""
+    ends = np.flatnonzero(stream == EOS_ID)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [stream[a:b] for a, b in zip(starts, ends)]
+
+
+def pad_rows(stream: np.ndarray, width: int, first: int) -> np.ndarray:
+    """One row per document: ``first doc eos`` cut to ``width`` and padded with pad."""
+    docs = documents_of(stream)
+    rows = np.full([len(docs), width], PAD_ID, np.int32)
+    for i, d in enumerate(docs):
+        row = np.concatenate([[first], d[: width - 2], [EOS_ID]])
+        rows[i, : len(row)] = row
+    return rows
+
+
+def mlm_concat_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
+    """``bos`` + L - 1 stream tokens per row, not overlapping; the partial tail dropped."""
+    body = sequence_length - 1
+    n = len(stream) // body
+    rows = stream[: n * body].reshape(n, body)
+    return np.concatenate([np.full([n, 1], BOS_ID, np.int32), rows], axis=1).astype(np.int32)
+
+
+def make_rows(stream: np.ndarray, sequence_length: int, objective: str = "causal",
+              packing: str = "concat") -> np.ndarray:
+    """Rows of ``stream`` for ``objective`` (causal: [R, L+1], mlm: [R, L])."""
+    if objective == "mlm":
+        if packing == "pad":
+            return pad_rows(stream, sequence_length, BOS_ID)
+        return mlm_concat_rows(stream, sequence_length)
+    if packing == "pad":
+        return pad_rows(stream, sequence_length + 1, EOS_ID)
+    return pack_rows(stream, sequence_length)
+
+
 @dataclass
 class PackedData:
-    train_rows: np.ndarray   # [R_train, L+1]
-    val_rows: np.ndarray     # [R_val, L+1]
+    train_rows: np.ndarray   # causal [R_train, L+1]; mlm [R_train, L]
+    val_rows: np.ndarray     # causal [R_val, L+1]; mlm [R_val, L]
     train_tokens: int        # tokens in the train stream
     val_tokens: int
     unigram_counts: np.ndarray  # train-token counts, [V]
 
-    @property
-    def sequence_length(self) -> int:
-        return self.train_rows.shape[1] - 1
+    def most_frequent_token(self) -> int:
+        """The most frequent real (non-special) train token: the masked-LM baseline."""
+        return int(np.argmax(self.unigram_counts[NUM_SPECIAL:])) + NUM_SPECIAL
 
 
 def pack_corpus(tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str],
-                sequence_length: int) -> PackedData:
+                sequence_length: int, objective: str = "causal",
+                packing: str = "concat") -> PackedData:
     train_stream = tokenize_documents(tokenizer, train_docs)
     val_stream = tokenize_documents(tokenizer, val_docs)
-    train_rows = pack_rows(train_stream, sequence_length)
-    val_rows = pack_rows(val_stream, sequence_length)
+    train_rows = make_rows(train_stream, sequence_length, objective, packing)
+    val_rows = make_rows(val_stream, sequence_length, objective, packing)
+    width = train_rows.shape[1]
     if len(train_rows) == 0:
         raise UserError(f"data: the training split has {len(train_stream)} tokens, fewer than "
-                        f"one row of model.sequence_length+1={sequence_length + 1}; use more "
+                        f"one row of {width} tokens (model.sequence_length); use more "
                         "text or a smaller `model.sequence_length`")
     if len(val_rows) == 0:
         raise UserError(f"data: the validation split has {len(val_stream)} tokens, fewer than "
-                        f"one row of model.sequence_length+1={sequence_length + 1}; raise "
+                        f"one row of {width} tokens (model.sequence_length); raise "
                         "`data.val_fraction` or lower `model.sequence_length`")
     counts = np.bincount(train_stream, minlength=tokenizer.vocabulary_size)
     return PackedData(train_rows, val_rows, len(train_stream), len(val_stream), counts)
 
 
-def _split_xy(rows):
+def _split_xy(rows, seed=None):
+    """Causal LM batch: inputs, next-token targets, weight 0 on padding targets."""
     x = rows[:, :-1]
     y = rows[:, 1:]
-    return x, y, tf.ones_like(y, dtype=tf.float32)
+    return x, y, tf.cast(y != PAD_ID, tf.float32)
 
 
 def _permute(pos: tf.Tensor, seed: int, epoch: tf.Tensor, num_rows: int) -> tf.Tensor:
@@ -112,12 +160,15 @@ def row_indices(step, batch_size: int, num_rows: int, seed: int) -> tf.Tensor:
 
 
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None, poison=()) -> tf.data.Dataset:
+                  num_steps: int | None = None, poison=(), to_batch=None) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
 
     ``poison``: 0-based data positions whose sample weights become NaN (fault injection:
     ``debug.nan_at_step``), so a "bad batch" follows its data position through rollbacks.
+    ``to_batch(rows, seed)``: rows -> (x, y, weight); default: causal LM. ``seed`` is
+    ``[train seed, data position]`` (the masked-LM masks are drawn from it).
     """
+    to_batch = to_batch or _split_xy
     table = tf.constant(rows, tf.int32)
     n = int(rows.shape[0])
     if batch_size > n:
@@ -130,7 +181,7 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
 
     def batch_for(step):
         idx = row_indices(step, batch_size, n, seed)
-        x, y, w = _split_xy(tf.gather(table, idx))
+        x, y, w = to_batch(tf.gather(table, idx), tf.stack([tf.constant(seed, tf.int64), step]))
         bad = tf.reduce_any(tf.equal(poison, step))
         return x, y, tf.where(bad, float("nan"), w)
 
@@ -138,11 +189,17 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
                   deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(rows: np.ndarray, batch_size: int, max_batches: int = 0) -> tf.data.Dataset:
+EVAL_SEED = 0x5EED  # masked-LM validation masks: fixed, so every evaluation sees the same
+
+
+def eval_dataset(rows: np.ndarray, batch_size: int, max_batches: int = 0,
+                 to_batch=None) -> tf.data.Dataset:
     """Validation rows in order; the last batch may be smaller. max_batches=0: all rows."""
+    to_batch = to_batch or _split_xy
     if max_batches:
         rows = rows[: max_batches * batch_size]
-    ds = tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).map(_split_xy)
+    ds = tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).enumerate()
+    ds = ds.map(lambda i, r: to_batch(r, tf.stack([tf.constant(EVAL_SEED, tf.int64), i])))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -1,17 +1,22 @@
 """Tokenizers trained on the corpus, with TF-graph tokenize/detokenize.
 
 Every kind shares the same special ids, so packing, generation and export never branch on
-the kind: ``pad=0, unk=1, bos=2, eos=3``; real tokens start at 4. ``eos`` separates
-documents in packed rows and ends generation.
+the kind: ``pad=0, unk=1, bos=2, eos=3, mask=4``; real tokens start at 5. ``eos`` separates
+documents in packed rows and ends generation; masked-LM rows are ``bos ... eos`` (BERT's
+[CLS] ... [SEP]) and ``mask`` is the [MASK] token. SentencePiece and WordPiece tokenizers
+turn the literal text ``[MASK]`` into the mask id (for fill-mask prompts).
 
 Kinds:
 - ``sentencepiece_bpe`` / ``sentencepiece_unigram``: trained with the sentencepiece library,
   run in the graph by tensorflow_text's SentencePiece ops (which TF Serving builds ship).
+- ``wordpiece``: BERT's WordPiece (lowercased, accents stripped, split on whitespace and
+  punctuation), trained with Hugging Face ``tokenizers`` (a keras_hub dependency), run in the
+  graph by keras_hub's WordPieceTokenizer (TF Text ops).
 - ``char``: one id per character (nanoGPT's shakespeare_char), TF core ops only.
 - ``byte``: one id per UTF-8 byte (4 + 256 ids), TF core ops only; needs no training.
 
 A tokenizer is saved as ``<dir>/tokenizer.json`` (kind, ids, vocabulary) plus
-``<dir>/spm.model`` for SentencePiece kinds.
+``<dir>/spm.model`` for SentencePiece kinds, ``<dir>/vocab.txt`` for WordPiece.
 """
 from __future__ import annotations
 
@@ -27,9 +32,11 @@ import tensorflow as tf
 
 from tfpretrain.errors import UserError
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NUM_SPECIAL = 4
-SPECIAL_TOKENS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
+NUM_SPECIAL = 5
+SPECIAL_TOKENS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": MASK_ID}
+MASK_TOKEN = "[MASK]"
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", MASK_TOKEN]  # ids 0..4
 
 
 class Tokenizer:
@@ -72,6 +79,13 @@ class Tokenizer:
     def pieces(self) -> list:
         """The text of each id (bytes); specials map to b''."""
         raise NotImplementedError
+
+    def word_starts(self) -> np.ndarray:
+        """bool [V]: the id begins a word (specials, pieces starting with a space, and
+        WordPiece pieces without ``##``); used by whole-word masking."""
+        starts = np.array([p[:1] in (b" ", b"") or not p[:1].isalnum() for p in self.pieces()])
+        starts[:NUM_SPECIAL] = True
+        return starts
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id stands for; eos counts 1 (the document separator)."""
@@ -168,6 +182,7 @@ class SentencePieceTokenizer(Tokenizer):
                 vocab_size=vocabulary_size, hard_vocab_limit=False,
                 character_coverage=character_coverage, byte_fallback=byte_fallback,
                 pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                user_defined_symbols=[MASK_TOKEN],  # id 4 = MASK_ID
                 max_sentence_length=1 << 15, num_threads=2, minloglevel=2,
                 train_extremely_large_corpus=False)
         except RuntimeError as exc:
@@ -198,7 +213,7 @@ class SentencePieceTokenizer(Tokenizer):
             out = []
             for i in range(sp.get_piece_size()):
                 piece = sp.id_to_piece(i)
-                if sp.is_control(i) or sp.is_unknown(i):
+                if sp.is_control(i) or sp.is_unknown(i) or i == MASK_ID:
                     out.append(b"")
                 elif sp.is_byte(i):
                     out.append(bytes([int(piece[3:5], 16)]))
@@ -209,6 +224,57 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _save_assets(self, directory):
         (Path(directory) / "spm.model").write_bytes(self.proto)
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT WordPiece: ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK] (= pad/unk/bos/eos/mask)."""
+
+    kind = "wordpiece"
+
+    def __init__(self, vocabulary: list[str]):
+        import keras_hub
+
+        if vocabulary[:NUM_SPECIAL] != WORDPIECE_SPECIALS:
+            raise UserError(f"WordPiece vocabulary must start with {WORDPIECE_SPECIALS}. "
+                            f"Received: {vocabulary[:NUM_SPECIAL]}")
+        self.vocabulary = list(vocabulary)
+        self.layer = keras_hub.tokenizers.WordPieceTokenizer(
+            vocabulary=self.vocabulary, lowercase=True, strip_accents=True, oov_token="[UNK]",
+            special_tokens=WORDPIECE_SPECIALS[:1] + WORDPIECE_SPECIALS[2:],
+            special_tokens_in_strings=True, dtype="int32")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocabulary_size: int) -> "WordPieceTokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+        # the same normalization and splitting as keras_hub's WordPieceTokenizer below
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True,
+                                                    clean_text=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocabulary_size, special_tokens=WORDPIECE_SPECIALS,
+            continuing_subword_prefix="##", show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+        return cls(vocab)
+
+    def _tokenize(self, texts):
+        return tf.cast(self.layer.tokenize(texts), tf.int32)
+
+    def _detokenize(self, ids):
+        text = self.layer.detokenize(ids)
+        return tf.strings.regex_replace(text, r" ([.,!?;:])", r"\1")
+
+    def pieces(self):
+        return [b""] * NUM_SPECIAL + [
+            (p[2:] if p.startswith("##") else " " + p).encode("utf-8")
+            for p in self.vocabulary[NUM_SPECIAL:]]
+
+    def _save_assets(self, directory):
+        (Path(directory) / "vocab.txt").write_text("\n".join(self.vocabulary) + "\n",
+                                                   encoding="utf-8")
 
 
 def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
@@ -225,18 +291,27 @@ def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.train(sample, vocabulary_size)
+    if kind == "wordpiece":
+        return WordPieceTokenizer.train(sample, vocabulary_size)
     if kind in ("sentencepiece_bpe", "sentencepiece_unigram"):
         return SentencePieceTokenizer.train(sample, vocabulary_size, kind,
                                             character_coverage, byte_fallback, seed)
     raise UserError(f"`tokenizer.kind` must be one of sentencepiece_bpe, "
-                    f"sentencepiece_unigram, char, byte. Received: {kind!r}")
+                    f"sentencepiece_unigram, wordpiece, char, byte. Received: {kind!r}")
 
 
 def train_from_config(cfg, texts: list[str]) -> Tokenizer:
     """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed)."""
     tc = cfg.tokenizer
-    return train_tokenizer(tc.kind, texts, tc.vocabulary_size, tc.character_coverage,
+    return train_tokenizer(resolved_kind(cfg), texts, tc.vocabulary_size, tc.character_coverage,
                            tc.byte_fallback, tc.train_bytes, cfg.train.seed)
+
+
+def resolved_kind(cfg) -> str:
+    """``tokenizer.kind: auto`` -> wordpiece for BERT, sentencepiece_bpe otherwise."""
+    if cfg.tokenizer.kind != "auto":
+        return cfg.tokenizer.kind
+    return "wordpiece" if cfg.model.arch == "bert" else "sentencepiece_bpe"
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -251,4 +326,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer(list(meta["chars"]))
+    if kind == "wordpiece":
+        return WordPieceTokenizer(
+            (directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
     return SentencePieceTokenizer((directory / "spm.model").read_bytes(), kind)

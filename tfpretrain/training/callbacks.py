@@ -64,8 +64,10 @@ class StepLogger(keras.callbacks.Callback):
         if "val_loss" in logs:
             val = float(logs["val_loss"])
             for sink in self.sinks:
-                sink.scalars(step, {"val/loss": val,
-                                    "val/perplexity": math.exp(min(val, 50.0))})
+                scalars = {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
+                if "val_masked_accuracy" in logs:
+                    scalars["val/masked_accuracy"] = float(logs["val_masked_accuracy"])
+                sink.scalars(step, scalars)
         if self.sampler is not None:
             self.last_sample = self.sampler(self.prompt, **self.sample_kwargs)
             for sink in self.sinks:

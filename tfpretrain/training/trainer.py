@@ -135,6 +135,67 @@ def evaluate_rows(model, rows: np.ndarray, token_bytes: np.ndarray, batch_size: 
             "val_tokens": int(tokens), "val_bytes": int(nbytes)}
 
 
+def evaluate_masked(model, rows: np.ndarray, masker, batch_size: int, max_batches: int = 0,
+                    counts: np.ndarray | None = None) -> dict:
+    """Masked-LM validation: loss and accuracy over the masked positions (masks fixed per
+    batch, see pipeline.EVAL_SEED), plus the baselines from train-token ``counts``: always
+    predicting the most frequent real token (accuracy) and the unigram distribution (loss)."""
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import eval_dataset
+    from tfpretrain.data.tokenizers import NUM_SPECIAL
+
+    if counts is None:
+        counts = np.ones([model.backbone.vocabulary_size])
+    best = int(np.argmax(counts[NUM_SPECIAL:])) + NUM_SPECIAL
+    logp = tf.constant(np.log((counts + 1.0) / (counts.sum() + len(counts))), tf.float64)
+
+    @tf.function(reduce_retracing=True)
+    def batch_sums(x, y, w):
+        logits = model(x, training=False)
+        w64 = tf.cast(w, tf.float64)
+        losses = tf.cast(model.token_losses(y, logits), tf.float64)
+        return (tf.reduce_sum(losses * w64), tf.reduce_sum(w64),
+                tf.reduce_sum(tf.cast(model.correct(y, logits), tf.float64) * w64),
+                tf.reduce_sum(tf.cast(tf.equal(y, best), tf.float64) * w64),
+                -tf.reduce_sum(tf.gather(logp, y) * w64))
+
+    totals = np.zeros(5)
+    for x, y, w in eval_dataset(rows, batch_size, max_batches, to_batch=masker):
+        totals += np.array([float(v) for v in batch_sums(x, y, w)])
+    nats, n, correct, baseline, unigram = totals
+    n = max(n, 1.0)
+    loss = nats / n
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_masked_accuracy": correct / n, "baseline_masked_accuracy": baseline / n,
+            "unigram_val_loss": unigram / n, "val_masked_tokens": int(n),
+            "baseline_token": best}
+
+
+def make_masker(cfg: Config, tokenizer):
+    """The masked-LM batch maker (rows, seed) -> (features, labels, weights), or None for
+    causal runs (the pipeline's default)."""
+    if cfg.model.objective != "mlm":
+        return None
+    from tfpretrain.data.masking import Masker
+
+    return Masker(cfg.mlm, tokenizer.vocabulary_size, cfg.model.sequence_length,
+                  tokenizer.word_starts())
+
+
+def evaluate_split(cfg: Config, model, tokenizer, rows: np.ndarray, counts: np.ndarray,
+                   max_batches: int = 0) -> dict:
+    """Validation metrics of ``rows`` for the run's objective (see evaluate_rows,
+    evaluate_masked), with the unigram baseline."""
+    masker = make_masker(cfg, tokenizer)
+    if masker is not None:
+        return evaluate_masked(model, rows, masker, cfg.train.batch_size, max_batches, counts)
+    metrics = evaluate_rows(model, rows, tokenizer.token_bytes(), cfg.train.batch_size,
+                            max_batches)
+    metrics["unigram_val_loss"] = unigram_loss(counts, rows, max_batches * cfg.train.batch_size)
+    return metrics
+
+
 def unigram_loss(counts: np.ndarray, rows: np.ndarray, max_rows: int = 0) -> float:
     """Cross-entropy of val targets under add-one-smoothed train-token frequencies."""
     targets = (rows[:max_rows] if max_rows else rows)[:, 1:].reshape(-1)
@@ -247,7 +308,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     from tfpretrain.data.pipeline import pack_corpus
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import load_tokenizer, train_from_config
-    from tfpretrain.generation import Sampler
+    from tfpretrain.generation import make_sampler, sample_prompt
     from tfpretrain.models import build_from_config
     from tfpretrain.training.callbacks import StepLogger
     from tfpretrain.training.checkpoints import CheckpointManager, write_atomic
@@ -269,7 +330,8 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
         tokenizer = train_from_config(cfg, corpus.train)
-    packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length)
+    packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length,
+                         cfg.model.objective, cfg.data.packing)
     log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocabulary_size} ids; "
         f"{packed.train_tokens:,} train / {packed.val_tokens:,} val tokens, "
         f"{len(packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
@@ -291,7 +353,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     optimizer.build(model.trainable_variables)
     jit = cfg.train.jit_compile if cfg.train.jit_compile is not None else True
     model.compile(optimizer=optimizer, jit_compile=jit, steps_per_execution=spe)
-    params = int(model.backbone.count_params())
+    params = int(model.network.count_params())
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     manager = CheckpointManager(run_dir / "checkpoints", model, optimizer,
                                 keep=cfg.train.keep_checkpoints,
@@ -315,7 +377,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     # 4. fit. An "epoch" is one evaluation interval; a run resumed mid-interval first
     # finishes that interval, so evaluations and checkpoints land on the same steps as in
     # an unbroken run.
-    sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
+    sampler = make_sampler(model, tokenizer, cfg)
     sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
                          top_k=cfg.eval.top_k, seed=cfg.train.seed)
     from tfpretrain.training.tracking import build_sinks
@@ -323,7 +385,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     sinks = build_sinks(cfg, run_dir)
     for sink in sinks:
         sink.start(cfg)
-    logger = StepLogger(sinks, tokens_per_step, sampler, sample_kwargs, cfg.eval.prompt)
+    logger = StepLogger(sinks, tokens_per_step, sampler, sample_kwargs, sample_prompt(cfg))
     try:
         return _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed,
                                  guard, sampler, sample_kwargs, logger, preemption, start,
@@ -337,6 +399,7 @@ def _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed
                       sampler, sample_kwargs, logger, preemption, start, params,
                       tokens_per_step, t_start) -> dict:
     from tfpretrain.data.pipeline import eval_dataset, poisoned_positions, train_dataset
+    from tfpretrain.generation import sample_prompt
     from tfpretrain.models import weights_sha256
     from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
                                                RollbackMonitor, StopAtStep)
@@ -350,14 +413,15 @@ def _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed
     callbacks = [logger, StopAtStep(total), rollback, saver,
                  PreemptionCheckpoint(manager, extra, preemption)]
     poison = poisoned_positions(cfg.debug)
-    val_ds = eval_dataset(packed.val_rows, cfg.train.batch_size, cfg.eval.steps)
+    masker = make_masker(cfg, tokenizer)
+    val_ds = eval_dataset(packed.val_rows, cfg.train.batch_size, cfg.eval.steps, masker)
     verbose = 1 if sys.stdout.isatty() else 2
     step = start
     while step < total and preemption.signum is None:
         first_epoch = step // every
         partial = step % every
         data = train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed,
-                             step + guard["data_offset"], poison=poison)
+                             step + guard["data_offset"], poison=poison, to_batch=masker)
         model.fit(data,
                   validation_data=val_ds,
                   steps_per_epoch=every - partial if partial else every,
@@ -374,25 +438,35 @@ def _train_and_finish(cfg, run_dir, model, optimizer, manager, tokenizer, packed
 
     # 5. final evaluation, sample, export
     t0 = time.time()
-    metrics = evaluate_rows(model, packed.val_rows, tokenizer.token_bytes(),
-                            cfg.train.batch_size, cfg.eval.final_steps)
-    max_rows = cfg.eval.final_steps * cfg.train.batch_size
-    metrics["unigram_val_loss"] = unigram_loss(packed.unigram_counts, packed.val_rows, max_rows)
-    sample = sampler(cfg.eval.prompt, **sample_kwargs)
-    log(f"eval: val_loss {metrics['val_loss']:.4f} (unigram {metrics['unigram_val_loss']:.4f}),"
-        f" ppl {metrics['val_perplexity']:.2f}, bpb {metrics['val_bits_per_byte']:.4f} "
-        f"({time.time() - t0:.1f}s)")
+    metrics = evaluate_split(cfg, model, tokenizer, packed.val_rows, packed.unigram_counts,
+                             cfg.eval.final_steps)
+    sample = sampler(sample_prompt(cfg), **sample_kwargs)
+    if masker is None:
+        log(f"eval: val_loss {metrics['val_loss']:.4f} (unigram "
+            f"{metrics['unigram_val_loss']:.4f}), ppl {metrics['val_perplexity']:.2f}, bpb "
+            f"{metrics['val_bits_per_byte']:.4f} ({time.time() - t0:.1f}s)")
+    else:
+        log(f"eval: val_loss {metrics['val_loss']:.4f} (unigram "
+            f"{metrics['unigram_val_loss']:.4f}), masked accuracy "
+            f"{metrics['val_masked_accuracy']:.4f} (baseline "
+            f"{metrics['baseline_masked_accuracy']:.4f}), ppl {metrics['val_perplexity']:.2f} "
+            f"({time.time() - t0:.1f}s)")
     log(f"sample: {sample!r}")
-    saved_model = None
+    saved_model, export_error = None, None
     if cfg.export.enabled:
-        from tfpretrain.export import export_saved_model
+        from tfpretrain.export import ExportValidationError, export_saved_model
 
         t0 = time.time()
-        saved_model = export_saved_model(model, tokenizer, cfg, run_dir)
-        log(f"exported {saved_model} ({time.time() - t0:.1f}s)")
+        try:
+            saved_model = export_saved_model(model, tokenizer, cfg, run_dir)
+            log(f"exported {saved_model} ({time.time() - t0:.1f}s)")
+        except ExportValidationError as exc:  # the trained run is kept; nothing published
+            export_error = str(exc)
+            log(f"warning: the export was not published: {exc}")
     steps_done = int(optimizer.iterations.numpy())
     summary = {
         "run_dir": str(run_dir), "saved_model": str(saved_model) if saved_model else None,
+        **({"export_error": export_error} if export_error else {}),
         "params": params, "arch": cfg.model.arch, "tokenizer": tokenizer.kind,
         "vocabulary_size": tokenizer.vocabulary_size, "steps": steps_done,
         "tokens_seen": steps_done * tokens_per_step,
