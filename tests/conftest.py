@@ -6,12 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
+# the token cache (data.cache) of every test run, and of the CLI processes they start
+# (they inherit the environment), goes to a fresh folder, never the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tfpretrain-test-cache-")
 
 
 def tiny_raw(tmp_path: Path, **sections) -> dict:

@@ -1,6 +1,7 @@
 import gzip
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,150 @@ def test_val_path_and_tfds_source(tmp_path):
     bad = tiny_config(tmp_path, data={"path": "tfds://no_such_dataset_xyz"})
     with pytest.raises(UserError, match="cannot load tfds://no_such_dataset_xyz"):
         load_corpus(bad.data, 0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_document_mask_packed_document_equals_document_alone(arch, tmp_path):
+    """With data.document_mask, a document packed after another gives the same logits as
+    the document run alone (after its eos); without it, the earlier document leaks in."""
+    from conftest import tiny_config
+    from tfpretrain.models import build_from_config
+
+    cfg = tiny_config(tmp_path, model={"arch": arch}, data={"document_mask": True})
+    model = build_from_config(cfg, 300)
+    rng = np.random.default_rng(0)
+    doc_a, doc_b = rng.integers(5, 300, 11), rng.integers(5, 300, 9)
+    packed = np.concatenate([doc_a, [EOS_ID], doc_b, [EOS_ID], rng.integers(5, 300, 4)])
+    alone = np.concatenate([[EOS_ID], doc_b])
+    start = len(doc_a)
+    got = model(packed[None].astype(np.int32)).numpy()[0, start:start + len(alone)]
+    want = model(alone[None].astype(np.int32)).numpy()[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    model.document_mask = False  # same weights, plain causal attention: doc_a leaks in
+    leaky = model(packed[None].astype(np.int32)).numpy()[0, start:start + len(alone)]
+    assert np.abs(leaky - want).max() > 1e-3
+
+
+def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from tfpretrain.data import cache as cache_mod
+    from tfpretrain.data import pipeline
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(DOCS))
+    cfg = tiny_config(tmp_path, data={"path": str(corpus), "cache_dir": str(tmp_path / "c")})
+    tok, packed, info = cache_mod.prepare(cfg, log=lambda m: None)
+    assert not info["hit"] and Path(info["cache"], "meta.json").is_file()
+    # second time: nothing is read or tokenized
+    calls = []
+    real = pipeline.tokenize_documents
+    monkeypatch.setattr(pipeline, "tokenize_documents",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok2, packed2, info2 = cache_mod.prepare(cfg, log=lambda m: None)
+    assert info2["hit"] and not calls
+    np.testing.assert_array_equal(packed2.train_rows, packed.train_rows)
+    np.testing.assert_array_equal(packed2.unigram_counts, packed.unigram_counts)
+    assert tok2.encode(DOCS[0]) == tok.encode(DOCS[0])
+    # a resumed run with its own (identical) tokenizer also hits; a different one does not
+    tok.save(tmp_path / "run_tok")
+    assert cache_mod.prepare(cfg, tmp_path / "run_tok", log=lambda m: None)[2]["hit"]
+    other = train_tokenizer("char", DOCS, 100)
+    other.save(tmp_path / "other_tok")
+    assert not cache_mod.prepare(cfg, tmp_path / "other_tok", log=lambda m: None)[2]["hit"]
+    # changing the source file re-reads and re-tokenizes
+    with open(corpus, "a") as fh:
+        fh.write("\n\nA brand new story about a zebra named Zed. " * 20)
+    calls.clear()
+    _, packed3, info3 = cache_mod.prepare(cfg, log=lambda m: None)
+    assert not info3["hit"] and calls and packed3.train_tokens != packed.train_tokens
+    # so does changing the context length (rows), but the tokenizer is reused
+    cfg64 = tiny_config(tmp_path, data={"path": str(corpus), "cache_dir": str(tmp_path / "c")},
+                        model={"sequence_length": 16})
+    _, packed4, info4 = cache_mod.prepare(cfg64, log=lambda m: None)
+    assert not info4["hit"] and packed4.train_rows.shape[1] == 17
+    assert len(list((tmp_path / "c").iterdir())) == 2  # two tokenizer keys (file changed)
+
+
+def test_prepare_cli_prints_stats_then_hits_the_cache(tmp_path):
+    from conftest import last_json_line, run_cli, tiny_raw, write_yaml
+
+    cfg_path = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path))
+    args = ("tfpretrain.data", "--config", str(cfg_path), "--cache-dir", str(tmp_path / "tc"))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = last_json_line(r.stdout)
+    assert not first["cache_hit"] and first["train_tokens"] > 10_000
+    assert 1.0 < first["bytes_per_token"] < 8 and 0 < first["vocabulary_coverage"] <= 1
+    r = run_cli(*args)
+    second = last_json_line(r.stdout)
+    assert second["cache_hit"] and second["train_tokens"] == first["train_tokens"]
+    r = run_cli("tfpretrain.data", "--config", str(cfg_path), "--set", "data.path=nope.txt")
+    assert r.returncode == 2 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hf_source_through_the_datasets_library(tmp_path):
+    """hf:// goes through datasets.load_dataset (streaming); offline, NAME is a local folder
+    of data files, loaded by the same call as a hub dataset."""
+    pytest.importorskip("datasets")
+    from conftest import tiny_config
+
+    folder = tmp_path / "hfds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"story": d, "n": i}) + "\n"
+                                                for i, d in enumerate(DOCS[:120])))
+    (folder / "validation.jsonl").write_text("".join(json.dumps({"story": d}) + "\n"
+                                                     for d in DOCS[120:140]))
+    cfg = tiny_config(tmp_path, data={"path": f"hf://{folder}@train",
+                                      "val_path": f"hf://{folder}@validation",
+                                      "text_field": "story"})
+    corpus = load_corpus(cfg.data, 0)
+    assert corpus.train == DOCS[:120] and corpus.val == DOCS[120:140]
+    bad = tiny_config(tmp_path, data={"path": f"hf://{folder}@train"})  # text_field "text"
+    with pytest.raises(UserError, match=r"no column 'text' \(columns: story, n\)"):
+        load_corpus(bad.data, 0)
+    missing = tiny_config(tmp_path, data={"path": f"hf://{folder}@nosuchsplit"})
+    with pytest.raises(UserError, match="cannot load hf://"):
+        load_corpus(missing.data, 0)
+
+
+def test_data_weights_mix_sources_by_bytes(tmp_path):
+    from conftest import tiny_config
+    from tfpretrain.config import ConfigError
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"alpha story {i} " + "aaa " * 30 for i in range(200)))
+    b.write_text("\n\n".join(f"beta story {i} " + "bbb " * 30 for i in range(50)))
+    cfg = tiny_config(tmp_path, data={"path": [str(a), str(b)], "weights": [1, 3]})
+    corpus = load_corpus(cfg.data, 0)
+    share_b = sum(len(d) for d in corpus.train if d.startswith("beta")) / \
+        sum(len(d) for d in corpus.train)
+    assert share_b == pytest.approx(0.75, abs=0.02)          # 1:3, although b is 4x smaller
+    assert "mixed" in corpus.description
+    assert all(d.startswith(("alpha", "beta")) for d in corpus.val)
+    assert load_corpus(cfg.data, 0).train == corpus.train      # seeded
+    with pytest.raises(ConfigError, match="one weight per entry"):
+        tiny_config(tmp_path, data={"path": str(a), "weights": [1]})
+
+
+def test_tokenizer_path_loads_existing_tokenizers(tmp_path):
+    from tfpretrain.data.tokenizers import from_path
+
+    sp = train_tokenizer("sentencepiece_unigram", DOCS, 400)
+    sp.save(tmp_path / "run_tok")
+    (tmp_path / "m.model").write_bytes(sp.proto)
+    for p in (tmp_path / "run_tok", tmp_path / "m.model"):
+        tok = from_path(p)
+        assert tok.kind == "sentencepiece_unigram" and tok.encode(DOCS[3]) == sp.encode(DOCS[3])
+    wp = train_tokenizer("wordpiece", DOCS, 300)
+    (tmp_path / "vocab.txt").write_text("\n".join(wp.vocabulary) + "\n")
+    assert from_path(tmp_path / "vocab.txt").encode("the dog") == wp.encode("the dog")
+    import sentencepiece as spm
+
+    foreign = tmp_path / "foreign.model"
+    with open(foreign, "wb") as fh:  # Llama-style ids: unk 0, bos 1, eos 2
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS), model_writer=fh,
+                                       vocab_size=200, minloglevel=2)
+    with pytest.raises(UserError, match=r"needs \(0, 1, 2, 3, 4\)"):
+        from_path(foreign)
+    with pytest.raises(UserError, match="no such file"):
+        from_path(tmp_path / "missing.model")

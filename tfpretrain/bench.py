@@ -14,9 +14,17 @@ prints tokens/s for each and their ratio:
 Both see the same packed rows, batch size and sequence length; the first ``--warmup``
 steps (tracing/compilation) are excluded.
 
+``data`` writes a generated story corpus of ``--mb`` MB (default 100) and prints, per
+tokenizer kind, the cold tokenize+pack rate (tokens/s, after training the tokenizer on
+``tokenizer.train_bytes``, timed separately), the cached read rate (rows memory-mapped from
+the token cache and served by the training ``tf.data`` pipeline) and the training consumption
+rate of the config's model (``fit`` tokens/s), with the cached/consumption ratio.
+
 ``generate`` times greedy generation at batch 1 (prompt ``eval.prompt``, N new tokens):
-keras_hub's own ``CausalLM.generate()`` on the run's weights with and without XLA, and the
-exported SavedModel's ``generate`` signature (which has no Xla ops), after one warm-up call.
+keras_hub's own ``CausalLM.generate()`` on the run's weights as keras_hub configures it by
+default (``compile()``'s ``jit_compile="auto"``: XLA only when a GPU is visible), forced
+with XLA and forced without, and the exported SavedModel's ``sample`` signature at
+temperature 0 (KV-cached, no Xla ops), after one warm-up call each.
 
 The last line of each is a JSON object.
 """
@@ -111,16 +119,20 @@ def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int
     mask = np.zeros([1, length], bool)
     mask[0, :len(prompt)] = True
     out = {"run_dir": str(run_dir), "new_tokens": n_new}
-    for jit in (True, False):
-        task.compile(sampler="greedy")
-        task.jit_compile = jit
+    for jit in ("default", True, False):
+        task.compile(sampler="greedy")  # keras_hub's defaults: XLA only if a GPU is present
+        if jit == "default":
+            out["keras_hub_default_jit_compile"] = bool(task.jit_compile)
+        else:
+            task.jit_compile = jit
         task.generate_function = None
         inputs = {"token_ids": ids, "padding_mask": mask}
         task.generate(inputs, stop_token_ids=None)
         t0 = time.perf_counter()
         for _ in range(repeats):
             task.generate(inputs, stop_token_ids=None)
-        out[f"keras_hub_{'xla' if jit else 'no_xla'}_tokens_per_second"] = round(
+        name = "default" if jit == "default" else "xla" if jit else "no_xla"
+        out[f"keras_hub_{name}_tokens_per_second"] = round(
             n_new * repeats / (time.perf_counter() - t0), 1)
     if saved_model is None:
         import tempfile
@@ -140,9 +152,98 @@ def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int
     produced = int(np.sum(np.cumsum(result["token_ids"].numpy() == 3, axis=1) == 0)) + 1
     out["saved_model_tokens_per_second"] = round(
         min(produced, n_new) * repeats / (time.perf_counter() - t0), 1)
-    out["ratio_vs_keras_hub_xla"] = round(out["saved_model_tokens_per_second"]
-                                          / out["keras_hub_xla_tokens_per_second"], 3)
+    for name in ("default", "xla"):
+        out[f"ratio_vs_keras_hub_{name}"] = round(
+            out["saved_model_tokens_per_second"] / out[f"keras_hub_{name}_tokens_per_second"], 3)
     return out
+
+
+def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps: int) -> dict:
+    import shutil
+    import tempfile
+
+    import keras
+    import numpy as np
+
+    from tfpretrain.data.cache import TokenCache
+    from tfpretrain.data.pipeline import make_rows, pack_corpus, tokenize_documents, \
+        train_dataset
+    from tfpretrain.data.sources import load_corpus
+    from tfpretrain.data.synthetic import generate_stories
+    from tfpretrain.data.tokenizers import train_tokenizer
+    from tfpretrain.training.trainer import configure_tensorflow
+
+    configure_tensorflow(cfg)
+    keras.utils.set_random_seed(cfg.train.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="tfpretrain-bench-data-"))
+    out: dict = {}
+    try:
+        t0 = time.perf_counter()
+        corpus_path, written, i = tmp / "stories.txt", 0, 0
+        with open(corpus_path, "w", encoding="utf-8") as fh:
+            while written < mb * 1e6:
+                block = "\n\n".join(generate_stories(5000, cfg.train.seed + i)) + "\n\n"
+                fh.write(block)
+                written += len(block.encode("utf-8"))
+                i += 1
+        out["corpus_mb"] = round(written / 1e6, 1)
+        out["generate_seconds"] = round(time.perf_counter() - t0, 1)
+        cfg.data.path = str(corpus_path)
+        corpus = load_corpus(cfg.data, cfg.train.seed)
+        L = cfg.model.sequence_length
+        for kind in kinds:
+            t0 = time.perf_counter()
+            tok = train_tokenizer(kind, corpus.train, cfg.tokenizer.vocabulary_size,
+                                  cfg.tokenizer.character_coverage, cfg.tokenizer.byte_fallback,
+                                  cfg.tokenizer.train_bytes, cfg.train.seed)
+            trained = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stream = tokenize_documents(tok, corpus.train)
+            make_rows(stream, L)
+            seconds = time.perf_counter() - t0
+            out[f"{kind}_train_seconds"] = round(trained, 1)
+            out[f"{kind}_tokens"] = int(len(stream))
+            out[f"{kind}_cold_tokens_per_second"] = round(len(stream) / seconds)
+            print(f"[bench] {kind}: {len(stream):,} tokens in {seconds:.1f}s "
+                  f"({len(stream) / seconds:,.0f} tok/s), tokenizer trained in {trained:.1f}s",
+                  flush=True)
+            if kind == kinds[0]:
+                packed = pack_corpus(tok, corpus.train, corpus.val, L)
+                cache = TokenCache(cfg, tmp / "cache")
+                cache.save(tok, packed, "bench", (len(corpus.train), len(corpus.val)), 0.0)
+        del corpus
+        # cached read: memory-mapped shards -> the training input pipeline
+        packed = cache.load()[1]
+        t0 = time.perf_counter()
+        ds = train_dataset(np.asarray(packed.train_rows), cfg.train.batch_size, cfg.train.seed)
+        n = 0
+        for x, _, _ in ds.take(read_batches):
+            n += int(x.shape[0] * x.shape[1])
+        out["cached_read_tokens_per_second"] = round(n / (time.perf_counter() - t0))
+        # training consumption of the config's model (what the pipeline must keep up with)
+        out["training_tokens_per_second"] = round(
+            _consumption(cfg, packed, tok.vocabulary_size, train_steps))
+        out["cached_read_vs_training"] = round(out["cached_read_tokens_per_second"]
+                                               / out["training_tokens_per_second"], 1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _consumption(cfg, packed, vocabulary_size: int, steps: int) -> float:
+    from tfpretrain.data.pipeline import train_dataset
+    from tfpretrain.models import build_from_config
+    from tfpretrain.training.optimizers import build_optimizer
+    from tfpretrain.training.trainer import choose_steps_per_execution
+
+    spe = min(choose_steps_per_execution(cfg), steps)
+    model = build_from_config(cfg, vocabulary_size, spe)
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    optimizer.build(model.trainable_variables)
+    model.compile(optimizer=optimizer, jit_compile=True, steps_per_execution=spe)
+    ds = train_dataset(packed.train_rows[:50_000], cfg.train.batch_size, cfg.train.seed)
+    seconds = _timed_fit(model, ds, steps, spe * 2)
+    return steps * cfg.train.batch_size * cfg.model.sequence_length / seconds
 
 
 @cli_main
@@ -161,7 +262,25 @@ def main(argv=None) -> int:
     g.add_argument("--run-dir", required=True)
     g.add_argument("--saved-model", help="default: export the run to a temporary folder")
     g.add_argument("--new-tokens", type=int, default=64)
+    d = sub.add_parser("data", help="tokenize/pack and cached-read tokens/s vs training")
+    d.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    d.add_argument("--set", dest="overrides", action="append", default=[])
+    d.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
+    d.add_argument("--kinds", default="sentencepiece_bpe,sentencepiece_unigram,wordpiece,char,"
+                   "byte", help="comma-separated tokenizer kinds (the first is cached)")
+    d.add_argument("--read-batches", type=int, default=2000)
+    d.add_argument("--train-steps", type=int, default=64)
     args = p.parse_args(argv)
+    if args.what == "data":
+        from tfpretrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        result = bench_data(cfg, args.mb, [k for k in args.kinds.split(",") if k],
+                            args.read_batches, args.train_steps)
+        for k, v in result.items():
+            print(f"{k:>36}: {v}")
+        print(json.dumps(result))
+        return 0
     if args.what == "generate":
         result = bench_generate(Path(args.run_dir), args.saved_model, args.new_tokens)
         for k, v in result.items():

@@ -46,9 +46,14 @@ ARCHS = ("gpt2", "llama", "bert")
 @dataclass
 class DataConfig:
     path: Optional[Union[str, list]] = _f(
-        None, "Text file, glob, directory, `tfds://NAME[/config][@split]`, or a list of them "
+        None, "Text file, glob, directory, `tfds://NAME[/config][@split]`, "
+        "`hf://OWNER/NAME[:config][@split]` (Hugging Face datasets, streamed), or a list of them "
         "(.txt, .jsonl, .json, optionally .gz, and .parquet). Unset: the embedded synthetic "
         "story corpus.")
+    weights: Optional[list] = _f(None, "Mixing weights, one per `data.path` list entry: the "
+                                 "training documents are resampled so that entry i holds "
+                                 "weights[i] / sum(weights) of the training bytes (validation "
+                                 "is not resampled). Needs `data.split: documents`.")
     val_fraction: float = _f(0.05, "Fraction of the data held out for validation.",
                              min=0.0, max=0.5, min_exclusive=True)
     split: str = _f("documents", "`documents`: hold out whole documents (seeded); "
@@ -70,6 +75,15 @@ class DataConfig:
     packing: str = _f("concat", "`concat`: documents joined with end-of-text and cut into "
                       "full rows (no padding); `pad`: one document per row (truncated to the "
                       "context), padding weighted 0.", choices=("concat", "pad"))
+    document_mask: bool = _f(False, "Causal `concat` rows: each token attends only to "
+                             "earlier tokens of its own document, and GPT-2 positions restart "
+                             "at every document (the end-of-text token starts a document).")
+    cache: bool = _f(True, "Keep the trained tokenizer and the packed rows in a token cache "
+                     "keyed by a fingerprint of the sources (path, size, mtime) and settings; "
+                     "later runs and resumes read it instead of re-tokenizing.")
+    cache_dir: Optional[str] = _f(None, "Token cache folder (unset = "
+                                  "$XDG_CACHE_HOME/tfpretrain/tokens, else "
+                                  "~/.cache/tfpretrain/tokens).")
     embedded_documents: int = _f(8000, "Number of stories generated for the embedded corpus.",
                                  min=10)
 
@@ -86,6 +100,11 @@ class TokenizerConfig:
     byte_fallback: bool = _f(True, "SentencePiece: encode unseen characters as bytes.")
     train_bytes: int = _f(50_000_000, "At most this many bytes of training text are used "
                           "to train the tokenizer.", min=1000)
+    path: Optional[str] = _f(None, "Use an existing tokenizer instead of training one: a "
+                             "tfpretrain tokenizer folder (a run's `tokenizer/`), a "
+                             "SentencePiece `.model` or a WordPiece `vocab.txt` whose first "
+                             "ids are pad, unk, bos, eos, mask (0-4; WordPiece: [PAD] [UNK] "
+                             "[CLS] [SEP] [MASK]).")
 
 
 @dataclass
@@ -436,6 +455,10 @@ def _cross_checks(c: Config) -> list[str]:
                      "runs report val_loss and val_masked_accuracy")
         if m.sequence_length < 3:
             p.append("masked-LM rows need `model.sequence_length` >= 3 ([CLS] text [SEP])")
+    if c.data.document_mask and (m.objective != "causal" or c.data.packing != "concat"):
+        p.append("`data.document_mask: true` is for causal `concat` rows (pad rows and "
+                 f"masked-LM rows hold one document already or attend both ways). Received: "
+                 f"objective={m.objective}, packing={c.data.packing}")
     if m.arch == "gpt2" and not m.tie_embeddings:
         p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
                  "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")
@@ -459,6 +482,16 @@ def _cross_checks(c: Config) -> list[str]:
         p.append("`data.document_separator` must not be empty: use `line`, `blank_line`, "
                  "`none` or a literal string")
     path = c.data.path
+    w = c.data.weights
+    if w is not None:
+        if not isinstance(path, list) or len(w) != len(path):
+            p.append("`data.weights` needs `data.path` to be a list with one weight per entry. "
+                     f"Received: path={path!r}, weights={w!r}")
+        elif not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                     for x in w):
+            p.append(f"`data.weights` must be positive numbers. Received: {w!r}")
+        elif c.data.split != "documents" or c.data.val_path is not None:
+            p.append("`data.weights` works with `data.split: documents` and no `data.val_path`")
     if isinstance(path, list) and (not path or not all(isinstance(x, str) for x in path)):
         p.append(f"`data.path` must be a path or a non-empty list of paths. Received: {path!r}")
     return p

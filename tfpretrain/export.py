@@ -113,8 +113,10 @@ def build_module(model, tokenizer, context: int, default_new_tokens: int):
     import tensorflow as tf
 
     from tfpretrain.data.tokenizers import EOS_ID
-    from tfpretrain.generation import generate_text
+    from tfpretrain.generation import decoder_task, generate_text, has_kv_cache
 
+    if has_kv_cache(model):
+        decoder_task(model)  # built eagerly, before the signatures are traced
     module = tf.Module()
     module.model = model
     module.tokenizer_resources = tokenizer_resources(tokenizer)

@@ -1,17 +1,22 @@
 """Autoregressive sampling in plain TF ops (no XLA-only ops), shared by fit, generate and
 the exported SavedModel.
 
-Each step runs the model over a window of at most ``context`` tokens ending at the current
-position of each row, so prompts of any length work (a prompt longer than the context is
-truncated from the left) and no ``XlaDynamicUpdateSlice`` KV-cache update enters the graph.
-Every prompt is prefixed with ``eos``, the document boundary the model saw in training, so
-an empty prompt starts a fresh story.
+When the longest prompt plus the new tokens fit the context, generation uses keras_hub's
+KV-cached decoding (``call_with_cache``: one token per step), with the cache write traced as
+core TF ops (pad + select) instead of ``XlaDynamicUpdateSlice``. Otherwise each step runs
+the model over a window of at most ``context`` tokens ending at the current position of each
+row, so prompts of any length work (a prompt longer than the context is truncated from the
+left). Both give the same tokens (greedy). Every prompt is prefixed with ``eos``, the
+document boundary the model saw in training, so an empty prompt starts a fresh story.
 
 Masked LMs get fill-mask instead (:func:`fill_mask`): each ``[MASK]`` in the text is
 predicted (top-k tokens and probabilities) in one forward pass.
 """
 from __future__ import annotations
 
+import contextlib
+
+import keras_hub
 import tensorflow as tf
 
 from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, NUM_SPECIAL, PAD_ID
@@ -81,6 +86,99 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
     return tf.where(valid, new, PAD_ID)
 
 
+@contextlib.contextmanager
+def pure_tf_slice_update():
+    """While tracing keras_hub's cached decoding, make ``keras.ops.slice_update`` (its KV-cache
+    write) a pad + select in core TF ops instead of ``XlaDynamicUpdateSlice``, which TF
+    Serving only runs with XLA flags."""
+    from keras.src.backend.tensorflow import core
+
+    def slice_update(inputs, start_indices, updates):
+        inputs = tf.convert_to_tensor(inputs)
+        updates = tf.cast(updates, inputs.dtype)
+        start = tf.cast(tf.stack(start_indices), tf.int32)
+        end = tf.shape(inputs) - tf.shape(updates) - start
+        paddings = tf.stack([start, end], axis=1)
+        where = tf.pad(tf.ones_like(updates, tf.int8), paddings) > 0
+        return tf.where(where, tf.pad(updates, paddings), inputs)
+
+    original = core.slice_update
+    core.slice_update = slice_update
+    try:
+        yield
+    finally:
+        core.slice_update = original
+
+
+def has_kv_cache(model) -> bool:
+    return isinstance(getattr(model, "backbone", None),
+                      (keras_hub.models.GPT2Backbone, keras_hub.models.LlamaBackbone)) \
+        and not hasattr(model, "task")
+
+
+@tf.autograph.experimental.do_not_convert
+def decoder_task(model):
+    """keras_hub's CausalLM task over our model's backbone (no new weights): it has the
+    KV-cached forward pass (``_build_cache`` / ``call_with_cache``). Create it eagerly
+    (Sampler and the exporter do) before tracing anything that uses it."""
+    task = getattr(model, "_decoder_task", None)
+    if task is None:
+        cls = {"GPT2Backbone": keras_hub.models.GPT2CausalLM,
+               "LlamaBackbone": keras_hub.models.LlamaCausalLM}[type(model.backbone).__name__]
+        task = cls(backbone=model.backbone, preprocessor=None)
+        object.__setattr__(model, "_decoder_task", task)  # not tracked: shares the weights
+    return task
+
+
+def generate_ids_cached(task, prompts: tf.RaggedTensor, max_new_tokens, temperature=0.0,
+                        top_k=0, top_p=1.0, seed=0):
+    """:func:`generate_ids` with a KV cache: each step runs the model on one token per row.
+    Needs (longest prompt + 1 + max_new_tokens) <= the context; rows share one position
+    counter (keras_hub's scheme): a row still inside its prompt copies its prompt token."""
+    max_new_tokens = tf.cast(max_new_tokens, tf.int32)
+    temperature = tf.cast(temperature, tf.float32)
+    top_k, top_p = tf.cast(top_k, tf.int32), tf.cast(top_p, tf.float32)
+    seed = tf.cast(seed, tf.int32)
+    prompts = tf.cast(prompts, tf.int32)
+    batch = tf.cast(prompts.nrows(), tf.int32)
+    prompts = tf.concat([tf.RaggedTensor.from_tensor(tf.fill([batch, 1], EOS_ID)), prompts],
+                        axis=1)
+    lens = tf.cast(prompts.row_lengths(), tf.int32)
+    total = tf.reduce_max(lens) + max_new_tokens
+    buf = prompts.to_tensor(default_value=PAD_ID, shape=tf.stack([batch, total]))
+    with pure_tf_slice_update():
+        _, cache = task._build_cache(buf)
+        index = tf.reduce_min(lens)
+        done = tf.zeros([batch], tf.bool)
+        columns = tf.range(total)[None, :]
+        for _ in tf.range(total - index):
+            tf.autograph.experimental.set_loop_options(shape_invariants=[
+                (cache, tf.TensorShape([None] * 6)), (buf, tf.TensorShape([None, None])),
+                (done, tf.TensorShape([None]))])
+            logits, _, cache = task.call_with_cache(buf[:, index - 1:index], cache, index - 1)
+            last = tf.cast(logits[:, 0, :], tf.float32)
+            nxt = tf.cond(
+                temperature > 0,
+                lambda: tf.cast(tf.random.stateless_categorical(
+                    filter_logits(last, temperature, top_k, top_p), 1,
+                    seed=tf.stack([seed, index]))[:, 0], tf.int32),
+                lambda: tf.argmax(last, axis=-1, output_type=tf.int32))
+            in_prompt = index < lens
+            nxt = tf.where(in_prompt, buf[:, index], tf.where(done, PAD_ID, nxt))
+            buf = tf.where(tf.equal(columns, index), nxt[:, None], buf)
+            generated = index - lens + 1          # new tokens of the row so far
+            done = done | (~in_prompt & (tf.equal(nxt, EOS_ID)
+                                         | (generated >= max_new_tokens)))
+            index = index + 1
+            if tf.reduce_all(done):
+                break
+    idx = tf.minimum(lens[:, None] + tf.range(max_new_tokens)[None, :], total - 1)
+    new = tf.gather(buf, idx, batch_dims=1)
+    seen_eos = tf.cumsum(tf.cast(tf.equal(new, EOS_ID), tf.int32), axis=1, exclusive=True)
+    valid = (lens[:, None] + tf.range(max_new_tokens)[None, :] < index) & (seen_eos == 0)
+    return tf.where(valid, new, PAD_ID)
+
+
 def strip_after_eos(ids):
     """Replace everything from the first eos on with pad (ids [batch, n])."""
     seen = tf.cumsum(tf.cast(tf.equal(ids, EOS_ID), tf.int32), axis=1)
@@ -91,8 +189,20 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, context: int, tempe
                   top_k=0, top_p=1.0, seed=0):
     """Graph-mode text in, (new token ids, prompt + continuation text) out."""
     ids = tokenizer.tokenize(prompts)
-    new = generate_ids(lambda w: model(w, training=False), ids, max_new_tokens, context,
-                       temperature, top_k, top_p, seed)
+    fits = tf.cast(ids.bounding_shape()[1], tf.int32) + 1 + tf.cast(max_new_tokens, tf.int32) \
+        <= context
+    if has_kv_cache(model):
+        # KV cache when prompt + continuation fit the context, else the sliding window
+        task = decoder_task(model)
+        new = tf.cond(
+            fits,
+            lambda: generate_ids_cached(task, ids, max_new_tokens, temperature, top_k, top_p,
+                                        seed),
+            lambda: generate_ids(lambda w: model(w, training=False), ids, max_new_tokens,
+                                 context, temperature, top_k, top_p, seed))
+    else:
+        new = generate_ids(lambda w: model(w, training=False), ids, max_new_tokens, context,
+                           temperature, top_k, top_p, seed)
     full = tf.concat([ids, tf.RaggedTensor.from_tensor(strip_after_eos(new))], axis=1)
     return new, tokenizer.detokenize(full)
 
@@ -102,6 +212,8 @@ class Sampler:
 
     def __init__(self, model, tokenizer, context: int):
         self.model, self.tokenizer, self.context = model, tokenizer, context
+        if has_kv_cache(model):
+            decoder_task(model)
         self._fn = tf.function(self._generate, reduce_retracing=True)
 
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):

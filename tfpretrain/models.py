@@ -13,6 +13,7 @@ import keras_hub
 import tensorflow as tf
 
 from tfpretrain.config import ModelConfig
+from tfpretrain.data.tokenizers import EOS_ID
 from tfpretrain.errors import UserError
 
 LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
@@ -55,9 +56,10 @@ class CausalLM(keras.Model):
     def __init__(self, backbone: keras.Model, clipnorm: float | None = None,
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
                  spike_threshold: float = 6.0, spike_at_step: int = 0, z_loss: float = 0.0,
-                 **kwargs):
+                 document_mask: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
+        self.document_mask = document_mask
         self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
         self.guard, self.spike_threshold = guard, spike_threshold
@@ -89,11 +91,36 @@ class CausalLM(keras.Model):
 
     def call(self, token_ids, training=False):
         token_ids = tf.convert_to_tensor(token_ids)
-        hidden = self.backbone(
-            {"token_ids": token_ids, "padding_mask": tf.ones_like(token_ids, tf.bool)},
-            training=training)
+        if self.document_mask:
+            hidden = self._document_forward(token_ids, training)
+        else:
+            hidden = self.backbone(
+                {"token_ids": token_ids, "padding_mask": tf.ones_like(token_ids, tf.bool)},
+                training=training)
         logits = self.backbone.token_embedding(hidden, reverse=True)
         return tf.cast(logits, tf.float32)
+
+    def _document_forward(self, token_ids, training):
+        """The backbone's own layers, with attention kept inside each document of a packed
+        row (``data.document_mask``): an ``eos`` starts a new document (it is what the
+        model predicts a document's first token from, as in generation); GPT-2's learned
+        positions restart at every document, Llama's RoPE is relative and needs only the
+        mask. The decoder layers add the causal mask themselves."""
+        bb = self.backbone
+        doc = tf.cumsum(tf.cast(tf.equal(token_ids, EOS_ID), tf.int32), axis=1)  # [B, T]
+        same = tf.equal(doc[:, :, None], doc[:, None, :])                        # [B, T, T]
+        x = bb.token_embedding(token_ids)
+        if isinstance(bb, keras_hub.models.GPT2Backbone):
+            # position within the document = tokens of the same row before it in that doc
+            before = tf.cast(same, tf.int32) * tf.linalg.band_part(
+                tf.ones_like(same, tf.int32), -1, 0)
+            positions = tf.reduce_sum(before, axis=2) - 1
+            table = bb.position_embedding.position_embeddings
+            x = bb.embeddings_add((x, tf.gather(table, positions)))
+            x = bb.embeddings_dropout(x, training=training)
+        for layer in bb.transformer_layers:
+            x = layer(x, decoder_attention_mask=tf.cast(same, tf.int32), training=training)
+        return bb.layer_norm(x)
 
     @property
     def metrics(self):
@@ -240,10 +267,11 @@ def build_model(cfg: ModelConfig, vocabulary_size: int, clipnorm: float | None =
 
 def build_from_config(cfg, vocabulary_size: int, steps_per_execution: int = 1) -> CausalLM:
     """The model of a full :class:`~tfpretrain.config.Config` (guard and fault hooks too)."""
+    extra = {"document_mask": True} if cfg.data.document_mask else {}
     return build_model(cfg.model, vocabulary_size, cfg.optimizer.clipnorm, steps_per_execution,
                        guard=cfg.train.guard, spike_window=cfg.train.spike_window,
                        spike_threshold=cfg.train.spike_threshold,
-                       spike_at_step=cfg.debug.spike_at_step, z_loss=cfg.model.z_loss)
+                       spike_at_step=cfg.debug.spike_at_step, z_loss=cfg.model.z_loss, **extra)
 
 
 def weights_sha256(model: keras.Model) -> str:

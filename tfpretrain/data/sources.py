@@ -24,6 +24,7 @@ from tfpretrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
 TFDS_PREFIX = "tfds://"
+HF_PREFIX = "hf://"
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8
 
 
@@ -51,7 +52,7 @@ def resolve_paths(spec) -> list[Path]:
     files: list[Path] = []
     for s in specs:
         s = os.path.expanduser(str(s))
-        if s.startswith(TFDS_PREFIX):
+        if s.startswith((TFDS_PREFIX, HF_PREFIX)):
             files.append(s)  # not a file: read by read_source
             continue
         if any(ch in s for ch in "*?["):
@@ -213,10 +214,44 @@ def _read_tfds(spec: str, field: str) -> list[str]:
     return [ex[field].decode("utf-8", errors="replace") for ex in tfds.as_numpy(ds)]
 
 
+def parse_hf(spec: str) -> tuple[str, str | None, str]:
+    """``hf://OWNER/NAME[:config][@split]`` -> (name, config, split); NAME may also be a
+    local folder of data files (what the tests use)."""
+    rest = spec[len(HF_PREFIX):]
+    rest, _, split = rest.partition("@")
+    name, _, config = rest.partition(":")
+    return name, config or None, split or "train"
+
+
+def _read_hf(spec: str, field: str) -> list[str]:
+    """Hugging Face ``datasets``, streamed (nothing is materialized beyond the texts), never
+    with remote code."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.path: {spec} needs the `datasets` library: "
+                        "pip install 'tfpretrain[hf]'") from None
+    name, config, split = parse_hf(spec)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        first = next(iter(ds), None)
+    except Exception as exc:  # unknown name, no network, bad split
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"data.path: cannot load {spec}: {type(exc).__name__}: {msg}") from None
+    if first is None:
+        return []
+    if field not in first:
+        raise UserError(f"data.path: {spec} has no column {field!r} (columns: "
+                        f"{', '.join(first)}); set `data.text_field`")
+    return [ex[field] for ex in ds if isinstance(ex[field], str)]
+
+
 def read_source(spec, cfg: DataConfig, stats: DecodeStats) -> list[str]:
-    """The documents of one resolved source (a file path or a tfds:// spec)."""
+    """The documents of one resolved source (a file path, a tfds:// or an hf:// spec)."""
     if isinstance(spec, str) and spec.startswith(TFDS_PREFIX):
         return [d for d in _read_tfds(spec, cfg.text_field) if d.strip()]
+    if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        return [d for d in _read_hf(spec, cfg.text_field) if d.strip()]
     suffix = _base_suffix(spec)
     if suffix == ".parquet":
         return _read_parquet(spec, cfg.text_field)
@@ -240,9 +275,54 @@ def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], st
     return docs, f"{len(sources)} source(s): {names}{stats.describe()}"
 
 
+def _read_weighted(cfg: DataConfig, seed: int) -> tuple[list[str], list[int], str]:
+    """Documents of each ``data.path`` entry and the entry each came from."""
+    docs, origin, descs = [], [], []
+    for i, entry in enumerate(cfg.path):
+        part, desc = read_documents(cfg, seed, entry)
+        part = [d for d in part if d.strip()]
+        if not part:
+            raise UserError(f"data.path: entry {i} ({entry}) has no text; every weighted "
+                            "source must have documents")
+        docs.extend(part)
+        origin.extend([i] * len(part))
+        descs.append(desc)
+    return docs, origin, "; ".join(descs)
+
+
+def mix(train: list[str], origin: list[int], weights: list[float], seed: int) -> tuple[
+        list[str], str]:
+    """Resample training documents so that source i holds weights[i] / sum(weights) of the
+    training bytes (the total stays the same): whole copies plus a seeded random subset."""
+    rng = random.Random(seed + 7919)
+    sizes = [0] * len(weights)
+    by_source: list[list[str]] = [[] for _ in weights]
+    for d, o in zip(train, origin):
+        by_source[o].append(d)
+        sizes[o] += len(d.encode("utf-8"))
+    total, wsum = sum(sizes), sum(weights)
+    out, parts = [], []
+    for i, docs in enumerate(by_source):
+        if not docs:
+            raise UserError(f"data.weights: source {i} has no training documents left after "
+                            "the validation split")
+        factor = weights[i] / wsum * total / max(1, sizes[i])
+        whole, frac = int(factor), factor - int(factor)
+        picked = docs * whole + rng.sample(docs, round(frac * len(docs)))
+        out.extend(picked)
+        parts.append(f"source {i} x{factor:.2f}")
+    rng.shuffle(out)
+    return out, "mixed " + ", ".join(parts)
+
+
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
-    docs, desc = read_documents(cfg, seed)
-    docs = [d for d in docs if d.strip()]
+    origin = None
+    if cfg.weights:
+        docs, origin, desc = _read_weighted(cfg, seed)
+    else:
+        docs, desc = read_documents(cfg, seed)
+    if origin is None:
+        docs = [d for d in docs if d.strip()]
     where = desc if cfg.path is not None else "the embedded corpus"
     if not docs:
         raise UserError(f"data.path: the corpus is empty (no non-whitespace text in {where})")
@@ -264,6 +344,10 @@ def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
         val_idx = set(order[:n_val])
         train = [d for i, d in enumerate(docs) if i not in val_idx]
         val = [d for i, d in enumerate(docs) if i in val_idx]
+        if origin is not None:
+            train, how = mix(train, [o for i, o in enumerate(origin) if i not in val_idx],
+                             cfg.weights, seed)
+            desc = f"{desc}; {how}"
     return Corpus(train=train, val=val, description=desc)
 
 

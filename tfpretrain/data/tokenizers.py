@@ -191,7 +191,7 @@ class SentencePieceTokenizer(Tokenizer):
                 raise UserError(
                     f"`tokenizer.vocabulary_size` must be at least {need.group(2)} for this "
                     f"text (its characters{' plus 256 byte-fallback ids' if byte_fallback else ''}"
-                    f" and 4 specials). Received: {vocabulary_size}. Raise it"
+                    f" and 5 specials). Received: {vocabulary_size}. Raise it"
                     f"{', or set `tokenizer.byte_fallback: false`' if byte_fallback else ''}"
                     ".") from None
             raise UserError(f"tokenizer: SentencePiece training failed: {exc}. "
@@ -300,9 +300,49 @@ def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
                     f"sentencepiece_unigram, wordpiece, char, byte. Received: {kind!r}")
 
 
+def from_path(path) -> Tokenizer:
+    """An existing tokenizer (``tokenizer.path``): a tfpretrain tokenizer folder, a
+    SentencePiece model or a WordPiece vocab.txt, checked against our special ids."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return load_tokenizer(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer.path: no such file or folder: {path}")
+    if path.suffix == ".txt":
+        vocab = path.read_text(encoding="utf-8").splitlines()
+        if vocab[:NUM_SPECIAL] != WORDPIECE_SPECIALS:
+            raise UserError(f"tokenizer.path: {path} must start with {WORDPIECE_SPECIALS} "
+                            f"(ids 0-4). Found: {vocab[:NUM_SPECIAL]}")
+        return WordPieceTokenizer(vocab)
+    import sentencepiece as spm
+
+    proto = path.read_bytes()
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+    except Exception:
+        raise UserError(f"tokenizer.path: {path} is not a SentencePiece model, a vocab.txt "
+                        "or a tokenizer folder") from None
+    ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.piece_to_id(MASK_TOKEN))
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID):
+        raise UserError(f"tokenizer.path: {path} has pad/unk/bos/eos/[MASK] ids {ids}; "
+                        f"tfpretrain needs (0, 1, 2, 3, 4). Retrain it with pad_id=0 unk_id=1 "
+                        "bos_id=2 eos_id=3 user_defined_symbols=[MASK], or let tfpretrain "
+                        "train one (unset tokenizer.path)")
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    kind = "sentencepiece_bpe" if model.trainer_spec.model_type == model.trainer_spec.BPE \
+        else "sentencepiece_unigram"
+    return SentencePieceTokenizer(proto, kind)
+
+
 def train_from_config(cfg, texts: list[str]) -> Tokenizer:
-    """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed)."""
+    """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed), or
+    the tokenizer at ``tokenizer.path``."""
     tc = cfg.tokenizer
+    if tc.path:
+        return from_path(tc.path)
     return train_tokenizer(resolved_kind(cfg), texts, tc.vocabulary_size, tc.character_coverage,
                            tc.byte_fallback, tc.train_bytes, cfg.train.seed)
 

@@ -22,6 +22,7 @@ from tfpretrain.errors import UserError
 # Settings that change what a checkpoint means; changing them on resume is refused.
 RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed",
                    "train.spike_window")
+NOT_CRITICAL = ("data.cache", "data.cache_dir")  # where data is cached, not what it is
 
 
 def log(msg: str) -> None:
@@ -78,7 +79,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str,
         return state  # a run that died before its first checkpoint: start over in place
     old = build_config(read_yaml(old_cfg_path), name=cfg.name).to_dict()
     diffs = config_differences(old, cfg.to_dict())
-    critical = [k for k in diffs if k.startswith(RESUME_CRITICAL)]
+    critical = [k for k in diffs if k.startswith(RESUME_CRITICAL) and k not in NOT_CRITICAL]
     if critical and allow_config_change:
         log(f"warning: --allow-config-change: resuming with changed resume-critical settings: "
             f"{', '.join(critical)}")
@@ -305,9 +306,7 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     import keras
     import tensorflow as tf
 
-    from tfpretrain.data.pipeline import pack_corpus
-    from tfpretrain.data.sources import load_corpus
-    from tfpretrain.data.tokenizers import load_tokenizer, train_from_config
+    from tfpretrain.data.cache import prepare
     from tfpretrain.generation import make_sampler, sample_prompt
     from tfpretrain.models import build_from_config
     from tfpretrain.training.callbacks import StepLogger
@@ -322,16 +321,11 @@ def _fit(cfg, run_dir, resume, allow_config_change, lock, preemption) -> dict:
     keras.utils.set_random_seed(cfg.train.seed)
     # 1. data and tokenizer: all input errors surface here, before the run folder changes
     t0 = time.time()
-    corpus = load_corpus(cfg.data, cfg.train.seed)
-    log(f"data: {corpus.description}; {len(corpus.train)} train / {len(corpus.val)} val "
-        f"documents ({time.time() - t0:.1f}s)")
-    t0 = time.time()
-    if state.resume_from is not None:
-        tokenizer = load_tokenizer(run_dir / "tokenizer")
-    else:
-        tokenizer = train_from_config(cfg, corpus.train)
-    packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length,
-                         cfg.model.objective, cfg.data.packing)
+    tokenizer, packed, info = prepare(
+        cfg, run_dir / "tokenizer" if state.resume_from is not None else None, log=log)
+    if info["hit"]:
+        log(f"data: {info['description']}; {info['documents'][0]} train / "
+            f"{info['documents'][1]} val documents, from the token cache {info['cache']}")
     log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocabulary_size} ids; "
         f"{packed.train_tokens:,} train / {packed.val_tokens:,} val tokens, "
         f"{len(packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
