@@ -186,20 +186,28 @@ def strip_after_eos(ids):
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, context: int, temperature=0.0,
-                  top_k=0, top_p=1.0, seed=0):
-    """Graph-mode text in, (new token ids, prompt + continuation text) out."""
+                  top_k=0, top_p=1.0, seed=0, use_cache=None):
+    """Graph-mode text in, (new token ids, prompt + continuation text) out. ``use_cache``:
+    None decides in the graph (KV cache when prompt + continuation fit the context, else
+    the sliding window); True/False when the caller already knows (traces one path)."""
     ids = tokenizer.tokenize(prompts)
-    fits = tf.cast(ids.bounding_shape()[1], tf.int32) + 1 + tf.cast(max_new_tokens, tf.int32) \
-        <= context
-    if has_kv_cache(model):
-        # KV cache when prompt + continuation fit the context, else the sliding window
+    if has_kv_cache(model) and use_cache is not False:
         task = decoder_task(model)
-        new = tf.cond(
-            fits,
-            lambda: generate_ids_cached(task, ids, max_new_tokens, temperature, top_k, top_p,
-                                        seed),
-            lambda: generate_ids(lambda w: model(w, training=False), ids, max_new_tokens,
-                                 context, temperature, top_k, top_p, seed))
+
+        def cached():
+            return generate_ids_cached(task, ids, max_new_tokens, temperature, top_k, top_p,
+                                       seed)
+
+        def windowed():
+            return generate_ids(lambda w: model(w, training=False), ids, max_new_tokens,
+                                context, temperature, top_k, top_p, seed)
+
+        if use_cache:
+            new = cached()
+        else:
+            fits = tf.cast(ids.bounding_shape()[1], tf.int32) + 1 \
+                + tf.cast(max_new_tokens, tf.int32) <= context
+            new = tf.cond(fits, cached, windowed)
     else:
         new = generate_ids(lambda w: model(w, training=False), ids, max_new_tokens, context,
                            temperature, top_k, top_p, seed)
@@ -216,17 +224,22 @@ class Sampler:
             decoder_task(model)
         self._fn = tf.function(self._generate, reduce_retracing=True)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, use_cache):
         return generate_text(self.model, self.tokenizer, prompts, max_new_tokens, self.context,
-                             temperature, top_k, top_p, seed)
+                             temperature, top_k, top_p, seed, use_cache)
 
     def run(self, prompts: list[str], max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
             seed=0):
         """(new token ids [batch, max_new_tokens] as numpy, prompt + continuation texts)."""
-        ids, text = self._fn(tf.constant(list(prompts), tf.string),
-                             tf.constant(max_new_tokens, tf.int32),
+        prompts = tf.constant(list(prompts), tf.string)
+        # decided here, eagerly, so only one generation path is traced (the same choice the
+        # SavedModel makes in its graph)
+        longest = int(self.tokenizer.tokenize(prompts).bounding_shape()[1])
+        use_cache = longest + 1 + max_new_tokens <= self.context
+        ids, text = self._fn(prompts, tf.constant(max_new_tokens, tf.int32),
                              tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
-                             tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32))
+                             tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32),
+                             use_cache)
         return ids.numpy(), [t.decode("utf-8", errors="replace") for t in text.numpy()]
 
     def __call__(self, prompts, **kwargs):
