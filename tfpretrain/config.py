@@ -38,8 +38,8 @@ def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=
     return field(default=default, metadata=meta)
 
 
-TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpiece", "char",
-                   "byte")
+TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpiece",
+                   "bytelevel_bpe", "char", "byte")
 ARCHS = ("gpt2", "llama", "bert")
 
 

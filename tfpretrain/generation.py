@@ -39,6 +39,16 @@ def filter_logits(logits, temperature, top_k, top_p):
     return tf.where((top_p < 1.0) & (scaled < threshold), NEG_INF, scaled)
 
 
+def next_token(logits, temperature, top_k, top_p, seed, step):
+    """Greedy (temperature <= 0) or a seeded sample from filtered logits [batch, vocab]."""
+    return tf.cond(
+        temperature > 0,
+        lambda: tf.cast(tf.random.stateless_categorical(
+            filter_logits(logits, temperature, top_k, top_p), 1,
+            seed=tf.stack([seed, step]))[:, 0], tf.int32),
+        lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
 def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: int,
                  temperature=0.0, top_k=0, top_p=1.0, seed=0):
     """Continue ``prompts`` (ragged int32 [batch, None], without the leading eos).
@@ -68,12 +78,7 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
         window = tf.gather(buf, idx, batch_dims=1)
         logits = tf.cast(logits_fn(window), tf.float32)
         last = tf.gather(logits, lens - 1 - start, batch_dims=1)
-        nxt = tf.cond(
-            temperature > 0,
-            lambda: tf.cast(tf.random.stateless_categorical(
-                filter_logits(last, temperature, top_k, top_p), 1,
-                seed=tf.stack([seed, i]))[:, 0], tf.int32),
-            lambda: tf.argmax(last, axis=-1, output_type=tf.int32))
+        nxt = next_token(last, temperature, top_k, top_p, seed, i)
         nxt = tf.where(done, PAD_ID, nxt)
         buf = tf.tensor_scatter_nd_update(buf, tf.stack([rows, lens], axis=1), nxt)
         lens = lens + 1
@@ -157,12 +162,7 @@ def generate_ids_cached(task, prompts: tf.RaggedTensor, max_new_tokens, temperat
                 (done, tf.TensorShape([None]))])
             logits, _, cache = task.call_with_cache(buf[:, index - 1:index], cache, index - 1)
             last = tf.cast(logits[:, 0, :], tf.float32)
-            nxt = tf.cond(
-                temperature > 0,
-                lambda: tf.cast(tf.random.stateless_categorical(
-                    filter_logits(last, temperature, top_k, top_p), 1,
-                    seed=tf.stack([seed, index]))[:, 0], tf.int32),
-                lambda: tf.argmax(last, axis=-1, output_type=tf.int32))
+            nxt = next_token(last, temperature, top_k, top_p, seed, index)
             in_prompt = index < lens
             nxt = tf.where(in_prompt, buf[:, index], tf.where(done, PAD_ID, nxt))
             buf = tf.where(tf.equal(columns, index), nxt[:, None], buf)

@@ -12,11 +12,15 @@ Kinds:
 - ``wordpiece``: BERT's WordPiece (lowercased, accents stripped, split on whitespace and
   punctuation), trained with Hugging Face ``tokenizers`` (a keras_hub dependency), run in the
   graph by keras_hub's WordPieceTokenizer (TF Text ops).
+- ``bytelevel_bpe``: GPT-2-style byte-level BPE (no unknown tokens; text round-trips
+  exactly), trained with Hugging Face ``tokenizers``, run in the graph by keras_hub's
+  BytePairTokenizer.
 - ``char``: one id per character (nanoGPT's shakespeare_char), TF core ops only.
 - ``byte``: one id per UTF-8 byte (4 + 256 ids), TF core ops only; needs no training.
 
 A tokenizer is saved as ``<dir>/tokenizer.json`` (kind, ids, vocabulary) plus
-``<dir>/spm.model`` for SentencePiece kinds, ``<dir>/vocab.txt`` for WordPiece.
+``<dir>/spm.model`` for SentencePiece kinds, ``<dir>/vocab.txt`` for WordPiece,
+``<dir>/vocab.json`` + ``<dir>/merges.txt`` for byte-level BPE.
 """
 from __future__ import annotations
 
@@ -48,7 +52,10 @@ class Tokenizer:
     def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
         """``texts``: string tensor [batch] -> ragged int32 [batch, None]."""
         texts = tf.convert_to_tensor(texts, tf.string)
-        return self._tokenize(tf.reshape(texts, [-1]))
+        ids = self._tokenize(tf.reshape(texts, [-1]))
+        if not isinstance(ids, tf.RaggedTensor):  # keras_hub may densify equal-length rows
+            ids = tf.RaggedTensor.from_tensor(ids)
+        return ids
 
     def detokenize(self, ids) -> tf.Tensor:
         """int ids [batch, None] (dense or ragged) -> strings [batch]; specials dropped."""
@@ -226,7 +233,22 @@ class SentencePieceTokenizer(Tokenizer):
         (Path(directory) / "spm.model").write_bytes(self.proto)
 
 
-class WordPieceTokenizer(Tokenizer):
+class GraphLayerTokenizer(Tokenizer):
+    """A keras_hub tokenizer layer (``self.layer``) always run on its TF-graph path: its
+    eager path is pure Python, returns lists and can differ from the graph path."""
+
+    layer = None
+
+    def _graph(self, name, x):
+        if not tf.executing_eagerly():
+            return getattr(self.layer, name)(x)
+        fns = self.__dict__.setdefault("_eager_fns", {})
+        if name not in fns:
+            fns[name] = tf.function(getattr(self.layer, name), reduce_retracing=True)
+        return fns[name](x)
+
+
+class WordPieceTokenizer(GraphLayerTokenizer):
     """BERT WordPiece: ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK] (= pad/unk/bos/eos/mask)."""
 
     kind = "wordpiece"
@@ -261,10 +283,10 @@ class WordPieceTokenizer(Tokenizer):
         return cls(vocab)
 
     def _tokenize(self, texts):
-        return tf.cast(self.layer.tokenize(texts), tf.int32)
+        return self._graph("tokenize", texts)
 
     def _detokenize(self, ids):
-        text = self.layer.detokenize(ids)
+        text = self._graph("detokenize", ids)
         return tf.strings.regex_replace(text, r" ([.,!?;:])", r"\1")
 
     def pieces(self):
@@ -275,6 +297,64 @@ class WordPieceTokenizer(Tokenizer):
     def _save_assets(self, directory):
         (Path(directory) / "vocab.txt").write_text("\n".join(self.vocabulary) + "\n",
                                                    encoding="utf-8")
+
+
+BPE_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", MASK_TOKEN]  # ids 0..4
+
+
+class ByteLevelBPETokenizer(GraphLayerTokenizer):
+    """GPT-2-style byte-level BPE: ids 0..4 are <pad> <unk> <s> </s> [MASK]."""
+
+    kind = "bytelevel_bpe"
+
+    def __init__(self, vocabulary: dict, merges: list[str]):
+        import keras_hub
+
+        if [t for t, _ in sorted(vocabulary.items(), key=lambda kv: kv[1])][:NUM_SPECIAL] \
+                != BPE_SPECIALS:
+            raise UserError(f"byte-level BPE vocabulary must start with {BPE_SPECIALS}")
+        self.vocabulary, self.merges = dict(vocabulary), list(merges)
+        self.layer = keras_hub.tokenizers.BytePairTokenizer(
+            vocabulary=self.vocabulary, merges=self.merges, unsplittable_tokens=BPE_SPECIALS,
+            dtype="int32")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocabulary_size: int) -> "ByteLevelBPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocabulary_size, special_tokens=BPE_SPECIALS, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        model = json.loads(tok.to_str())["model"]
+        merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+        return cls(model["vocab"], merges)
+
+    def _tokenize(self, texts):
+        return self._graph("tokenize", texts)
+
+    def _detokenize(self, ids):
+        return self._graph("detokenize", ids)
+
+    def pieces(self):
+        from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+
+        bs, cs = bytes_to_unicode()  # byte strings and the characters standing for them
+        decode = dict(zip(cs, bs))
+        out = [b""] * len(self.vocabulary)
+        for token, i in self.vocabulary.items():
+            if i >= NUM_SPECIAL:
+                out[i] = b"".join(decode.get(ch, b"?") for ch in token)
+        return out
+
+    def _save_assets(self, directory):
+        (Path(directory) / "vocab.json").write_text(json.dumps(self.vocabulary,
+                                                               ensure_ascii=False))
+        (Path(directory) / "merges.txt").write_text("\n".join(self.merges) + "\n",
+                                                    encoding="utf-8")
 
 
 def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
@@ -293,11 +373,14 @@ def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
         return CharTokenizer.train(sample, vocabulary_size)
     if kind == "wordpiece":
         return WordPieceTokenizer.train(sample, vocabulary_size)
+    if kind == "bytelevel_bpe":
+        return ByteLevelBPETokenizer.train(sample, vocabulary_size)
     if kind in ("sentencepiece_bpe", "sentencepiece_unigram"):
         return SentencePieceTokenizer.train(sample, vocabulary_size, kind,
                                             character_coverage, byte_fallback, seed)
     raise UserError(f"`tokenizer.kind` must be one of sentencepiece_bpe, "
-                    f"sentencepiece_unigram, wordpiece, char, byte. Received: {kind!r}")
+                    f"sentencepiece_unigram, wordpiece, bytelevel_bpe, char, byte. "
+                    f"Received: {kind!r}")
 
 
 def from_path(path) -> Tokenizer:
@@ -369,4 +452,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     if kind == "wordpiece":
         return WordPieceTokenizer(
             (directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    if kind == "bytelevel_bpe":
+        return ByteLevelBPETokenizer(
+            json.loads((directory / "vocab.json").read_text(encoding="utf-8")),
+            (directory / "merges.txt").read_text(encoding="utf-8").splitlines())
     return SentencePieceTokenizer((directory / "spm.model").read_bytes(), kind)
