@@ -46,14 +46,15 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
     from tfpretrain.training.trainer import evaluate_split
 
     cfg, tokenizer, model = load_run(run_dir)
-    docs = _documents(cfg, data)
+    corpus = load_corpus(cfg.data, cfg.train.seed) if data is None else None
+    docs = corpus.val if corpus is not None else _documents(cfg, data)
     stream = tokenize_documents(tokenizer, docs)
     rows = make_rows(stream, cfg.model.sequence_length, cfg.model.objective, cfg.data.packing)
     if len(rows) == 0:
         raise UserError(f"--data: the text is shorter than one row of "
                         f"{cfg.model.sequence_length + 1} tokens")
-    if data is None:  # baselines from the run's training split, as fit computed them
-        stream = tokenize_documents(tokenizer, load_corpus(cfg.data, cfg.train.seed).train)
+    if corpus is not None:  # baselines from the run's training split, as fit computed them
+        stream = tokenize_documents(tokenizer, corpus.train)
     counts = np.bincount(stream, minlength=tokenizer.vocabulary_size)
     out = evaluate_split(cfg, model, tokenizer, rows, counts, max_batches)
     out.update(source=str(data) if data else "run validation split", documents=len(docs))

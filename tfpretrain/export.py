@@ -61,6 +61,9 @@ def next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
+FILL_MASK_TOP_K = 5  # predictions per [MASK] in the fill_mask signature
+
+
 def mlm_logits(model, token_ids):
     """Masked-LM logits at every position of whole rows (pad = 0 is attention-masked)."""
     import tensorflow as tf
@@ -94,9 +97,6 @@ def build_mlm_module(model, tokenizer, context: int):
 
     module.fill_mask, module.logits = fill_mask, logits
     return module, {"serving_default": fill_mask, "fill_mask": fill_mask, "logits": logits}
-
-
-FILL_MASK_TOP_K = 5
 
 
 def tokenizer_resources(tokenizer) -> list:

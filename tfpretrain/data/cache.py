@@ -124,17 +124,21 @@ class TokenCache:
     def load(self, tokenizer_dir: Path | None = None):
         """(tokenizer, PackedData, meta) from the cache, or None on a miss. With
         ``tokenizer_dir`` (a resumed run's own tokenizer), only rows made with a
-        byte-identical tokenizer count as a hit."""
+        byte-identical tokenizer count as a hit, and that tokenizer is returned."""
         from tfpretrain.data.pipeline import PackedData
 
         meta_path = self.rows_dir / "meta.json"
         if not meta_path.is_file():
             return None
         meta = json.loads(meta_path.read_text())
-        if tokenizer_dir is not None and \
-                tokenizer_digest(tokenizer_dir) != meta.get("tokenizer_sha256"):
-            return None
-        tokenizer = self.tokenizer()
+        if tokenizer_dir is not None:
+            if tokenizer_digest(tokenizer_dir) != meta.get("tokenizer_sha256"):
+                return None
+            from tfpretrain.data.tokenizers import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer_dir)
+        else:
+            tokenizer = self.tokenizer()
         if tokenizer is None:
             return None
         packed = PackedData(_read_shards(self.rows_dir, "train"),
@@ -194,8 +198,6 @@ def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool =
         hit = cache.load(run_tokenizer_dir)
         if hit is not None:
             tokenizer, packed, meta = hit
-            if run_tokenizer_dir is not None:
-                tokenizer = load_tokenizer(run_tokenizer_dir)
             return tokenizer, packed, {"description": meta["description"],
                                        "documents": (meta["train_documents"],
                                                      meta["val_documents"]),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, Tokenizer
+from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from tfpretrain.errors import UserError
 
 TOKENIZE_BATCH = 256
@@ -105,10 +105,6 @@ class PackedData:
     train_tokens: int        # tokens in the train stream
     val_tokens: int
     unigram_counts: np.ndarray  # train-token counts, [V]
-
-    def most_frequent_token(self) -> int:
-        """The most frequent real (non-special) train token: the masked-LM baseline."""
-        return int(np.argmax(self.unigram_counts[NUM_SPECIAL:])) + NUM_SPECIAL
 
 
 def pack_corpus(tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str],
