@@ -14,11 +14,14 @@ prints tokens/s for each and their ratio:
 Both see the same packed rows, batch size and sequence length; the first ``--warmup``
 steps (tracing/compilation) are excluded.
 
-``data`` writes a generated story corpus of ``--mb`` MB (default 100) and prints, per
-tokenizer kind, the cold tokenize+pack rate (tokens/s, after training the tokenizer on
-``tokenizer.train_bytes``, timed separately), the cached read rate (rows memory-mapped from
-the token cache and served by the training ``tf.data`` pipeline) and the training consumption
-rate of the config's model (``fit`` tokens/s), with the cached/consumption ratio.
+``data`` writes a generated story corpus of ``--mb`` MB (default 100; a folder of ~100 MB
+.txt shards) and prints, per tokenizer kind, the cold tokenize+pack rate on the first
+``--cold-mb`` MB in memory (tokens/s, after training the tokenizer on
+``tokenizer.train_bytes``, timed separately); the streaming ``python -m tfpretrain.data``
+prepare of the whole folder in its own process (wall time, tokens/s, peak RSS); the cached
+read rate (rows memory-mapped from that token cache and served by the training ``tf.data``
+pipeline) and the training consumption rate of the config's model (``fit`` tokens/s), with
+the cached/consumption ratio.
 
 ``generate`` times greedy generation at batch 1 (prompt ``eval.prompt``, N new tokens):
 keras_hub's own ``CausalLM.generate()`` on the run's weights as keras_hub configures it by
@@ -158,16 +161,18 @@ def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int
     return out
 
 
-def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps: int) -> dict:
+def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps: int,
+               cold_mb: float = 100.0, config_path: str | None = None,
+               overrides: list[str] = ()) -> dict:
+    import resource
     import shutil
+    import subprocess
     import tempfile
 
     import keras
-    import numpy as np
 
     from tfpretrain.data.cache import TokenCache
-    from tfpretrain.data.pipeline import make_rows, pack_corpus, tokenize_documents, \
-        train_dataset
+    from tfpretrain.data.pipeline import make_rows, tokenize_documents, train_dataset
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.synthetic import generate_stories
     from tfpretrain.data.tokenizers import train_tokenizer
@@ -178,17 +183,24 @@ def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps:
     tmp = Path(tempfile.mkdtemp(prefix="tfpretrain-bench-data-"))
     out: dict = {}
     try:
+        # the corpus: a folder of ~100 MB .txt shards of generated stories
         t0 = time.perf_counter()
-        corpus_path, written, i = tmp / "stories.txt", 0, 0
-        with open(corpus_path, "w", encoding="utf-8") as fh:
-            while written < mb * 1e6:
-                block = "\n\n".join(generate_stories(5000, cfg.train.seed + i)) + "\n\n"
-                fh.write(block)
-                written += len(block.encode("utf-8"))
-                i += 1
+        folder, written, i, shard = tmp / "corpus", 0, 0, None
+        folder.mkdir()
+        while written < mb * 1e6:
+            if shard is None or shard.tell() >= 100e6:
+                shard = open(folder / f"stories-{len(list(folder.iterdir())):04d}.txt", "w",
+                             encoding="utf-8")
+            block = "\n\n".join(generate_stories(5000, cfg.train.seed + i)) + "\n\n"
+            shard.write(block)
+            written += len(block.encode("utf-8"))
+            i += 1
+        shard.close()
         out["corpus_mb"] = round(written / 1e6, 1)
         out["generate_seconds"] = round(time.perf_counter() - t0, 1)
-        cfg.data.path = str(corpus_path)
+        # cold: each tokenizer kind on (the first shards of) the corpus, in memory
+        first = sorted(folder.iterdir())[:max(1, round(cold_mb / 100))]
+        cfg.data.path = [str(f) for f in first]
         corpus = load_corpus(cfg.data, cfg.train.seed)
         L = cfg.model.sequence_length
         for kind in kinds:
@@ -207,15 +219,35 @@ def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps:
             print(f"[bench] {kind}: {len(stream):,} tokens in {seconds:.1f}s "
                   f"({len(stream) / seconds:,.0f} tok/s), tokenizer trained in {trained:.1f}s",
                   flush=True)
-            if kind == kinds[0]:
-                packed = pack_corpus(tok, corpus.train, corpus.val, L)
-                cache = TokenCache(cfg, tmp / "cache")
-                cache.save(tok, packed, "bench", (len(corpus.train), len(corpus.val)), 0.0)
+            del stream
         del corpus
-        # cached read: memory-mapped shards -> the training input pipeline
-        packed = cache.load()[1]
+        # prepare: `python -m tfpretrain.data` on the whole folder, in its own process
+        cache_dir = tmp / "cache"
+        cmd = [sys.executable, "-m", "tfpretrain.data", "--cache-dir", str(cache_dir),
+               "--set", f"data.path={folder}"] + [x for o in overrides for x in ("--set", o)]
+        if config_path:
+            cmd += ["--config", config_path]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        ds = train_dataset(np.asarray(packed.train_rows), cfg.train.batch_size, cfg.train.seed)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"prepare failed: {proc.stderr[-2000:]}")
+        prepared = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        out["prepare_seconds"] = round(seconds, 1)
+        out["prepare_peak_rss_mb"] = round(peak / 1024) if peak > before else None
+        out["prepare_train_tokens"] = prepared["train_tokens"]
+        out["prepare_tokens_per_second"] = round(
+            (prepared["train_tokens"] + prepared["val_tokens"]) / seconds)
+        print(f"[bench] prepare ({prepared['tokenizer']}): {prepared['train_tokens']:,} train "
+              f"tokens in {seconds:.1f}s, peak RSS {out['prepare_peak_rss_mb']} MB", flush=True)
+        # cached read: memory-mapped rows -> the training input pipeline
+        cfg.data.path = str(folder)
+        cfg.data.cache_dir = str(cache_dir)
+        tok, packed, _ = TokenCache(cfg).load()
+        t0 = time.perf_counter()
+        ds = train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed)
         n = 0
         for x, _, _ in ds.take(read_batches):
             n += int(x.shape[0] * x.shape[1])
@@ -268,6 +300,8 @@ def main(argv=None) -> int:
     d.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
     d.add_argument("--kinds", default="sentencepiece_bpe,sentencepiece_unigram,wordpiece,char,"
                    "byte", help="comma-separated tokenizer kinds (the first is cached)")
+    d.add_argument("--cold-mb", type=float, default=100.0,
+                   help="MB of the corpus the per-kind cold rates are measured on")
     d.add_argument("--read-batches", type=int, default=2000)
     d.add_argument("--train-steps", type=int, default=64)
     args = p.parse_args(argv)
@@ -276,7 +310,8 @@ def main(argv=None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         result = bench_data(cfg, args.mb, [k for k in args.kinds.split(",") if k],
-                            args.read_batches, args.train_steps)
+                            args.read_batches, args.train_steps, args.cold_mb, args.config,
+                            args.overrides)
         for k, v in result.items():
             print(f"{k:>36}: {v}")
         print(json.dumps(result))

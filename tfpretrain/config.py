@@ -98,8 +98,9 @@ class TokenizerConfig:
     character_coverage: float = _f(0.9995, "SentencePiece character coverage.",
                                    min=0.0, max=1.0, min_exclusive=True)
     byte_fallback: bool = _f(True, "SentencePiece: encode unseen characters as bytes.")
-    train_bytes: int = _f(50_000_000, "At most this many bytes of training text are used "
-                          "to train the tokenizer.", min=1000)
+    train_bytes: int = _f(50_000_000, "About this many characters of training text, drawn "
+                          "by document from the whole training split (seeded), train the "
+                          "tokenizer.", min=1000)
     path: Optional[str] = _f(None, "Use an existing tokenizer instead of training one: a "
                              "tfpretrain tokenizer folder (a run's `tokenizer/`), a "
                              "SentencePiece `.model` or a WordPiece `vocab.txt` whose first "

@@ -24,11 +24,12 @@ from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 
 
 def _documents(cfg, data):
-    from tfpretrain.data.sources import load_corpus, read_documents
+    from tfpretrain.data.sources import DocumentPlan, read_documents
 
-    if data is None:
-        return load_corpus(cfg.data, cfg.train.seed).val
-    docs = [d for d in read_documents(cfg.data, cfg.train.seed, data)[0] if d.strip()]
+    if data is None:  # the run's validation split, streamed out of its sources
+        return [doc for is_val, doc in DocumentPlan(cfg.data, cfg.train.seed).route()
+                if is_val]
+    docs = read_documents(cfg.data, cfg.train.seed, data)[0]
     if not docs:
         raise UserError(f"--data: no text in {data}")
     return docs
@@ -40,24 +41,27 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
     the evaluated text's own token counts)."""
     import numpy as np
 
+    from tfpretrain.data.cache import prepare
     from tfpretrain.data.pipeline import make_rows, tokenize_documents
-    from tfpretrain.data.sources import load_corpus
     from tfpretrain.export import load_run
     from tfpretrain.training.trainer import evaluate_split
 
     cfg, tokenizer, model = load_run(run_dir)
-    corpus = load_corpus(cfg.data, cfg.train.seed) if data is None else None
-    docs = corpus.val if corpus is not None else _documents(cfg, data)
-    stream = tokenize_documents(tokenizer, docs)
-    rows = make_rows(stream, cfg.model.sequence_length, cfg.model.objective, cfg.data.packing)
-    if len(rows) == 0:
-        raise UserError(f"--data: the text is shorter than one row of "
-                        f"{cfg.model.sequence_length + 1} tokens")
-    if corpus is not None:  # baselines from the run's training split, as fit computed them
-        stream = tokenize_documents(tokenizer, corpus.train)
-    counts = np.bincount(stream, minlength=tokenizer.vocabulary_size)
-    out = evaluate_split(cfg, model, tokenizer, rows, counts, max_batches)
-    out.update(source=str(data) if data else "run validation split", documents=len(docs))
+    if data is None:  # the rows fit validated on (from the token cache when it has them)
+        _, packed, info = prepare(cfg, Path(run_dir) / "tokenizer",
+                                  log=lambda m: print(f"[tfpretrain] {m}", file=sys.stderr))
+        rows, counts, documents = packed.val_rows, packed.unigram_counts, info["documents"][1]
+    else:
+        docs = _documents(cfg, data)
+        stream = tokenize_documents(tokenizer, docs)
+        rows = make_rows(stream, cfg.model.sequence_length, cfg.model.objective,
+                         cfg.data.packing)
+        if len(rows) == 0:
+            raise UserError(f"--data: the text is shorter than one row of "
+                            f"{cfg.model.sequence_length + 1} tokens")
+        counts, documents = np.bincount(stream, minlength=tokenizer.vocabulary_size), len(docs)
+    out = evaluate_split(cfg, model, tokenizer, np.asarray(rows), counts, max_batches)
+    out.update(source=str(data) if data else "run validation split", documents=documents)
     return out
 
 

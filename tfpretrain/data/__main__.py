@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                    help="override a config key, e.g. --set data.path=corpus.txt")
     p.add_argument("--cache-dir", help="token cache folder (overrides data.cache_dir)")
     p.add_argument("--force", action="store_true",
-                   help="rebuild the entry even if the cache has it")
+                   help="rebuild the entry, tokenizer included, even if the cache has it")
     a = p.parse_args(argv)
     from tfpretrain.config import load_config
 

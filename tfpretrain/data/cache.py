@@ -2,17 +2,20 @@
 
 Two levels, each keyed by a SHA-256 fingerprint:
 - ``<cache_dir>/<tok-key>/tokenizer/``: the tokenizer, keyed by the sources (each file's
-  path, size and mtime; the embedded corpus' size; TFDS specs), everything that decides the
-  documents and the train/val split (``data.*`` except packing, ``train.seed``) and the
-  ``tokenizer.*`` settings;
-- ``<cache_dir>/<tok-key>/rows-<rows-key>/``: train and val rows as ``.npy`` shards of at
-  most ``SHARD_ROWS`` rows, train-token counts and ``meta.json``, keyed additionally by
-  ``model.sequence_length``, ``model.objective`` and ``data.packing``.
+  path, size and mtime; the embedded corpus' generator; TFDS/HF specs by name), everything
+  that decides the documents and the train/val split (``data.*`` except packing,
+  ``train.seed``) and the ``tokenizer.*`` settings;
+- ``<cache_dir>/<tok-key>/rows-<rows-key>/``: ``train.rows`` and ``val.rows`` (int32,
+  row-major, one row after the other, as numpy's ``tofile`` writes them; shapes in
+  ``meta.json``), the train-token counts ``counts.npy`` and ``meta.json``, keyed
+  additionally by ``model.sequence_length``, ``model.objective`` and ``data.packing``.
 
-Entries are written into a hidden temporary folder and renamed into place, so a killed
-writer never leaves a half-written entry that a reader would trust; a reader that finds no
-``meta.json`` treats the entry as missing. Changing a source file (size or mtime) changes
-the key: the data is re-read and re-tokenized. Shards are memory-mapped when read.
+The rows are written while the documents stream through the tokenizer, so preparing a
+corpus never holds its text or its tokens in memory, and read back memory-mapped. Entries
+are written into a hidden temporary folder and renamed into place, so a killed writer never
+leaves a half-written entry that a reader would trust; a reader that finds no ``meta.json``
+treats the entry as missing. Changing a source file (size or mtime) changes the key: the
+data is re-read and re-tokenized.
 """
 from __future__ import annotations
 
@@ -20,16 +23,17 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
+from tfpretrain.errors import UserError
 
-CACHE_VERSION = 1
-SHARD_ROWS = 1 << 16
+CACHE_VERSION = 2
+TOKENIZE_CHARS = 4 << 20  # documents go through the tokenizer in batches of this many chars
 
 
 def default_cache_dir() -> Path:
@@ -44,11 +48,40 @@ def _sources(spec) -> list:
     out = []
     for s in resolve_paths(spec):
         if isinstance(s, str) and s.startswith((TFDS_PREFIX, HF_PREFIX)):
-            out.append(s)  # keyed by name only: a changed remote dataset needs --force
+            out.append(s)  # by name; the content is checked by remote_fingerprint
         else:
             st = Path(s).stat()
             out.append([str(Path(s).resolve()), st.st_size, st.st_mtime_ns])
     return out
+
+
+def _remote_specs(cfg) -> list[str]:
+    specs = []
+    for spec in (cfg.data.path, cfg.data.val_path):
+        if spec is not None:
+            specs += [s for s in _sources(spec)
+                      if isinstance(s, str) and s.startswith((TFDS_PREFIX, HF_PREFIX))]
+    return specs
+
+
+def remote_fingerprint(spec: str) -> str | None:
+    """What identifies a remote dataset's content, where it can be found out now: for
+    ``hf://``, the ``datasets`` builder hash (the hub revision, or a local folder's files
+    and their modification times); for ``tfds://``, the builder's name/config/version.
+    None when it cannot be found out (no network, say)."""
+    try:
+        if spec.startswith(HF_PREFIX):
+            import datasets
+
+            from tfpretrain.data.sources import parse_hf
+
+            name, config, _ = parse_hf(spec)
+            return datasets.load_dataset_builder(name, config).hash
+        import tensorflow_datasets as tfds
+
+        return tfds.builder(spec[len(TFDS_PREFIX):].partition("@")[0]).info.full_name
+    except Exception:  # offline, unknown name, library missing: not known now
+        return None
 
 
 def _digest(obj) -> str:
@@ -85,23 +118,102 @@ def tokenizer_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def _write_shards(directory: Path, prefix: str, rows: np.ndarray) -> int:
-    n = max(1, -(-len(rows) // SHARD_ROWS))
-    for i in range(n):
-        np.save(directory / f"{prefix}-{i:05d}.npy", rows[i * SHARD_ROWS:(i + 1) * SHARD_ROWS])
-    return n
+def read_rows(directory: Path, split: str, rows: int, width: int) -> np.ndarray:
+    """The ``split`` rows of an entry, memory-mapped (nothing is read until used)."""
+    if rows == 0:
+        return np.zeros([0, width], np.int32)
+    return np.memmap(Path(directory) / f"{split}.rows", np.int32, "r", shape=(rows, width))
 
 
-def _read_shards(directory: Path, prefix: str) -> np.ndarray:
-    parts = [np.load(p, mmap_mode="r") for p in sorted(directory.glob(f"{prefix}-*.npy"))]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+class RowWriter:
+    """Packs one split's token stream (arriving a batch of documents at a time) into rows
+    and appends them to ``<split>.rows``."""
+
+    def __init__(self, path: Path, packer):
+        self.fh = open(path, "wb")
+        self.packer = packer
+        self.rows = self.tokens = 0
+        self.width = None
+
+    def add(self, stream: np.ndarray) -> None:
+        rows = self.packer.add(stream)
+        self.width = rows.shape[1]
+        self.fh.write(np.ascontiguousarray(rows, np.int32).tobytes())
+        self.rows += len(rows)
+        self.tokens += len(stream)
+
+    def close(self) -> None:
+        self.fh.close()
 
 
-@dataclass
-class CacheEntry:
-    path: Path
-    tokenizer_dir: Path
-    meta: dict
+def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
+    """Tokenize ``(is_val, document)`` pairs a batch at a time and write the entry's
+    ``train.rows``, ``val.rows`` and ``counts.npy`` into ``directory``; returns their
+    counts (documents, tokens, rows, row width, train bytes). Memory: one batch of
+    ``TOKENIZE_CHARS`` characters per split, whatever the corpus size."""
+    from tfpretrain.data import pipeline
+
+    L, objective, packing = cfg.model.sequence_length, cfg.model.objective, cfg.data.packing
+    writers = [RowWriter(Path(directory) / f"{split}.rows",
+                         pipeline.RowPacker(L, objective, packing)) for split in ("train", "val")]
+    counts = np.zeros(tokenizer.vocabulary_size, np.int64)
+    batches, chars, docs, train_bytes = [[], []], [0, 0], [0, 0], 0
+    t0, last_log = time.time(), time.time()
+
+    def flush(v: int) -> None:
+        stream = pipeline.tokenize_documents(tokenizer, batches[v])
+        if not v:
+            counts[:] += np.bincount(stream, minlength=len(counts))
+        writers[v].add(stream)
+        batches[v].clear()
+        chars[v] = 0
+
+    try:
+        for is_val, doc in documents:
+            v = int(is_val)
+            batches[v].append(doc)
+            chars[v] += len(doc)
+            docs[v] += 1
+            if not v:
+                train_bytes += len(doc.encode("utf-8"))
+            if chars[v] >= TOKENIZE_CHARS:
+                flush(v)
+                if log is not None and time.time() - last_log > 30:
+                    last_log = time.time()
+                    log(f"data: tokenized {writers[0].tokens:,} train tokens "
+                        f"({writers[0].tokens / (last_log - t0):,.0f}/s)")
+        for v in (0, 1):
+            if batches[v]:
+                flush(v)
+    finally:
+        for w in writers:
+            w.close()
+    width = L if objective == "mlm" else L + 1
+    train, val = writers
+    if train.rows == 0:
+        raise UserError(f"data: the training split has {train.tokens} tokens, fewer than "
+                        f"one row of {width} tokens (model.sequence_length); use more "
+                        "text or a smaller `model.sequence_length`")
+    if val.rows == 0:
+        raise UserError(f"data: the validation split has {val.tokens} tokens, fewer than "
+                        f"one row of {width} tokens (model.sequence_length); raise "
+                        "`data.val_fraction` or lower `model.sequence_length`")
+    np.save(Path(directory) / "counts.npy", counts)
+    return {"train_documents": docs[0], "val_documents": docs[1],
+            "train_tokens": int(train.tokens), "val_tokens": int(val.tokens),
+            "train_bytes": int(train_bytes), "train_rows": int(train.rows),
+            "val_rows": int(val.rows), "row_width": width}
+
+
+def load_rows(directory: Path, meta: dict):
+    """The PackedData of an entry folder, memory-mapped."""
+    from tfpretrain.data.pipeline import PackedData
+
+    w = meta["row_width"]
+    return PackedData(read_rows(directory, "train", meta["train_rows"], w),
+                      read_rows(directory, "val", meta["val_rows"], w),
+                      meta["train_tokens"], meta["val_tokens"],
+                      np.load(Path(directory) / "counts.npy"))
 
 
 class TokenCache:
@@ -121,60 +233,71 @@ class TokenCache:
             return load_tokenizer(self.tok_dir / "tokenizer")
         return None
 
-    def load(self, tokenizer_dir: Path | None = None):
-        """(tokenizer, PackedData, meta) from the cache, or None on a miss. With
-        ``tokenizer_dir`` (a resumed run's own tokenizer), only rows made with a
-        byte-identical tokenizer count as a hit, and that tokenizer is returned."""
-        from tfpretrain.data.pipeline import PackedData
-
+    def meta(self) -> dict | None:
         meta_path = self.rows_dir / "meta.json"
         if not meta_path.is_file():
             return None
         meta = json.loads(meta_path.read_text())
-        if tokenizer_dir is not None:
-            if tokenizer_digest(tokenizer_dir) != meta.get("tokenizer_sha256"):
-                return None
-            from tfpretrain.data.tokenizers import load_tokenizer
+        return meta if meta.get("version") == CACHE_VERSION else None
 
-            tokenizer = load_tokenizer(tokenizer_dir)
-        else:
-            tokenizer = self.tokenizer()
-        if tokenizer is None:
+    def changed_remote_sources(self) -> list[str]:
+        """Remote datasets whose fingerprint, where it can be found out now, differs from
+        the one recorded when the entry was written (the key holds only their names)."""
+        meta = self.meta() or {}
+        recorded = meta.get("remote_fingerprints", {})
+        changed = []
+        for spec in recorded:
+            now = remote_fingerprint(spec)
+            if now is not None and now != recorded[spec]:
+                changed.append(spec)
+        return changed
+
+    def load(self, tokenizer_dir: Path | None = None):
+        """(tokenizer, PackedData, meta) from the cache, or None on a miss. The rows count
+        only with the byte-identical tokenizer that made them: the cached one, or with
+        ``tokenizer_dir`` (a resumed run's own tokenizer) that one, which is returned."""
+        from tfpretrain.data.tokenizers import load_tokenizer
+
+        meta = self.meta()
+        if meta is None:
             return None
-        packed = PackedData(_read_shards(self.rows_dir, "train"),
-                            _read_shards(self.rows_dir, "val"), meta["train_tokens"],
-                            meta["val_tokens"], np.load(self.rows_dir / "counts.npy"))
-        return tokenizer, packed, meta
+        directory = Path(tokenizer_dir) if tokenizer_dir is not None else \
+            self.tok_dir / "tokenizer"
+        if not (directory / "tokenizer.json").is_file() or \
+                tokenizer_digest(directory) != meta.get("tokenizer_sha256"):
+            return None
+        return load_tokenizer(directory), load_rows(self.rows_dir, meta), meta
 
-    def save(self, tokenizer, packed, description: str, documents: tuple[int, int],
-             seconds: float, train_bytes: int = 0) -> dict:
-        """Write the tokenizer (if not there yet) and the rows; returns the meta."""
+    def new_entry(self) -> Path:
+        """A fresh private folder to write an entry into (published by :meth:`publish`)."""
         self.tok_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.tok_dir / "tokenizer" / "tokenizer.json").is_file():
-            tmp = self.tok_dir / f".tmp-tokenizer-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save(tmp)
-            try:
-                tmp.rename(self.tok_dir / "tokenizer")
-            except OSError:  # another process won the race: theirs is identical
-                shutil.rmtree(tmp, ignore_errors=True)
         tmp = self.tok_dir / f".tmp-{self.rows_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        meta = {"version": CACHE_VERSION, "description": description,
-                "train_documents": documents[0], "val_documents": documents[1],
-                "train_tokens": int(packed.train_tokens), "val_tokens": int(packed.val_tokens),
-                "train_bytes": int(train_bytes),
-                "train_rows": int(len(packed.train_rows)), "val_rows": int(len(packed.val_rows)),
-                "row_width": int(packed.train_rows.shape[1]),
-                "shards": {"train": _write_shards(tmp, "train", packed.train_rows),
-                           "val": _write_shards(tmp, "val", packed.val_rows)},
-                "tokenizer_kind": tokenizer.kind,
+        return tmp
+
+    def publish(self, tmp: Path, tokenizer, meta: dict, new_tokenizer: bool = False) -> dict:
+        """Store the tokenizer (if not there yet, or replacing the cached one with
+        ``new_tokenizer``: rows made by the old one then no longer load) and move the entry
+        written into ``tmp`` into place; returns the full meta."""
+        target = self.tok_dir / "tokenizer"
+        if new_tokenizer or not (target / "tokenizer.json").is_file():
+            tok_tmp = self.tok_dir / f".tmp-tokenizer-{os.getpid()}"
+            shutil.rmtree(tok_tmp, ignore_errors=True)
+            tokenizer.save(tok_tmp)
+            if new_tokenizer:
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                tok_tmp.rename(target)
+            except OSError:  # another process won the race: theirs is identical
+                shutil.rmtree(tok_tmp, ignore_errors=True)
+        meta = {"version": CACHE_VERSION, **meta, "tokenizer_kind": tokenizer.kind,
+                "remote_fingerprints": {s: remote_fingerprint(s)
+                                        for s in _remote_specs(self.cfg)},
                 "tokenizer_sha256": tokenizer_digest(self.tok_dir / "tokenizer"),
                 "sequence_length": self.cfg.model.sequence_length,
                 "objective": self.cfg.model.objective, "packing": self.cfg.data.packing,
-                "prepare_seconds": round(seconds, 2), "created": time.time()}
-        np.save(tmp / "counts.npy", packed.unigram_counts)
+                "created": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.rows_dir.exists():
             shutil.rmtree(self.rows_dir, ignore_errors=True)
@@ -187,14 +310,21 @@ class TokenCache:
 
 def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool = False):
     """(tokenizer, PackedData, info) for ``cfg``: from the cache when ``data.cache`` is on
-    and it has the entry; otherwise read, train the tokenizer (or load the run's own),
-    tokenize, pack, and write the entry. ``info``: description, documents, cache hit."""
-    from tfpretrain.data.pipeline import pack_corpus
-    from tfpretrain.data.sources import load_corpus
+    and it has the entry; otherwise stream the documents (a counting pass, the tokenizer's
+    sample, then tokenize and pack), train the tokenizer (or load the run's own) and write
+    the entry. ``info``: description, documents, train bytes, cache folder, hit."""
+    from tfpretrain.data.sources import DocumentPlan, check_split
     from tfpretrain.data.tokenizers import load_tokenizer, train_from_config
 
     cache = TokenCache(cfg) if cfg.data.cache else None
+    retrain = force
     if cache is not None and not force:
+        changed = cache.changed_remote_sources()
+        if changed:
+            log(f"data: {', '.join(changed)} changed since the token cache entry was "
+                "written; preparing it again")
+            retrain = True
+    if cache is not None and not retrain:
         hit = cache.load(run_tokenizer_dir)
         if hit is not None:
             tokenizer, packed, meta = hit
@@ -204,21 +334,33 @@ def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool =
                                        "train_bytes": meta.get("train_bytes", 0),
                                        "cache": str(cache.rows_dir), "hit": True}
     t0 = time.time()
-    corpus = load_corpus(cfg.data, cfg.train.seed)
-    log(f"data: {corpus.description}; {len(corpus.train)} train / {len(corpus.val)} val "
-        f"documents ({time.time() - t0:.1f}s)")
+    plan = DocumentPlan(cfg.data, cfg.train.seed)
+    log(f"data: {plan.description}; {sum(plan.counts):,} documents ({time.time() - t0:.1f}s)")
     if run_tokenizer_dir is not None:
         tokenizer = load_tokenizer(run_tokenizer_dir)
     else:
-        tokenizer = (cache.tokenizer() if cache is not None else None) or \
-            train_from_config(cfg, corpus.train)
-    packed = pack_corpus(tokenizer, corpus.train, corpus.val, cfg.model.sequence_length,
-                         cfg.model.objective, cfg.data.packing)
-    info = {"description": corpus.description, "documents": (len(corpus.train), len(corpus.val)),
-            "train_bytes": sum(len(d.encode("utf-8")) for d in corpus.train),
-            "cache": None, "hit": False}
-    if cache is not None and run_tokenizer_dir is None:
-        cache.save(tokenizer, packed, corpus.description, info["documents"], time.time() - t0,
-                   info["train_bytes"])
-        info["cache"] = str(cache.rows_dir)
+        tokenizer = (cache.tokenizer() if cache is not None and not retrain else None) or \
+            train_from_config(cfg, plan.tokenizer_texts(cfg.tokenizer.train_bytes))
+    # a resumed run's own tokenizer never goes into the cache (the cache's tokenizer is the
+    # one this config trains); its rows are kept in memory instead
+    keep = cache is not None and run_tokenizer_dir is None
+    tmp = cache.new_entry() if keep else Path(tempfile.mkdtemp(prefix="tfpretrain-rows-"))
+    try:
+        meta = write_rows(tmp, tokenizer, plan.route(), cfg, log)
+        check_split(meta["train_documents"], meta["val_documents"], cfg.data)
+        meta.update(description=plan.description, prepare_seconds=round(time.time() - t0, 2))
+        if keep:
+            meta = cache.publish(tmp, tokenizer, meta, new_tokenizer=retrain)
+            packed = load_rows(cache.rows_dir, meta)
+        else:
+            mapped = load_rows(tmp, meta)
+            packed = type(mapped)(np.array(mapped.train_rows), np.array(mapped.val_rows),
+                                  mapped.train_tokens, mapped.val_tokens,
+                                  mapped.unigram_counts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = {"description": plan.description,
+            "documents": (meta["train_documents"], meta["val_documents"]),
+            "train_bytes": meta["train_bytes"], "hit": False,
+            "cache": str(cache.rows_dir) if keep else None}
     return tokenizer, packed, info

@@ -98,6 +98,25 @@ def make_rows(stream: np.ndarray, sequence_length: int, objective: str = "causal
     return pack_rows(stream, sequence_length)
 
 
+class RowPacker:
+    """``make_rows`` over a stream that arrives in pieces, each ending at a document end:
+    the tokens not yet in a full row are carried into the next piece, so the rows equal
+    ``make_rows`` of the whole stream (a causal row's last token starts the next row)."""
+
+    def __init__(self, sequence_length: int, objective: str = "causal",
+                 packing: str = "concat"):
+        self.args = (sequence_length, objective, packing)
+        self.stride = 0 if packing == "pad" else \
+            sequence_length - 1 if objective == "mlm" else sequence_length
+        self.carry = np.zeros([0], np.int32)
+
+    def add(self, stream: np.ndarray) -> np.ndarray:
+        buf = np.concatenate([self.carry, stream]) if len(self.carry) else stream
+        rows = make_rows(buf, *self.args)
+        self.carry = buf[len(rows) * self.stride:] if self.stride else self.carry[:0]
+        return rows
+
+
 @dataclass
 class PackedData:
     train_rows: np.ndarray   # causal [R_train, L+1]; mlm [R_train, L]
@@ -155,6 +174,15 @@ def row_indices(step, batch_size: int, num_rows: int, seed: int) -> tf.Tensor:
     return tf.where(epoch == epoch[0], first, last)
 
 
+def read_rows(rows: np.ndarray, index: tf.Tensor) -> tf.Tensor:
+    """``rows[index]`` as an int32 tensor, read from the numpy array (the token cache's
+    memory-mapped file, usually) when the batch is made: the corpus is never copied into a
+    TensorFlow constant, so training holds one batch of it in memory, not all of it."""
+    out = tf.numpy_function(lambda i: np.asarray(rows[i], np.int32), [index], tf.int32,
+                            stateful=False)
+    return tf.ensure_shape(out, index.shape.concatenate(rows.shape[1:]))
+
+
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
                   num_steps: int | None = None, poison=(), to_batch=None) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
@@ -165,7 +193,6 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     ``[train seed, data position]`` (the masked-LM masks are drawn from it).
     """
     to_batch = to_batch or _split_xy
-    table = tf.constant(rows, tf.int32)
     n = int(rows.shape[0])
     if batch_size > n:
         raise UserError(f"`train.batch_size`={batch_size} is larger than the {n} training rows "
@@ -177,7 +204,7 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
 
     def batch_for(step):
         idx = row_indices(step, batch_size, n, seed)
-        x, y, w = to_batch(tf.gather(table, idx), tf.stack([tf.constant(seed, tf.int64), step]))
+        x, y, w = to_batch(read_rows(rows, idx), tf.stack([tf.constant(seed, tf.int64), step]))
         bad = tf.reduce_any(tf.equal(poison, step))
         return x, y, tf.where(bad, float("nan"), w)
 
@@ -192,10 +219,14 @@ def eval_dataset(rows: np.ndarray, batch_size: int, max_batches: int = 0,
                  to_batch=None) -> tf.data.Dataset:
     """Validation rows in order; the last batch may be smaller. max_batches=0: all rows."""
     to_batch = to_batch or _split_xy
-    if max_batches:
-        rows = rows[: max_batches * batch_size]
-    ds = tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).enumerate()
-    ds = ds.map(lambda i, r: to_batch(r, tf.stack([tf.constant(EVAL_SEED, tf.int64), i])))
+    n = len(rows) if not max_batches else min(len(rows), max_batches * batch_size)
+
+    def batch(i):
+        start = i * batch_size
+        index = tf.range(start, tf.minimum(start + batch_size, n))
+        return to_batch(read_rows(rows, index), tf.stack([tf.constant(EVAL_SEED, tf.int64), i]))
+
+    ds = tf.data.Dataset.range(-(-n // batch_size)).map(batch)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

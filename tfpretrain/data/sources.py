@@ -1,22 +1,40 @@
-"""Where text comes from: the embedded corpus, local files or TFDS, split into train and val.
+"""Where text comes from: the embedded corpus, local files, TFDS or Hugging Face datasets,
+streamed document by document and split into train and val.
 
-``data.path`` is a file, a glob, a directory, ``tfds://NAME[/config][@split]`` or a list of
-them. ``.txt`` files split into documents by ``data.document_separator``;
-``.jsonl``/``.json`` and ``.parquet`` read ``data.text_field``; ``.gz`` variants are read
-transparently. Undecodable bytes follow ``data.on_decode_error``: ``replace`` (U+FFFD per
-bad byte), ``skip`` (drop the documents that contain them) or ``strict`` (stop, naming the
-file and byte offset); the count is reported.
+``data.path`` is a file, a glob, a directory, ``tfds://NAME[/config][@split]``,
+``hf://OWNER/NAME[:config][@split]`` or a list of them. ``.txt`` files split into documents
+by ``data.document_separator``; ``.jsonl``/``.json`` and ``.parquet`` read
+``data.text_field``; ``.gz`` variants are read transparently. Undecodable bytes follow
+``data.on_decode_error``: ``replace`` (U+FFFD per bad byte), ``skip`` (drop the documents
+that contain them) or ``strict`` (stop, naming the file and byte offset); the count is
+reported.
+
+Memory stays bounded by the document, not the corpus: text files are read in
+``CHUNK_BYTES`` chunks, JSONL line by line, parquet by record batch, TFDS and Hugging Face
+datasets (streaming) example by example, and a document longer than
+``MAX_DOCUMENT_CHARS`` (a file with no separator, a single enormous line) is cut at
+whitespace into documents of at most that size. Only a ``.json`` file (one JSON value) is
+parsed whole.
+
+:class:`DocumentPlan` makes three kinds of pass over the sources, none holding the corpus:
+one that counts documents (and checks every record), one that draws the tokenizer's
+training sample, and one that routes each document to train or val for tokenizing.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
+import itertools
 import json
 import os
-import random
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 from tfpretrain.config import DataConfig
 from tfpretrain.data.synthetic import generate_stories
@@ -25,11 +43,15 @@ from tfpretrain.errors import UserError
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
 TFDS_PREFIX = "tfds://"
 HF_PREFIX = "hf://"
+CHUNK_BYTES = 8 << 20          # text files are read this many bytes at a time
+MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut (at whitespace) into pieces
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # one or more whitespace-only lines
 
 
 @dataclass
 class Corpus:
+    """A corpus held in memory (tests, benchmarks, small evaluations); training streams."""
     train: list[str]
     val: list[str]
     description: str
@@ -53,7 +75,7 @@ def resolve_paths(spec) -> list[Path]:
     for s in specs:
         s = os.path.expanduser(str(s))
         if s.startswith((TFDS_PREFIX, HF_PREFIX)):
-            files.append(s)  # not a file: read by read_source
+            files.append(s)  # not a file: read by iter_source
             continue
         if any(ch in s for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True) if Path(m).is_file())
@@ -85,28 +107,34 @@ class DecodeStats:
         self.bad_bytes = 0
         self.skipped_documents = 0
 
-    def decode(self, raw: bytes, path) -> str:
-        text = raw.decode("utf-8", errors="surrogateescape")
-        bad = len(_BAD_BYTE.findall(text))
-        if bad and self.policy == "strict":
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"data.path: {path}: invalid UTF-8 at byte offset {exc.start} "
-                                "(data.on_decode_error=strict); set `data.on_decode_error` to "
-                                "`replace` or `skip` to read it anyway") from None
-        self.bad_bytes += bad
+    def decoder(self):
+        """An incremental UTF-8 decoder: strict for ``strict``, else surrogateescape (each bad
+        byte becomes one lone surrogate, counted and then replaced or skipped by clean)."""
+        errors = "strict" if self.policy == "strict" else "surrogateescape"
+        return codecs.getincrementaldecoder("utf-8")(errors)
+
+    def decode(self, decoder, raw: bytes, offset: int, path, final: bool = False) -> str:
+        """Decode ``raw``, which starts at byte ``offset`` of ``path``."""
+        pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+        try:
+            text = decoder.decode(raw, final)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"data.path: {path}: invalid UTF-8 at byte offset "
+                            f"{offset - pending + exc.start} (data.on_decode_error=strict); set "
+                            "`data.on_decode_error` to `replace` or `skip` to read it "
+                            "anyway") from None
+        if self.policy != "strict":
+            self.bad_bytes += len(_BAD_BYTE.findall(text))
         return text
 
-    def clean(self, docs: list[str]) -> list[str]:
-        """Apply the policy to documents decoded with surrogateescape."""
-        if not self.bad_bytes:
-            return docs
+    def clean(self, doc: str) -> str | None:
+        """A document decoded with surrogateescape under the policy (None: skipped)."""
+        if self.policy == "strict" or not _BAD_BYTE.search(doc):
+            return doc
         if self.policy == "skip":
-            kept = [d for d in docs if not _BAD_BYTE.search(d)]
-            self.skipped_documents += len(docs) - len(kept)
-            return kept
-        return [_BAD_BYTE.sub("\ufffd", d) for d in docs]
+            self.skipped_documents += 1
+            return None
+        return _BAD_BYTE.sub("\ufffd", doc)
 
     def describe(self) -> str:
         if not self.bad_bytes:
@@ -116,72 +144,130 @@ class DecodeStats:
         return f"; {self.bad_bytes} undecodable byte(s): {what}"
 
 
-def _read_text(path: Path, stats: DecodeStats) -> str:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _cut_point(text: str, limit: int) -> int:
+    """Where to cut an over-long text: after the last whitespace in its second half of
+    ``limit`` characters, else at ``limit``."""
+    for i in range(limit - 1, limit // 2, -1):
+        if text[i].isspace():
+            return i + 1
+    return limit
+
+
+def bounded(doc: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """``doc``, cut into pieces of at most ``limit`` characters."""
+    while len(doc) > limit:
+        cut = _cut_point(doc, limit)
+        yield doc[:cut]
+        doc = doc[cut:]
+    yield doc
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _text_chunks(path: Path, stats: DecodeStats) -> Iterator[str]:
+    """The decoded text of a file, ``CHUNK_BYTES`` at a time."""
+    decoder, offset = stats.decoder(), 0
     try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
+        with _open(path) as fh:
+            while True:
+                raw = fh.read(CHUNK_BYTES)
+                text = stats.decode(decoder, raw, offset, path, final=not raw)
+                offset += len(raw)
+                if text:
+                    yield text
+                if not raw:
+                    return
     except (OSError, EOFError) as exc:
         raise UserError(f"data.path: cannot read {path}: {exc}") from None
-    return stats.decode(raw, path)
+
+
+def _complete_documents(buf: str, separator: str) -> tuple[list[str], str]:
+    """The documents that end inside ``buf`` and the text after them (the carry)."""
+    if separator == "none":
+        return [], buf
+    if separator == "blank_line":
+        matches = list(_BLANK_LINES.finditer(buf))
+        if not matches:
+            return [], buf
+        starts = [0] + [m.end() for m in matches[:-1]]
+        parts = [buf[a:m.start()] for a, m in zip(starts, matches)]
+        # the last separator stays with the carry: the next chunk may extend it
+        return parts, buf[matches[-1].start():]
+    parts = buf.split("\n" if separator == "line" else separator)
+    return parts, parts.pop()
+
+
+def split_stream(chunks, separator: str) -> Iterator[str]:
+    """Documents of text arriving in chunks, split by ``data.document_separator``. The text
+    after the last separator is carried into the next chunk, and cut when it outgrows
+    ``MAX_DOCUMENT_CHARS`` (a single enormous line never sits in memory whole)."""
+    carry = ""
+    for chunk in chunks:
+        parts, carry = _complete_documents(carry + chunk, separator)
+        yield from parts
+        while len(carry) > MAX_DOCUMENT_CHARS:
+            cut = _cut_point(carry, MAX_DOCUMENT_CHARS)
+            yield carry[:cut]
+            carry = carry[cut:]
+    yield from (_BLANK_LINES.split(carry) if separator == "blank_line" else [carry])
 
 
 def split_documents(text: str, separator: str) -> list[str]:
-    if separator == "line":
-        docs = text.split("\n")
-    elif separator == "blank_line":
-        docs, cur = [], []
-        for line in text.split("\n"):
-            if line.strip():
-                cur.append(line)
-            elif cur:
-                docs.append("\n".join(cur))
-                cur = []
-        if cur:
-            docs.append("\n".join(cur))
-    elif separator == "none":
-        docs = [text]
-    else:
-        docs = text.split(separator)
-    return [d.strip("\n") for d in docs if d.strip()]
+    """The documents of an in-memory text (what split_stream yields for it, cleaned)."""
+    return [d.strip("\n") for d in split_stream([text], separator) if d.strip()]
 
 
-def _read_json_records(path: Path, field: str, stats: DecodeStats) -> list[str]:
-    text = _read_text(path, stats)
-    docs = []
-    if _base_suffix(path) == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"data.path: {path}:{lineno}: malformed JSON line "
-                                f"({exc.msg})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"data.path: {path}: malformed JSON ({exc.msg} at line "
-                            f"{exc.lineno})") from None
-        if isinstance(data, dict):
-            data = [data]
-        records = list(enumerate(data, 1))
-    for where, rec in records:
-        if isinstance(rec, str):
-            docs.append(rec)
-            continue
-        if not isinstance(rec, dict) or field not in rec:
-            keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise UserError(f"data.path: {path} record {where} has no field {field!r} "
-                            f"(fields: {keys}); set `data.text_field`")
-        if isinstance(rec[field], str) and rec[field].strip():
-            docs.append(rec[field])
-    return docs
+def _json_text(rec, where, path, field: str) -> str | None:
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict) or field not in rec:
+        keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise UserError(f"data.path: {path} record {where} has no field {field!r} "
+                        f"(fields: {keys}); set `data.text_field`")
+    return rec[field] if isinstance(rec[field], str) else None
 
 
-def _read_parquet(path: Path, field: str) -> list[str]:
+def _read_jsonl(path: Path, field: str, stats: DecodeStats) -> Iterator[str]:
+    """One record per line, read line by line."""
+    decoder, offset = stats.decoder(), 0
+    try:
+        with _open(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = stats.decode(decoder, raw, offset, path)
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"data.path: {path}:{lineno}: malformed JSON line "
+                                    f"({exc.msg})") from None
+                text = _json_text(rec, lineno, path, field)
+                if text is not None:
+                    yield text
+            stats.decode(decoder, b"", offset, path, final=True)
+    except (OSError, EOFError) as exc:
+        raise UserError(f"data.path: cannot read {path}: {exc}") from None
+
+
+def _read_json(path: Path, field: str, stats: DecodeStats) -> Iterator[str]:
+    """A .json file is one JSON value (a list of records, or one record): parsed whole."""
+    text = "".join(_text_chunks(path, stats))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"data.path: {path}: malformed JSON ({exc.msg} at line "
+                        f"{exc.lineno})") from None
+    del text
+    for where, rec in enumerate([data] if isinstance(data, dict) else data, 1):
+        text = _json_text(rec, where, path, field)
+        if text is not None:
+            yield text
+
+
+def _read_parquet(path: Path, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -192,13 +278,11 @@ def _read_parquet(path: Path, field: str) -> list[str]:
     if field not in columns:
         raise UserError(f"data.path: {path} has no column {field!r} (columns: "
                         f"{', '.join(columns)}); set `data.text_field`")
-    docs = []
-    for batch in pf.iter_batches(columns=[field], batch_size=8192):  # bounded memory
-        docs.extend(t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
-    return docs
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
 
 
-def _read_tfds(spec: str, field: str) -> list[str]:
+def _read_tfds(spec: str, field: str) -> Iterator[str]:
     """``tfds://NAME[/config][@split]``: every example's text feature."""
     import tensorflow_datasets as tfds
 
@@ -211,7 +295,8 @@ def _read_tfds(spec: str, field: str) -> list[str]:
     if field not in ds.element_spec:
         raise UserError(f"data.path: {spec} has no feature {field!r} (features: "
                         f"{', '.join(ds.element_spec)}); set `data.text_field`")
-    return [ex[field].decode("utf-8", errors="replace") for ex in tfds.as_numpy(ds)]
+    for ex in tfds.as_numpy(ds.map(lambda e: e[field])):
+        yield ex.decode("utf-8", errors="replace")
 
 
 def parse_hf(spec: str) -> tuple[str, str | None, str]:
@@ -223,9 +308,8 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
-def _read_hf(spec: str, field: str) -> list[str]:
-    """Hugging Face ``datasets``, streamed (nothing is materialized beyond the texts), never
-    with remote code."""
+def _read_hf(spec: str, field: str) -> Iterator[str]:
+    """Hugging Face ``datasets``, streamed example by example, never with remote code."""
     try:
         import datasets
     except ImportError:
@@ -234,141 +318,249 @@ def _read_hf(spec: str, field: str) -> list[str]:
     name, config, split = parse_hf(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        first = next(iter(ds), None)
+        it = iter(ds)
+        first = next(it, None)
     except Exception as exc:  # unknown name, no network, bad split
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"data.path: cannot load {spec}: {type(exc).__name__}: {msg}") from None
     if first is None:
-        return []
+        return
     if field not in first:
         raise UserError(f"data.path: {spec} has no column {field!r} (columns: "
                         f"{', '.join(first)}); set `data.text_field`")
-    return [ex[field] for ex in ds if isinstance(ex[field], str)]
+    for ex in itertools.chain([first], it):
+        if isinstance(ex[field], str):
+            yield ex[field]
 
 
-def read_source(spec, cfg: DataConfig, stats: DecodeStats) -> list[str]:
-    """The documents of one resolved source (a file path, a tfds:// or an hf:// spec)."""
+def iter_source(spec, cfg: DataConfig, stats: DecodeStats) -> Iterator[str]:
+    """The raw texts of one resolved source (a file path, a tfds:// or an hf:// spec)."""
     if isinstance(spec, str) and spec.startswith(TFDS_PREFIX):
-        return [d for d in _read_tfds(spec, cfg.text_field) if d.strip()]
+        return _read_tfds(spec, cfg.text_field)
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
-        return [d for d in _read_hf(spec, cfg.text_field) if d.strip()]
+        return _read_hf(spec, cfg.text_field)
     suffix = _base_suffix(spec)
     if suffix == ".parquet":
         return _read_parquet(spec, cfg.text_field)
-    if suffix in (".jsonl", ".json"):
-        return stats.clean(_read_json_records(spec, cfg.text_field, stats))
-    return stats.clean(split_documents(_read_text(spec, stats), cfg.document_separator))
+    if suffix == ".jsonl":
+        return _read_jsonl(spec, cfg.text_field, stats)
+    if suffix == ".json":
+        return _read_json(spec, cfg.text_field, stats)
+    return split_stream(_text_chunks(spec, stats), cfg.document_separator)
+
+
+class Source:
+    """One ``data.path`` entry (a path, glob, directory, remote spec or list of them; None
+    for the embedded corpus): its documents, re-readable, each cleaned per
+    ``data.on_decode_error``, cut to ``MAX_DOCUMENT_CHARS`` and non-blank."""
+
+    def __init__(self, spec, cfg: DataConfig, seed: int):
+        self.spec, self.cfg, self.seed = spec, cfg, seed
+        self.sources = resolve_paths(spec) if spec is not None else []
+        self._stories = generate_stories(cfg.embedded_documents, seed) if spec is None else None
+
+    def documents(self, stats: DecodeStats | None = None) -> Iterator[str]:
+        stats = stats or DecodeStats(self.cfg.on_decode_error)
+        if self._stories is not None:
+            texts = iter(self._stories)
+        else:
+            texts = (t for s in self.sources for t in iter_source(s, self.cfg, stats))
+        for text in texts:
+            text = stats.clean(text)
+            if text is None:
+                continue
+            for piece in bounded(text):
+                piece = piece.strip("\n")
+                if piece.strip():
+                    yield piece
+
+    def describe(self, stats: DecodeStats) -> str:
+        if self._stories is not None:
+            return (f"embedded synthetic stories ({len(self._stories)} documents, "
+                    f"seed {self.seed})")
+        names = ", ".join(str(f) for f in self.sources[:3]) + \
+            (" ..." if len(self.sources) > 3 else "")
+        return f"{len(self.sources)} source(s): {names}{stats.describe()}"
 
 
 def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], str]:
-    """All documents of ``path`` (default ``cfg.path``), and a one-line description."""
-    path = cfg.path if path is None else path
-    if path is None:
-        docs = generate_stories(cfg.embedded_documents, seed)
-        return docs, f"embedded synthetic stories ({len(docs)} documents, seed {seed})"
-    sources = resolve_paths(path)
+    """All documents of ``path`` (default ``cfg.path``) in memory, and a description."""
+    source = Source(cfg.path if path is None else path, cfg, seed)
     stats = DecodeStats(cfg.on_decode_error)
-    docs: list[str] = []
-    for src in sources:
-        docs.extend(read_source(src, cfg, stats))
-    names = ", ".join(str(f) for f in sources[:3]) + (" ..." if len(sources) > 3 else "")
-    return docs, f"{len(sources)} source(s): {names}{stats.describe()}"
+    docs = list(source.documents(stats))
+    return docs, source.describe(stats)
 
 
-def _read_weighted(cfg: DataConfig, seed: int) -> tuple[list[str], list[int], str]:
-    """Documents of each ``data.path`` entry and the entry each came from."""
-    docs, origin, descs = [], [], []
-    for i, entry in enumerate(cfg.path):
-        part, desc = read_documents(cfg, seed, entry)
-        part = [d for d in part if d.strip()]
-        if not part:
-            raise UserError(f"data.path: entry {i} ({entry}) has no text; every weighted "
-                            "source must have documents")
-        docs.extend(part)
-        origin.extend([i] * len(part))
-        descs.append(desc)
-    return docs, origin, "; ".join(descs)
+def _uniforms(rng: np.random.Generator) -> Iterator[float]:
+    while True:
+        yield from rng.random(1 << 16).tolist()
 
 
-def mix(train: list[str], origin: list[int], weights: list[float], seed: int) -> tuple[
-        list[str], str]:
-    """Resample training documents so that source i holds weights[i] / sum(weights) of the
-    training bytes (the total stays the same): whole copies plus a seeded random subset."""
-    rng = random.Random(seed + 7919)
-    sizes = [0] * len(weights)
-    by_source: list[list[str]] = [[] for _ in weights]
-    for d, o in zip(train, origin):
-        by_source[o].append(d)
-        sizes[o] += len(d.encode("utf-8"))
-    total, wsum = sum(sizes), sum(weights)
-    out, parts = [], []
-    for i, docs in enumerate(by_source):
-        if not docs:
-            raise UserError(f"data.weights: source {i} has no training documents left after "
-                            "the validation split")
-        factor = weights[i] / wsum * total / max(1, sizes[i])
-        whole, frac = int(factor), factor - int(factor)
-        picked = docs * whole + rng.sample(docs, round(frac * len(docs)))
-        out.extend(picked)
-        parts.append(f"source {i} x{factor:.2f}")
-    rng.shuffle(out)
-    return out, "mixed " + ", ".join(parts)
+class DocumentPlan:
+    """Which document goes to train and which to val, decided by one counting pass over the
+    sources (which also checks every record, so bad input fails before anything is
+    trained); :meth:`route` then streams ``(is_val, document)`` pairs as often as needed.
+
+    - ``data.val_path``: all of ``data.path`` trains, all of ``val_path`` validates.
+    - ``split: documents``: a seeded random set of round(val_fraction * n) documents.
+    - ``split: tail``: the last ``val_fraction`` of the characters (nanoGPT's split).
+    - ``data.weights``: each entry's training documents are repeated (whole copies, each
+      copy a separate pass over the source, plus a seeded subset) so that entry i holds
+      weights[i] / sum(weights) of the training bytes; validation is not resampled.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.stats = DecodeStats(cfg.on_decode_error)
+        specs = list(cfg.path) if cfg.weights else [cfg.path]
+        self.sources = [Source(s, cfg, seed) for s in specs]
+        sizes, self.counts, chars = array("q"), [], 0
+        for i, source in enumerate(self.sources):
+            n = 0
+            for doc in source.documents(self.stats):
+                sizes.append(len(doc.encode("utf-8")))
+                chars += len(doc)
+                n += 1
+            if cfg.weights and not n:
+                raise UserError(f"data.path: entry {i} ({source.spec}) has no text; every "
+                                "weighted source must have documents")
+            self.counts.append(n)
+        self.sizes = np.frombuffer(sizes, np.int64) if len(sizes) else np.zeros(0, np.int64)
+        self.chars = chars
+        where = "; ".join(s.describe(self.stats) for s in self.sources)
+        self.description = where
+        n = int(sum(self.counts))
+        if not n:
+            what = where if cfg.path is not None else "the embedded corpus"
+            raise UserError(f"data.path: the corpus is empty (no non-whitespace text in "
+                            f"{what})")
+        self.val_source = None
+        self.val_mask = np.zeros(n, bool)
+        self.copies: list[tuple[int, np.ndarray]] = []
+        if cfg.val_path is not None:
+            self.val_source = Source(cfg.val_path, cfg, seed)
+            vstats = DecodeStats(cfg.on_decode_error)
+            self.val_documents = sum(1 for _ in self.val_source.documents(vstats))
+            if not self.val_documents:
+                raise UserError(f"data.val_path: no text in {self.val_source.describe(vstats)}")
+            self.description += f"; validation: {self.val_source.describe(vstats)}"
+            self.train_documents = n
+            self.expected_train_bytes = int(self.sizes.sum())
+        elif cfg.split == "tail":
+            self.train_documents = self.val_documents = None  # known after a route
+            self.expected_train_bytes = int(self.sizes.sum() * (1 - cfg.val_fraction))
+        else:
+            if n < 2:
+                what = where if cfg.path is not None else "the embedded corpus"
+                raise UserError(f"data.split=documents needs at least 2 documents; {what} has "
+                                "1. Use `data.split: tail` or a different "
+                                "`data.document_separator`.")
+            n_val = min(n - 1, max(1, round(cfg.val_fraction * n)))
+            self.val_mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+            self.val_documents = n_val
+            self.train_documents = n - n_val
+            self.expected_train_bytes = int(self.sizes[~self.val_mask].sum())
+            if cfg.weights:
+                self._plan_mix()
+
+    def _plan_mix(self) -> None:
+        """Per entry: (whole copies, which training documents get one more)."""
+        rng = np.random.default_rng([self.seed, 7919])
+        bounds = np.cumsum([0] + self.counts)
+        train_sizes = []
+        for i in range(len(self.sources)):
+            keep = ~self.val_mask[bounds[i]:bounds[i + 1]]
+            if not keep.any():
+                raise UserError(f"data.weights: source {i} has no training documents left "
+                                "after the validation split")
+            train_sizes.append((int(keep.sum()), int(self.sizes[bounds[i]:bounds[i + 1]][keep]
+                                                     .sum())))
+        total, wsum = sum(b for _, b in train_sizes), sum(self.cfg.weights)
+        parts, self.train_documents, self.expected_train_bytes = [], 0, 0
+        for i, (n_train, size) in enumerate(train_sizes):
+            factor = self.cfg.weights[i] / wsum * total / max(1, size)
+            whole = int(factor)
+            extra = np.zeros(n_train, bool)
+            extra[rng.choice(n_train, round((factor - whole) * n_train), replace=False)] = True
+            self.copies.append((whole, extra))
+            self.train_documents += whole * n_train + int(extra.sum())
+            self.expected_train_bytes += round(factor * size)
+            parts.append(f"source {i} x{factor:.2f}")
+        self.description += "; mixed " + ", ".join(parts)
+
+    def route(self) -> Iterator[tuple[bool, str]]:
+        """``(is_val, document)`` for every document, in a fixed order."""
+        if self.val_source is not None:
+            for doc in self.sources[0].documents():
+                yield False, doc
+            for doc in self.val_source.documents():
+                yield True, doc
+        elif self.cfg.split == "tail":
+            yield from self._route_tail()
+        elif self.copies:
+            yield from self._route_mix()
+        else:
+            for g, doc in enumerate(self.sources[0].documents()):
+                yield bool(self.val_mask[g]), doc
+
+    def _route_tail(self) -> Iterator[tuple[bool, str]]:
+        cut, pos = int(self.chars * (1.0 - self.cfg.val_fraction)), 0
+        for doc in self.sources[0].documents():
+            if pos + len(doc) <= cut:
+                yield False, doc
+            elif pos >= cut:
+                yield True, doc
+            else:
+                k = cut - pos
+                if doc[:k].strip():
+                    yield False, doc[:k]
+                if doc[k:].strip():
+                    yield True, doc[k:]
+            pos += len(doc)
+
+    def _route_mix(self) -> Iterator[tuple[bool, str]]:
+        bounds = np.cumsum([0] + self.counts)
+        for copy in range(max(whole for whole, _ in self.copies) + 1):
+            for i, (source, (whole, extra)) in enumerate(zip(self.sources, self.copies)):
+                if not (copy == 0 or copy < whole or (copy == whole and extra.any())):
+                    continue  # nothing of this source in this pass
+                mask, t = self.val_mask[bounds[i]:bounds[i + 1]], 0
+                for j, doc in enumerate(source.documents()):
+                    if mask[j]:
+                        if copy == 0:
+                            yield True, doc
+                        continue
+                    if copy < whole or extra[t]:
+                        yield False, doc
+                    t += 1
+
+    def tokenizer_texts(self, limit: int) -> Iterator[str]:
+        """Training text for the tokenizer: about ``limit`` characters drawn uniformly (by
+        document, seeded) from the whole training stream, not just its beginning. Lazy: a
+        tokenizer that is loaded, not trained, reads nothing."""
+        p = min(1.0, limit / max(1, self.expected_train_bytes))
+        draws = _uniforms(np.random.default_rng([self.seed, 104729]))
+        total = 0
+        for is_val, doc in self.route():
+            if is_val or (p < 1.0 and next(draws) >= p):
+                continue
+            yield doc[: limit - total]
+            total += min(len(doc), limit - total)
+            if total >= limit:
+                return
 
 
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
-    origin = None
-    if cfg.weights:
-        docs, origin, desc = _read_weighted(cfg, seed)
-    else:
-        docs, desc = read_documents(cfg, seed)
-    if origin is None:
-        docs = [d for d in docs if d.strip()]
-    where = desc if cfg.path is not None else "the embedded corpus"
-    if not docs:
-        raise UserError(f"data.path: the corpus is empty (no non-whitespace text in {where})")
-    if cfg.val_path is not None:
-        val, val_desc = read_documents(cfg, seed, cfg.val_path)
-        val = [d for d in val if d.strip()]
-        if not val:
-            raise UserError(f"data.val_path: no text in {val_desc}")
-        return Corpus(train=docs, val=val, description=f"{desc}; validation: {val_desc}")
-    if cfg.split == "tail":
-        train, val = _split_tail(docs, cfg.val_fraction)
-    else:
-        if len(docs) < 2:
-            raise UserError(f"data.split=documents needs at least 2 documents; {where} has 1. "
-                            "Use `data.split: tail` or a different `data.document_separator`.")
-        order = list(range(len(docs)))
-        random.Random(seed).shuffle(order)
-        n_val = min(len(docs) - 1, max(1, round(cfg.val_fraction * len(docs))))
-        val_idx = set(order[:n_val])
-        train = [d for i, d in enumerate(docs) if i not in val_idx]
-        val = [d for i, d in enumerate(docs) if i in val_idx]
-        if origin is not None:
-            train, how = mix(train, [o for i, o in enumerate(origin) if i not in val_idx],
-                             cfg.weights, seed)
-            desc = f"{desc}; {how}"
-    return Corpus(train=train, val=val, description=desc)
+    """The whole corpus in memory (small data: tests, benchmarks, evaluation)."""
+    plan = DocumentPlan(cfg, seed)
+    train, val = [], []
+    for is_val, doc in plan.route():
+        (val if is_val else train).append(doc)
+    check_split(len(train), len(val), cfg)
+    return Corpus(train=train, val=val, description=plan.description)
 
 
-def _split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """The last ``fraction`` of the characters is validation (nanoGPT's split)."""
-    total = sum(len(d) for d in docs)
-    cut = int(total * (1.0 - fraction))
-    train, val, pos = [], [], 0
-    for d in docs:
-        if pos + len(d) <= cut:
-            train.append(d)
-        elif pos >= cut:
-            val.append(d)
-        else:
-            k = cut - pos
-            if d[:k].strip():
-                train.append(d[:k])
-            if d[k:].strip():
-                val.append(d[k:])
-        pos += len(d)
-    if not train or not val:
+def check_split(n_train: int, n_val: int, cfg: DataConfig) -> None:
+    if (not n_train or not n_val) and cfg.split == "tail" and cfg.val_path is None:
         raise UserError("data.split=tail: the corpus is too small to hold out "
-                        f"{fraction:.0%} for validation")
-    return train, val
+                        f"{cfg.val_fraction:.0%} for validation")

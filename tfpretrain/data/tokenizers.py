@@ -357,18 +357,18 @@ class ByteLevelBPETokenizer(GraphLayerTokenizer):
                                                     encoding="utf-8")
 
 
-def train_tokenizer(kind: str, texts: list[str], vocabulary_size: int,
+def train_tokenizer(kind: str, texts: Iterable[str], vocabulary_size: int,
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
                     train_bytes: int = 50_000_000, seed: int = 0) -> Tokenizer:
     """Train ``kind`` on at most ``train_bytes`` of ``texts`` (the training split)."""
+    if kind == "byte":
+        return ByteTokenizer()
     sample, total = [], 0
     for t in texts:
         if total >= train_bytes:
             break
         sample.append(t[: max(0, train_bytes - total)])
         total += len(sample[-1])
-    if kind == "byte":
-        return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.train(sample, vocabulary_size)
     if kind == "wordpiece":
@@ -420,9 +420,9 @@ def from_path(path) -> Tokenizer:
     return SentencePieceTokenizer(proto, kind)
 
 
-def train_from_config(cfg, texts: list[str]) -> Tokenizer:
+def train_from_config(cfg, texts: Iterable[str]) -> Tokenizer:
     """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed), or
-    the tokenizer at ``tokenizer.path``."""
+    the tokenizer at ``tokenizer.path`` (``texts``, possibly lazy, is then not read)."""
     tc = cfg.tokenizer
     if tc.path:
         return from_path(tc.path)
