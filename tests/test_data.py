@@ -236,8 +236,8 @@ def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert not info["hit"] and Path(info["cache"], "meta.json").is_file()
     # second time: nothing is read or tokenized
     calls = []
-    real = pipeline.tokenize_documents
-    monkeypatch.setattr(pipeline, "tokenize_documents",
+    real = pipeline.tokenize_batches
+    monkeypatch.setattr(pipeline, "tokenize_batches",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     tok2, packed2, info2 = cache_mod.prepare(cfg, log=lambda m: None)
     assert info2["hit"] and not calls

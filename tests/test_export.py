@@ -99,7 +99,7 @@ def test_evaluate_reproduces_the_runs_val_metrics(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     import numpy as np
 

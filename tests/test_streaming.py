@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from tfpretrain.data import cache as cache_mod
-from tfpretrain.data import sources
+from tfpretrain.data import pipeline, sources
 from tfpretrain.data.pipeline import pack_corpus
 from tfpretrain.data.sources import DocumentPlan, load_corpus, split_stream
 from tfpretrain.data.synthetic import generate_stories
@@ -112,7 +112,7 @@ def test_streamed_rows_equal_rows_of_the_whole_corpus(tmp_path, monkeypatch, obj
                                                       packing):
     """prepare tokenizes a few documents at a time and carries partial rows between
     batches; its rows are exactly pack_corpus' rows of the whole corpus in memory."""
-    monkeypatch.setattr(cache_mod, "TOKENIZE_CHARS", 700)  # ~2 documents per batch
+    monkeypatch.setattr(pipeline, "TOKENIZE_BATCH", 3)  # partial rows carried across batches
     (tmp_path / "c.txt").write_text("\n\n".join(DOCS))
     model = {"arch": "bert"} if objective == "mlm" else {}
     cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "c.txt"), "packing": packing,

@@ -164,7 +164,6 @@ def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int
 def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps: int,
                cold_mb: float = 100.0, config_path: str | None = None,
                overrides: list[str] = ()) -> dict:
-    import resource
     import shutil
     import subprocess
     import tempfile
@@ -227,16 +226,14 @@ def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps:
                "--set", f"data.path={folder}"] + [x for o in overrides for x in ("--set", o)]
         if config_path:
             cmd += ["--config", config_path]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"prepare failed: {proc.stderr[-2000:]}")
         prepared = json.loads(proc.stdout.strip().splitlines()[-1])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         out["prepare_seconds"] = round(seconds, 1)
-        out["prepare_peak_rss_mb"] = round(peak / 1024) if peak > before else None
+        out["prepare_peak_rss_mb"] = prepared["peak_rss_mb"]
         out["prepare_train_tokens"] = prepared["train_tokens"]
         out["prepare_tokens_per_second"] = round(
             (prepared["train_tokens"] + prepared["val_tokens"]) / seconds)

@@ -7,6 +7,8 @@ The "prepare once on a CPU box, train on the GPU box" workflow: run this where t
 copy the cache folder it prints (or point ``data.cache_dir`` at shared storage), and fit
 with the same config. Prints documents, tokens, bytes per token, vocabulary coverage (the
 share of the vocabulary that occurs in the training tokens) and time, then one JSON line.
+The documents stream through (see :mod:`tfpretrain.data.sources`): a corpus larger than
+memory is prepared in bounded memory.
 """
 from __future__ import annotations
 
@@ -16,6 +18,18 @@ import sys
 import time
 
 from tfpretrain.errors import cli_main, quiet_tensorflow
+
+
+def peak_rss_mb() -> int | None:
+    """This process' peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the
+    parent that forked it), in MB; None where /proc is not there."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return None
 
 
 @cli_main
@@ -57,7 +71,8 @@ def main(argv=None) -> int:
            "train_bytes": int(info["train_bytes"]),
            "bytes_per_token": round(info["train_bytes"] / max(1, packed.train_tokens), 3),
            "tokenizer": tokenizer.kind, "vocabulary_size": tokenizer.vocabulary_size,
-           "vocabulary_coverage": round(coverage, 4), "seconds": round(seconds, 2)}
+           "vocabulary_coverage": round(coverage, 4), "seconds": round(seconds, 2),
+           "peak_rss_mb": peak_rss_mb()}
     print(f"[tfpretrain] {'cache hit' if info['hit'] else 'prepared'}: {out['train_documents']:,}"
           f" train / {out['val_documents']:,} val documents, {out['train_tokens']:,} train "
           f"tokens ({out['bytes_per_token']} bytes/token), {tokenizer.kind} vocabulary "

@@ -33,7 +33,6 @@ from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
 from tfpretrain.errors import UserError
 
 CACHE_VERSION = 2
-TOKENIZE_CHARS = 4 << 20  # documents go through the tokenizer in batches of this many chars
 
 
 def default_cache_dir() -> Path:
@@ -146,45 +145,48 @@ class RowWriter:
         self.fh.close()
 
 
+def document_batches(documents, size: int):
+    """``((split, utf-8 bytes), documents)``: the ``(is_val, document)`` pairs gathered into
+    batches of ``size`` documents per split (0 train, 1 val), in order."""
+    batches, nbytes = [[], []], [0, 0]
+    for is_val, doc in documents:
+        v = int(is_val)
+        batches[v].append(doc)
+        nbytes[v] += len(doc.encode("utf-8"))
+        if len(batches[v]) == size:
+            yield (v, nbytes[v]), batches[v]
+            batches[v], nbytes[v] = [], 0
+    for v in (0, 1):
+        if batches[v]:
+            yield (v, nbytes[v]), batches[v]
+
+
 def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
     """Tokenize ``(is_val, document)`` pairs a batch at a time and write the entry's
     ``train.rows``, ``val.rows`` and ``counts.npy`` into ``directory``; returns their
-    counts (documents, tokens, rows, row width, train bytes). Memory: one batch of
-    ``TOKENIZE_CHARS`` characters per split, whatever the corpus size."""
+    counts (documents, tokens, rows, row width, train bytes). Memory: a few batches of
+    ``TOKENIZE_BATCH`` documents, whatever the corpus size."""
     from tfpretrain.data import pipeline
 
     L, objective, packing = cfg.model.sequence_length, cfg.model.objective, cfg.data.packing
     writers = [RowWriter(Path(directory) / f"{split}.rows",
                          pipeline.RowPacker(L, objective, packing)) for split in ("train", "val")]
     counts = np.zeros(tokenizer.vocabulary_size, np.int64)
-    batches, chars, docs, train_bytes = [[], []], [0, 0], [0, 0], 0
-    t0, last_log = time.time(), time.time()
-
-    def flush(v: int) -> None:
-        stream = pipeline.tokenize_documents(tokenizer, batches[v])
-        if not v:
-            counts[:] += np.bincount(stream, minlength=len(counts))
-        writers[v].add(stream)
-        batches[v].clear()
-        chars[v] = 0
-
+    docs, train_bytes = [0, 0], 0
+    t0 = last_log = time.time()
     try:
-        for is_val, doc in documents:
-            v = int(is_val)
-            batches[v].append(doc)
-            chars[v] += len(doc)
-            docs[v] += 1
+        batches = document_batches(documents, pipeline.TOKENIZE_BATCH)
+        for (v, nbytes, n), stream in pipeline.tokenize_batches(
+                tokenizer, (((v, nbytes, len(b)), b) for (v, nbytes), b in batches)):
             if not v:
-                train_bytes += len(doc.encode("utf-8"))
-            if chars[v] >= TOKENIZE_CHARS:
-                flush(v)
-                if log is not None and time.time() - last_log > 30:
-                    last_log = time.time()
-                    log(f"data: tokenized {writers[0].tokens:,} train tokens "
-                        f"({writers[0].tokens / (last_log - t0):,.0f}/s)")
-        for v in (0, 1):
-            if batches[v]:
-                flush(v)
+                counts += np.bincount(stream, minlength=len(counts))
+                train_bytes += nbytes
+            writers[v].add(stream)
+            docs[v] += n
+            if log is not None and time.time() - last_log > 30:
+                last_log = time.time()
+                log(f"data: tokenized {writers[0].tokens:,} train tokens "
+                    f"({writers[0].tokens / (last_log - t0):,.0f}/s)")
     finally:
         for w in writers:
             w.close()

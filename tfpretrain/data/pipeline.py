@@ -31,24 +31,34 @@ from tfpretrain.errors import UserError
 TOKENIZE_BATCH = 256
 
 
-def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
-    """All documents as one int32 stream, each followed by eos. Tokenized inside tf.data."""
-    if not docs:
-        return np.zeros([0], np.int32)
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(docs, tf.string))
-    ds = ds.batch(TOKENIZE_BATCH).map(
-        lambda t: tokenizer.tokenize(t), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+def tokenize_batches(tokenizer: Tokenizer, batches):
+    """``(tags, ids)`` for each ``(tags, documents)`` of ``batches`` (tags: a tuple of ints
+    passed through; documents: at most ``TOKENIZE_BATCH`` strings): the documents' ids as
+    one int32 stream, each document followed by eos. One ``tf.data`` pipeline tokenizes
+    the batches in parallel, in order, while the Python iterator reads ahead."""
     eos = tf.constant([[EOS_ID]], tf.int32)
 
-    def with_eos(ragged):
-        n = ragged.nrows()
-        return tf.concat([ragged, tf.RaggedTensor.from_tensor(tf.tile(eos, [n, 1]))],
-                         axis=1).flat_values
+    def tokenize(tags, texts):
+        ragged = tokenizer.tokenize(texts)
+        ends = tf.RaggedTensor.from_tensor(tf.tile(eos, [ragged.nrows(), 1]))
+        return tags, tf.concat([ragged, ends], axis=1).flat_values
 
-    ds = ds.map(with_eos, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    parts = [p.numpy() for p in ds.prefetch(tf.data.AUTOTUNE)]
-    return np.concatenate(parts).astype(np.int32)
+    def generate():
+        for tags, docs in batches:
+            yield np.asarray(tags, np.int64), np.asarray(docs, object)
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string)))
+    ds = ds.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for tags, ids in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        yield tuple(int(t) for t in tags), ids.astype(np.int32, copy=False)
+
+
+def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """All documents as one int32 stream, each followed by eos (see tokenize_batches)."""
+    chunks = (((), docs[i:i + TOKENIZE_BATCH]) for i in range(0, len(docs), TOKENIZE_BATCH))
+    parts = [ids for _, ids in tokenize_batches(tokenizer, chunks)]
+    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
 
 
 def pack_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
