@@ -374,13 +374,13 @@ class Source:
                 if piece.strip():
                     yield piece
 
-    def describe(self, stats: DecodeStats) -> str:
+    def describe(self) -> str:
         if self._stories is not None:
             return (f"embedded synthetic stories ({len(self._stories)} documents, "
                     f"seed {self.seed})")
         names = ", ".join(str(f) for f in self.sources[:3]) + \
             (" ..." if len(self.sources) > 3 else "")
-        return f"{len(self.sources)} source(s): {names}{stats.describe()}"
+        return f"{len(self.sources)} source(s): {names}"
 
 
 def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], str]:
@@ -388,7 +388,7 @@ def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], st
     source = Source(cfg.path if path is None else path, cfg, seed)
     stats = DecodeStats(cfg.on_decode_error)
     docs = list(source.documents(stats))
-    return docs, source.describe(stats)
+    return docs, source.describe() + stats.describe()
 
 
 def _uniforms(rng: np.random.Generator) -> Iterator[float]:
@@ -427,8 +427,8 @@ class DocumentPlan:
             self.counts.append(n)
         self.sizes = np.frombuffer(sizes, np.int64) if len(sizes) else np.zeros(0, np.int64)
         self.chars = chars
-        where = "; ".join(s.describe(self.stats) for s in self.sources)
-        self.description = where
+        where = "; ".join(s.describe() for s in self.sources)
+        self.description = where + self.stats.describe()
         n = int(sum(self.counts))
         if not n:
             what = where if cfg.path is not None else "the embedded corpus"
@@ -440,14 +440,11 @@ class DocumentPlan:
         if cfg.val_path is not None:
             self.val_source = Source(cfg.val_path, cfg, seed)
             vstats = DecodeStats(cfg.on_decode_error)
-            self.val_documents = sum(1 for _ in self.val_source.documents(vstats))
-            if not self.val_documents:
-                raise UserError(f"data.val_path: no text in {self.val_source.describe(vstats)}")
-            self.description += f"; validation: {self.val_source.describe(vstats)}"
-            self.train_documents = n
+            if not sum(1 for _ in self.val_source.documents(vstats)):  # checks every record
+                raise UserError(f"data.val_path: no text in {self.val_source.describe()}")
+            self.description += f"; validation: {self.val_source.describe()}{vstats.describe()}"
             self.expected_train_bytes = int(self.sizes.sum())
         elif cfg.split == "tail":
-            self.train_documents = self.val_documents = None  # known after a route
             self.expected_train_bytes = int(self.sizes.sum() * (1 - cfg.val_fraction))
         else:
             if n < 2:
@@ -457,8 +454,6 @@ class DocumentPlan:
                                 "`data.document_separator`.")
             n_val = min(n - 1, max(1, round(cfg.val_fraction * n)))
             self.val_mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-            self.val_documents = n_val
-            self.train_documents = n - n_val
             self.expected_train_bytes = int(self.sizes[~self.val_mask].sum())
             if cfg.weights:
                 self._plan_mix()
@@ -476,14 +471,13 @@ class DocumentPlan:
             train_sizes.append((int(keep.sum()), int(self.sizes[bounds[i]:bounds[i + 1]][keep]
                                                      .sum())))
         total, wsum = sum(b for _, b in train_sizes), sum(self.cfg.weights)
-        parts, self.train_documents, self.expected_train_bytes = [], 0, 0
+        parts, self.expected_train_bytes = [], 0
         for i, (n_train, size) in enumerate(train_sizes):
             factor = self.cfg.weights[i] / wsum * total / max(1, size)
             whole = int(factor)
             extra = np.zeros(n_train, bool)
             extra[rng.choice(n_train, round((factor - whole) * n_train), replace=False)] = True
             self.copies.append((whole, extra))
-            self.train_documents += whole * n_train + int(extra.sum())
             self.expected_train_bytes += round(factor * size)
             parts.append(f"source {i} x{factor:.2f}")
         self.description += "; mixed " + ", ".join(parts)
