@@ -39,12 +39,14 @@ def test_chunked_split_equals_whole_split(separator, text):
         assert got == whole, chunks
 
 
-@pytest.mark.parametrize("name", ["c.txt", "c.txt.gz", "c.jsonl"])
+@pytest.mark.parametrize("name", ["c.txt", "c.txt.gz", "c.jsonl", "c.json.gz"])
 def test_files_read_in_small_chunks_give_the_same_documents(tmp_path, monkeypatch, name):
     docs = [d + " naïve café ☃" for d in DOCS[:60]]
     path = tmp_path / name
     if name.startswith("c.jsonl"):
         data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    elif name.startswith("c.json"):  # one JSON value: a list of records
+        data = json.dumps([{"text": d} for d in docs], ensure_ascii=False)
     else:
         data = "\n\n".join(docs)
     (gzip.open if name.endswith(".gz") else open)(path, "wb").write(data.encode("utf-8"))
@@ -186,3 +188,11 @@ def test_a_changed_remote_dataset_is_prepared_again(tmp_path):
     assert not info["hit"] and any("changed since" in m for m in logs)
     assert second.train_tokens + second.val_tokens > first.train_tokens + first.val_tokens
     assert cache_mod.prepare(cfg, log=logs.append)[2]["hit"]  # and is cached again
+
+
+def test_malformed_json_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"text": "ok"},\n {"text": oops}]')
+    cfg = tiny_config(tmp_path, data={"path": str(path)})
+    with pytest.raises(UserError, match=r"d\.json: malformed JSON \(.* at line 2\)"):
+        DocumentPlan(cfg.data, 0)
