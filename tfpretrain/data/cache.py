@@ -132,11 +132,9 @@ class RowWriter:
         self.fh = open(path, "wb")
         self.packer = packer
         self.rows = self.tokens = 0
-        self.width = None
 
     def add(self, stream: np.ndarray) -> None:
         rows = self.packer.add(stream)
-        self.width = rows.shape[1]
         self.fh.write(np.ascontiguousarray(rows, np.int32).tobytes())
         self.rows += len(rows)
         self.tokens += len(stream)
@@ -146,19 +144,19 @@ class RowWriter:
 
 
 def document_batches(documents, size: int):
-    """``((split, utf-8 bytes), documents)``: the ``(is_val, document)`` pairs gathered into
-    batches of ``size`` documents per split (0 train, 1 val), in order."""
+    """``((split, utf-8 bytes, count), documents)``: the ``(is_val, document)`` pairs
+    gathered into batches of ``size`` documents per split (0 train, 1 val), in order."""
     batches, nbytes = [[], []], [0, 0]
     for is_val, doc in documents:
         v = int(is_val)
         batches[v].append(doc)
         nbytes[v] += len(doc.encode("utf-8"))
         if len(batches[v]) == size:
-            yield (v, nbytes[v]), batches[v]
+            yield (v, nbytes[v], size), batches[v]
             batches[v], nbytes[v] = [], 0
     for v in (0, 1):
         if batches[v]:
-            yield (v, nbytes[v]), batches[v]
+            yield (v, nbytes[v], len(batches[v])), batches[v]
 
 
 def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
@@ -176,8 +174,7 @@ def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
     t0 = last_log = time.time()
     try:
         batches = document_batches(documents, pipeline.TOKENIZE_BATCH)
-        for (v, nbytes, n), stream in pipeline.tokenize_batches(
-                tokenizer, (((v, nbytes, len(b)), b) for (v, nbytes), b in batches)):
+        for (v, nbytes, n), stream in pipeline.tokenize_batches(tokenizer, batches):
             if not v:
                 counts += np.bincount(stream, minlength=len(counts))
                 train_bytes += nbytes
