@@ -145,12 +145,10 @@ class DecodeStats:
 
 
 def _cut_point(text: str, limit: int) -> int:
-    """Where to cut an over-long text: after the last whitespace in its second half of
-    ``limit`` characters, else at ``limit``."""
-    for i in range(limit - 1, limit // 2, -1):
-        if text[i].isspace():
-            return i + 1
-    return limit
+    """Where to cut an over-long text: after the last space, newline or tab in the second
+    half of its first ``limit`` characters, else at ``limit``."""
+    i = max(text.rfind(c, limit // 2, limit) for c in " \n\t")
+    return i + 1 if i >= 0 else limit
 
 
 def bounded(doc: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
