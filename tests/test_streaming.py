@@ -196,3 +196,23 @@ def test_malformed_json_file_names_the_file_and_line(tmp_path):
     cfg = tiny_config(tmp_path, data={"path": str(path)})
     with pytest.raises(UserError, match=r"d\.json: malformed JSON \(.* at line 2\)"):
         DocumentPlan(cfg.data, 0)
+
+
+def test_an_input_error_while_tokenizing_stays_a_user_error(tmp_path, monkeypatch):
+    """A source that breaks after the counting pass (a file replaced mid-prepare) fails
+    with its own message from inside the tokenizing pipeline, not a TensorFlow error."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    cfg = tiny_config(tmp_path, data={"path": str(path), "cache_dir": str(tmp_path / "c")})
+    real_route, calls = DocumentPlan.route, []
+
+    def route_then_break(self):  # the tokenizer's sample reads fine; tokenizing does not
+        calls.append(1)
+        if len(calls) == 2:
+            path.write_text('{"text": oops}\n')
+        yield from real_route(self)
+
+    monkeypatch.setattr(DocumentPlan, "route", route_then_break)
+    with pytest.raises(UserError, match=r"d\.jsonl:1: malformed JSON"):
+        cache_mod.prepare(cfg, log=lambda m: None)
+    assert len(calls) == 2 and not any((tmp_path / "c").rglob("meta.json"))

@@ -43,15 +43,22 @@ def tokenize_batches(tokenizer: Tokenizer, batches):
         ends = tf.RaggedTensor.from_tensor(tf.tile(eos, [ragged.nrows(), 1]))
         return tags, tf.concat([ragged, ends], axis=1).flat_values
 
+    failed = []
+
     def generate():
-        for tags, docs in batches:
-            yield np.asarray(tags, np.int64), np.asarray(docs, object)
+        try:
+            for tags, docs in batches:
+                yield np.asarray(tags, np.int64), np.asarray(docs, object)
+        except Exception as exc:  # raised to the caller as it is, not as a TF error
+            failed.append(exc)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=(
         tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string)))
     ds = ds.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for tags, ids in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
         yield tuple(int(t) for t in tags), ids.astype(np.int32, copy=False)
+    if failed:
+        raise failed[0]
 
 
 def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
