@@ -19,6 +19,7 @@ data is re-read and re-tokenized.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -223,6 +224,7 @@ class TokenCache:
         self.root = Path(root or cfg.data.cache_dir or default_cache_dir()).expanduser()
         self.tok_dir = self.root / tokenizer_key(cfg)[:20]
         self.rows_dir = self.tok_dir / f"rows-{rows_key(cfg)[:20]}"
+        self._fingerprints = None
 
     def tokenizer(self):
         """The cached tokenizer, or None."""
@@ -242,14 +244,15 @@ class TokenCache:
     def changed_remote_sources(self) -> list[str]:
         """Remote datasets whose fingerprint, where it can be found out now, differs from
         the one recorded when the entry was written (the key holds only their names)."""
-        meta = self.meta() or {}
-        recorded = meta.get("remote_fingerprints", {})
-        changed = []
-        for spec in recorded:
-            now = remote_fingerprint(spec)
-            if now is not None and now != recorded[spec]:
-                changed.append(spec)
-        return changed
+        recorded = (self.meta() or {}).get("remote_fingerprints", {})
+        now = self.remote_fingerprints()
+        return [s for s in recorded if now.get(s) is not None and now[s] != recorded[s]]
+
+    def remote_fingerprints(self) -> dict:
+        """The config's remote datasets and their fingerprints now (found out once)."""
+        if self._fingerprints is None:
+            self._fingerprints = {s: remote_fingerprint(s) for s in _remote_specs(self.cfg)}
+        return self._fingerprints
 
     def load(self, tokenizer_dir: Path | None = None):
         """(tokenizer, PackedData, meta) from the cache, or None on a miss. The rows count
@@ -291,8 +294,7 @@ class TokenCache:
             except OSError:  # another process won the race: theirs is identical
                 shutil.rmtree(tok_tmp, ignore_errors=True)
         meta = {"version": CACHE_VERSION, **meta, "tokenizer_kind": tokenizer.kind,
-                "remote_fingerprints": {s: remote_fingerprint(s)
-                                        for s in _remote_specs(self.cfg)},
+                "remote_fingerprints": self.remote_fingerprints(),
                 "tokenizer_sha256": tokenizer_digest(self.tok_dir / "tokenizer"),
                 "sequence_length": self.cfg.model.sequence_length,
                 "objective": self.cfg.model.objective, "packing": self.cfg.data.packing,
@@ -327,11 +329,7 @@ def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool =
         hit = cache.load(run_tokenizer_dir)
         if hit is not None:
             tokenizer, packed, meta = hit
-            return tokenizer, packed, {"description": meta["description"],
-                                       "documents": (meta["train_documents"],
-                                                     meta["val_documents"]),
-                                       "train_bytes": meta.get("train_bytes", 0),
-                                       "cache": str(cache.rows_dir), "hit": True}
+            return tokenizer, packed, _info(meta, cache.rows_dir, hit=True)
     t0 = time.time()
     plan = DocumentPlan(cfg.data, cfg.train.seed)
     log(f"data: {plan.description}; {sum(plan.counts):,} documents ({time.time() - t0:.1f}s)")
@@ -352,14 +350,16 @@ def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool =
             meta = cache.publish(tmp, tokenizer, meta, new_tokenizer=retrain)
             packed = load_rows(cache.rows_dir, meta)
         else:
-            mapped = load_rows(tmp, meta)
-            packed = type(mapped)(np.array(mapped.train_rows), np.array(mapped.val_rows),
-                                  mapped.train_tokens, mapped.val_tokens,
-                                  mapped.unigram_counts)
+            mapped = load_rows(tmp, meta)  # copied into memory: tmp goes away
+            packed = dataclasses.replace(mapped, train_rows=np.array(mapped.train_rows),
+                                         val_rows=np.array(mapped.val_rows))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    info = {"description": plan.description,
+    return tokenizer, packed, _info(meta, cache.rows_dir if keep else None, hit=False)
+
+
+def _info(meta: dict, cache_dir: Path | None, hit: bool) -> dict:
+    return {"description": meta["description"],
             "documents": (meta["train_documents"], meta["val_documents"]),
-            "train_bytes": meta["train_bytes"], "hit": False,
-            "cache": str(cache.rows_dir) if keep else None}
-    return tokenizer, packed, info
+            "train_bytes": meta["train_bytes"], "hit": hit,
+            "cache": str(cache_dir) if cache_dir is not None else None}

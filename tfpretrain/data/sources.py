@@ -56,10 +56,6 @@ class Corpus:
     val: list[str]
     description: str
 
-    @property
-    def val_bytes(self) -> int:
-        return sum(len(d.encode("utf-8")) for d in self.val)
-
 
 def _base_suffix(path: Path) -> str:
     name = path.name.lower()
@@ -151,8 +147,10 @@ def _cut_point(text: str, limit: int) -> int:
     return i + 1 if i >= 0 else limit
 
 
-def bounded(doc: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
-    """``doc``, cut into pieces of at most ``limit`` characters."""
+def bounded(doc: str, limit: int | None = None) -> Iterator[str]:
+    """``doc``, cut into pieces of at most ``limit`` (default ``MAX_DOCUMENT_CHARS``)
+    characters."""
+    limit = limit or MAX_DOCUMENT_CHARS
     while len(doc) > limit:
         cut = _cut_point(doc, limit)
         yield doc[:cut]
@@ -205,16 +203,9 @@ def split_stream(chunks, separator: str) -> Iterator[str]:
     for chunk in chunks:
         parts, carry = _complete_documents(carry + chunk, separator)
         yield from parts
-        while len(carry) > MAX_DOCUMENT_CHARS:
-            cut = _cut_point(carry, MAX_DOCUMENT_CHARS)
-            yield carry[:cut]
-            carry = carry[cut:]
+        *pieces, carry = bounded(carry)
+        yield from pieces
     yield from (_BLANK_LINES.split(carry) if separator == "blank_line" else [carry])
-
-
-def split_documents(text: str, separator: str) -> list[str]:
-    """The documents of an in-memory text (what split_stream yields for it, cleaned)."""
-    return [d.strip("\n") for d in split_stream([text], separator) if d.strip()]
 
 
 def _json_text(rec, where, path, field: str) -> str | None:
