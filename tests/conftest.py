@@ -62,7 +62,7 @@ def last_json_line(stdout: str) -> dict:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished tiny gpt2 run: (cfg, run_dir, summary)."""
-    from tfpretrain.training.trainer import fit
+    from tfpretrain.fit import fit
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(tmp)

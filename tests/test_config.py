@@ -1,6 +1,7 @@
 import pytest
 
 from conftest import REPO, run_cli, tiny_raw, write_yaml
+from tfpretrain.errors import UserError
 from tfpretrain.config import (ConfigError, all_keys, build_config, load_config,
                                parse_overrides)
 
@@ -11,21 +12,37 @@ def problems_of(raw):
     return exc.value.problems, str(exc.value)
 
 
-def test_defaults_are_valid_and_default_yaml_matches_package_copy():
+def test_defaults_are_valid_and_configs_have_one_copy():
+    from tfpretrain.config import PACKAGE_CONFIGS, packaged_configs
+
     cfg = load_config()
     assert cfg.name == "default" and cfg.model.arch == "gpt2"
     assert cfg.tokenizer.kind == "sentencepiece_bpe" and cfg.data.path is None
-    for path in (REPO / "configs").glob("*.yaml"):   # the package ships the same presets
-        assert (REPO / "tfpretrain" / "configs" / path.name).read_text() == path.read_text()
+    assert not (REPO / "tfpretrain" / "configs").exists()   # one copy in git: configs/
+    assert PACKAGE_CONFIGS.resolve() == (REPO / "configs").resolve()
+    assert packaged_configs() == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", ["default", "char-cpu", "tune"])
+def test_config_by_name_and_unknown_name():
+    assert load_config("char-cpu").tokenizer.kind == load_config(
+        str(REPO / "configs" / "char-cpu.yaml")).tokenizer.kind
+    assert load_config("char-cpu").name == "char-cpu"
+    with pytest.raises(UserError, match="neither a file nor a packaged config. Packaged "
+                                        "configs: bert-mini-mlm, char-cpu, default"):
+        load_config("char-gpu")
+    with pytest.raises(UserError, match="no such file"):
+        load_config("missing/char-cpu.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_builds(name):
-    from tfpretrain.models import build_from_config
+    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE
+    from tfpretrain.objectives import build_model
 
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
-    vocab = 261 if cfg.tokenizer.kind == "byte" else min(cfg.tokenizer.vocabulary_size, 300)
-    model = build_from_config(cfg, vocab)
+    vocab = BYTE_VOCABULARY_SIZE if cfg.tokenizer.kind == "byte" else \
+        min(cfg.tokenizer.vocabulary_size, 300)
+    model = build_model(cfg, vocab)
     assert model.backbone.count_params() > 0
 
 

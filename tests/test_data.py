@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
+from tfpretrain.objectives import get_objective, row_format
 from tfpretrain.data.pipeline import (eval_dataset, pack_corpus, pack_rows, row_indices,
                                       tokenize_documents, train_dataset)
 from tfpretrain.data.sources import load_corpus
@@ -139,11 +140,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def test_pack_corpus_counts_and_too_small_val(tmp_path):
     tok = train_tokenizer("char", DOCS, 100)
-    packed = pack_corpus(tok, DOCS[:150], DOCS[150:], 32)
+    fmt = get_objective("causal").row_format(32, "concat")
+    packed = pack_corpus(tok, DOCS[:150], DOCS[150:], fmt)
     assert packed.unigram_counts.sum() == packed.train_tokens
     assert packed.train_rows.dtype == np.int32 and packed.train_rows.shape[1] == 33
     with pytest.raises(UserError, match="validation split"):
-        pack_corpus(tok, DOCS[:150], ["hi"], 32)
+        pack_corpus(tok, DOCS[:150], ["hi"], fmt)
     ds = tf.data.Dataset.from_tensor_slices(packed.val_rows)
     assert ds.cardinality().numpy() == len(packed.val_rows)
 
@@ -207,10 +209,10 @@ def test_document_mask_packed_document_equals_document_alone(arch, tmp_path):
     """With data.document_mask, a document packed after another gives the same logits as
     the document run alone (after its eos); without it, the earlier document leaks in."""
     from conftest import tiny_config
-    from tfpretrain.models import build_from_config
+    from tfpretrain.objectives import build_model
 
     cfg = tiny_config(tmp_path, model={"arch": arch}, data={"document_mask": True})
-    model = build_from_config(cfg, 300)
+    model = build_model(cfg, 300)
     rng = np.random.default_rng(0)
     doc_a, doc_b = rng.integers(5, 300, 11), rng.integers(5, 300, 9)
     packed = np.concatenate([doc_a, [EOS_ID], doc_b, [EOS_ID], rng.integers(5, 300, 4)])
@@ -232,34 +234,36 @@ def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(DOCS))
     cfg = tiny_config(tmp_path, data={"path": str(corpus), "cache_dir": str(tmp_path / "c")})
-    tok, packed, info = cache_mod.prepare(cfg, log=lambda m: None)
+    fmt = row_format(cfg)
+    tok, packed, info = cache_mod.prepare(cfg, fmt, log=lambda m: None)
     assert not info["hit"] and Path(info["cache"], "meta.json").is_file()
     # second time: nothing is read or tokenized
     calls = []
     real = pipeline.tokenize_batches
     monkeypatch.setattr(pipeline, "tokenize_batches",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    tok2, packed2, info2 = cache_mod.prepare(cfg, log=lambda m: None)
+    tok2, packed2, info2 = cache_mod.prepare(cfg, fmt, log=lambda m: None)
     assert info2["hit"] and not calls
     np.testing.assert_array_equal(packed2.train_rows, packed.train_rows)
     np.testing.assert_array_equal(packed2.unigram_counts, packed.unigram_counts)
     assert tok2.encode(DOCS[0]) == tok.encode(DOCS[0])
     # a resumed run with its own (identical) tokenizer also hits; a different one does not
     tok.save(tmp_path / "run_tok")
-    assert cache_mod.prepare(cfg, tmp_path / "run_tok", log=lambda m: None)[2]["hit"]
+    assert cache_mod.prepare(cfg, fmt, tmp_path / "run_tok", log=lambda m: None)[2]["hit"]
     other = train_tokenizer("char", DOCS, 100)
     other.save(tmp_path / "other_tok")
-    assert not cache_mod.prepare(cfg, tmp_path / "other_tok", log=lambda m: None)[2]["hit"]
+    assert not cache_mod.prepare(cfg, fmt, tmp_path / "other_tok",
+                                 log=lambda m: None)[2]["hit"]
     # changing the source file re-reads and re-tokenizes
     with open(corpus, "a") as fh:
         fh.write("\n\nA brand new story about a zebra named Zed. " * 20)
     calls.clear()
-    _, packed3, info3 = cache_mod.prepare(cfg, log=lambda m: None)
+    _, packed3, info3 = cache_mod.prepare(cfg, fmt, log=lambda m: None)
     assert not info3["hit"] and calls and packed3.train_tokens != packed.train_tokens
     # so does changing the context length (rows), but the tokenizer is reused
     cfg64 = tiny_config(tmp_path, data={"path": str(corpus), "cache_dir": str(tmp_path / "c")},
                         model={"sequence_length": 16})
-    _, packed4, info4 = cache_mod.prepare(cfg64, log=lambda m: None)
+    _, packed4, info4 = cache_mod.prepare(cfg64, row_format(cfg64), log=lambda m: None)
     assert not info4["hit"] and packed4.train_rows.shape[1] == 17
     assert len(list((tmp_path / "c").iterdir())) == 2  # two tokenizer keys (file changed)
 

@@ -44,7 +44,7 @@ def test_export_versions_never_overwrite_and_atomic(tiny_run, tmp_path):
 
 
 def test_fit_export_was_validated_and_has_only_allowed_ops(tiny_run):
-    from tfpretrain.serving_check import scan_ops
+    from tfpretrain.serving.check import scan_ops
 
     _, _, summary = tiny_run
     ops, bad = scan_ops(summary["saved_model"])
@@ -54,7 +54,7 @@ def test_fit_export_was_validated_and_has_only_allowed_ops(tiny_run):
 
 
 def test_op_scan_flags_python_functions(tmp_path):
-    from tfpretrain.serving_check import scan_ops
+    from tfpretrain.serving.check import scan_ops
 
     class M(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
@@ -130,7 +130,7 @@ def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-2:] == [{"gpt2": "GPT2CausalLM", "llama": "LlamaCausalLM"}[arch],
                                      "True"]
-    from tfpretrain.export import load_run
+    from tfpretrain.training.runfolder import load_run
 
     _, _, model = load_run(run)
     expected = model(np.array([[3, 10, 20, 30]], np.int32)).numpy()
@@ -162,7 +162,7 @@ def test_hf_export_files_and_transformers_parity(arch, tmp_path):
     assert (out / "tokenizer.model").is_file()
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from tfpretrain.export import load_run
+    from tfpretrain.training.runfolder import load_run
 
     _, tokenizer, model = load_run(run)
     text = "Once upon a time there was a little cat"

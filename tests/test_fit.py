@@ -72,7 +72,7 @@ def test_checkpoints_commit_atomically_and_keep_three(tiny_run):
 
 
 def test_saved_model_reloads_in_fresh_process_with_matching_logits(tiny_run, tmp_path):
-    from tfpretrain.export import load_run
+    from tfpretrain.training.runfolder import load_run
 
     cfg, run_dir, summary = tiny_run
     sm = summary["saved_model"]
@@ -129,19 +129,19 @@ def test_generate_cli(tiny_run):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_both_archs_build_checkpoint_and_reload(arch, tmp_path):
-    from tfpretrain.models import build_model
+    from tfpretrain.objectives import build_model
     from tfpretrain.training.checkpoints import CheckpointManager
     from tfpretrain.training.optimizers import build_optimizer
 
     cfg = tiny_config(tmp_path, model={"arch": arch})
-    model = build_model(cfg.model, 100)
+    model = build_model(cfg, 100)
     opt = build_optimizer(cfg.optimizer, cfg.train.steps)
     opt.build(model.trainable_variables)
     ids = np.random.default_rng(0).integers(4, 100, size=(2, 32)).astype(np.int32)
     before = model(ids).numpy()
     assert before.shape == (2, 32, 100)
     CheckpointManager(tmp_path / "ck", model, opt).save(7)
-    other = build_model(cfg.model, 100)
+    other = build_model(cfg, 100)
     other_opt = build_optimizer(cfg.optimizer, cfg.train.steps)
     other_opt.build(other.trainable_variables)
     assert not np.allclose(other(ids).numpy(), before)
@@ -152,7 +152,7 @@ def test_both_archs_build_checkpoint_and_reload(arch, tmp_path):
     assert state["step"] == 7
     if arch == "llama":
         tied = build_model(tiny_config(tmp_path, model={"arch": "llama",
-                                                        "tie_embeddings": False}).model, 100)
+                                                        "tie_embeddings": False}), 100)
         assert tied.backbone.count_params() > model.backbone.count_params()
 
 

@@ -6,15 +6,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfpretrain.generation import decoder_task, generate_ids, generate_ids_cached
+from tfpretrain.models.generation import decoder_task, generate_ids, generate_ids_cached
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cached_generation_equals_windowed_and_has_no_xla_ops(arch, tmp_path):
-    from tfpretrain.models import build_from_config
+    from tfpretrain.objectives import build_model
 
     cfg = tiny_config(tmp_path, model={"arch": arch})
-    model = build_from_config(cfg, 300)
+    model = build_model(cfg, 300)
     rng = np.random.default_rng(1)
     # sharpen the random model so greedy paths are not decided by float noise
     for w in model.backbone.token_embedding.weights:

@@ -12,6 +12,7 @@ from conftest import last_json_line, run_cli
 from tfpretrain.config import Config, MlmConfig, build_config
 from tfpretrain.data.masking import Masker
 from tfpretrain.data.pipeline import make_rows, train_dataset
+from tfpretrain.objectives import get_objective
 from tfpretrain.data.tokenizers import MASK_ID, NUM_SPECIAL, load_tokenizer, train_tokenizer
 from tfpretrain.errors import UserError
 
@@ -117,10 +118,10 @@ def tiny_mlm_raw(tmp_path, **sections):
 
 
 def test_loss_counts_only_masked_positions(tmp_path):
-    from tfpretrain.models import build_model
+    from tfpretrain.objectives import build_model
 
     cfg = build_config(tiny_mlm_raw(tmp_path))
-    model = build_model(cfg.model, V)
+    model = build_model(cfg, V)
     rows = random_rows(8, 32)
     x, y, w = Masker(cfg.mlm, V, 32)(rows, tf.constant([0, 1], tf.int64))
     logits = model(x)
@@ -169,17 +170,20 @@ def test_mlm_config_cross_checks(tmp_path):
 
 def test_packing_rows_for_mlm_and_pad():
     stream = np.array([7, 8, 9, 3, 10, 11, 3, 12, 13, 14, 15, 16, 3], np.int32)
-    concat = make_rows(stream, 5, "mlm", "concat")
+    mlm, causal = get_objective("mlm"), get_objective("causal")
+    concat = make_rows(stream, mlm.row_format(5, "concat"))
     assert concat.tolist() == [[2, 7, 8, 9, 3], [2, 10, 11, 3, 12], [2, 13, 14, 15, 16]]
-    pad = make_rows(stream, 5, "mlm", "pad")
+    pad = make_rows(stream, mlm.row_format(5, "pad"))
     assert pad.tolist() == [[2, 7, 8, 9, 3], [2, 10, 11, 3, 0], [2, 12, 13, 14, 3]]
-    causal_pad = make_rows(stream, 4, "causal", "pad")
+    causal_pad = make_rows(stream, causal.row_format(4, "pad"))
+    assert make_rows(stream, causal.row_format(4, "concat")).tolist() == [
+        [7, 8, 9, 3, 10], [10, 11, 3, 12, 13], [13, 14, 15, 16, 3]]
     assert causal_pad.tolist() == [[3, 7, 8, 9, 3], [3, 10, 11, 3, 0], [3, 12, 13, 14, 3]]
 
 
 @pytest.fixture(scope="module")
 def mlm_run(tmp_path_factory):
-    from tfpretrain.training.trainer import fit
+    from tfpretrain.fit import fit
 
     tmp = tmp_path_factory.mktemp("mlm_run")
     cfg = build_config(tiny_mlm_raw(tmp), name="tiny-mlm")

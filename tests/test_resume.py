@@ -165,10 +165,11 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
     moments after every step."""
     import keras
 
-    from tfpretrain.data.pipeline import pack_corpus, poisoned_positions, train_dataset
+    from tfpretrain.data.pipeline import pack_corpus, train_dataset
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import train_tokenizer
-    from tfpretrain.models import build_from_config
+    from tfpretrain.faults import poisoned_positions
+    from tfpretrain.objectives import build_model, row_format
     from tfpretrain.training.optimizers import build_optimizer
 
     cfg = tiny_config(tmp_path, debug=debug or {}, train={"steps": 30, **(train or {})},
@@ -176,8 +177,8 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
     keras.utils.set_random_seed(0)
     corpus = load_corpus(cfg.data, 0)
     tok = train_tokenizer("byte", corpus.train, 0)
-    packed = pack_corpus(tok, corpus.train, corpus.val, 32)
-    model = build_from_config(cfg, tok.vocabulary_size, 1)
+    packed = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
+    model = build_model(cfg, tok.vocabulary_size, 1)
     opt = build_optimizer(cfg.optimizer, 30)
     opt.build(model.trainable_variables)
     model.compile(optimizer=opt, jit_compile=True, steps_per_execution=1)
@@ -190,7 +191,7 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
                            [v.numpy().copy() for v in opt.variables[1:]],
                            model.step_log.numpy()[0].copy())
 
-    model.fit(train_dataset(packed.train_rows, 16, 0, poison=poisoned_positions(cfg.debug)),
+    model.fit(train_dataset(packed.train_rows, 16, 0, poison=poisoned_positions(cfg)),
               steps_per_epoch=30, epochs=1,
               callbacks=[Snap()], verbose=0)
     return model, snaps

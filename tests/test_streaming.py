@@ -14,6 +14,7 @@ from conftest import REPO, tiny_config
 from tfpretrain.data import cache as cache_mod
 from tfpretrain.data import pipeline, sources
 from tfpretrain.data.pipeline import pack_corpus
+from tfpretrain.objectives import row_format
 from tfpretrain.data.sources import DocumentPlan, load_corpus, split_stream
 from tfpretrain.data.synthetic import generate_stories
 from tfpretrain.errors import UserError
@@ -120,10 +121,9 @@ def test_streamed_rows_equal_rows_of_the_whole_corpus(tmp_path, monkeypatch, obj
     cfg = tiny_config(tmp_path, data={"path": str(tmp_path / "c.txt"), "packing": packing,
                                       "cache_dir": str(tmp_path / "cache")},
                       model={"objective": objective, **model})
-    tok, packed, info = cache_mod.prepare(cfg, log=lambda m: None)
+    tok, packed, info = cache_mod.prepare(cfg, row_format(cfg), log=lambda m: None)
     corpus = load_corpus(cfg.data, cfg.train.seed)
-    whole = pack_corpus(tok, corpus.train, corpus.val, cfg.model.sequence_length, objective,
-                        packing)
+    whole = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
     assert isinstance(packed.train_rows, np.memmap)
     np.testing.assert_array_equal(packed.train_rows, whole.train_rows)
     np.testing.assert_array_equal(packed.val_rows, whole.val_rows)
@@ -140,7 +140,7 @@ def test_without_the_cache_rows_are_in_memory_and_nothing_is_left_behind(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
     (tmp_path / "t").mkdir()
     cfg = tiny_config(tmp_path, data={"cache": False})
-    _, packed, info = cache_mod.prepare(cfg, log=lambda m: None)
+    _, packed, info = cache_mod.prepare(cfg, row_format(cfg), log=lambda m: None)
     assert info["cache"] is None and not isinstance(packed.train_rows, np.memmap)
     assert len(packed.train_rows) > 100 and not list((tmp_path / "t").iterdir())
 
@@ -175,19 +175,20 @@ def test_a_changed_remote_dataset_is_prepared_again(tmp_path):
     cfg = tiny_config(tmp_path, data={"path": f"hf://{folder}",
                                       "cache_dir": str(tmp_path / "cache")})
     logs = []
-    _, first, info = cache_mod.prepare(cfg, log=logs.append)
+    _, first, info = cache_mod.prepare(cfg, row_format(cfg), log=logs.append)
     assert not info["hit"]
     meta = json.loads((Path(info["cache"]) / "meta.json").read_text())
     assert meta["remote_fingerprints"][f"hf://{folder}"]
-    assert cache_mod.prepare(cfg, log=logs.append)[2]["hit"]
+    assert cache_mod.prepare(cfg, row_format(cfg), log=logs.append)[2]["hit"]
     with open(data, "a") as fh:
         fh.write("".join(json.dumps({"text": "zebra " * 50 + d}) + "\n" for d in DOCS[150:]))
     os.utime(data, (1e9, 1e9))
     logs.clear()
-    tok, second, info = cache_mod.prepare(cfg, log=logs.append)
+    tok, second, info = cache_mod.prepare(cfg, row_format(cfg), log=logs.append)
     assert not info["hit"] and any("changed since" in m for m in logs)
     assert second.train_tokens + second.val_tokens > first.train_tokens + first.val_tokens
-    assert cache_mod.prepare(cfg, log=logs.append)[2]["hit"]  # and is cached again
+    assert cache_mod.prepare(cfg, row_format(cfg),
+                             log=logs.append)[2]["hit"]  # and is cached again
 
 
 def test_malformed_json_file_names_the_file_and_line(tmp_path):
@@ -214,5 +215,5 @@ def test_an_input_error_while_tokenizing_stays_a_user_error(tmp_path, monkeypatc
 
     monkeypatch.setattr(DocumentPlan, "route", route_then_break)
     with pytest.raises(UserError, match=r"d\.jsonl:1: malformed JSON"):
-        cache_mod.prepare(cfg, log=lambda m: None)
+        cache_mod.prepare(cfg, row_format(cfg), log=lambda m: None)
     assert len(calls) == 2 and not any((tmp_path / "c").rglob("meta.json"))

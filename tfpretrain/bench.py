@@ -52,21 +52,21 @@ def _timed_fit(model, ds, steps: int, warmup: int) -> float:
 
 def bench_fit(cfg, steps: int, warmup: int) -> dict:
     import keras
-    import keras_hub
     import tensorflow as tf
 
     from tfpretrain.data.pipeline import pack_corpus, train_dataset
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import train_from_config
-    from tfpretrain.models import build_backbone, build_from_config
-    from tfpretrain.training.optimizers import build_optimizer
-    from tfpretrain.training.trainer import choose_steps_per_execution, configure_tensorflow
+    from tfpretrain.models.registry import build_backbone, get_arch
+    from tfpretrain.objectives import row_format
+    from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
+                                             configure_tensorflow, jit_compile)
 
     configure_tensorflow(cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     corpus = load_corpus(cfg.data, cfg.train.seed)
     tok = train_from_config(cfg, corpus.train)
-    packed = pack_corpus(tok, corpus.train, corpus.val, cfg.model.sequence_length)
+    packed = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
     B, L = cfg.train.batch_size, cfg.model.sequence_length
     total = steps + warmup
     tokens = steps * B * L
@@ -74,9 +74,8 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
                "sequence_length": L, "steps": steps}
 
     # keras_hub's task, plain compile, no XLA
-    task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
-                "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
-    task = task_cls(backbone=build_backbone(cfg.model, tok.vocabulary_size), preprocessor=None)
+    task = get_arch(cfg.model.arch).task_class()(
+        backbone=build_backbone(cfg.model, tok.vocabulary_size), preprocessor=None)
     task.compile(optimizer=keras.optimizers.AdamW(cfg.optimizer.learning_rate),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                  jit_compile=False)
@@ -89,11 +88,8 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
     spe = choose_steps_per_execution(cfg)
     warmup = max(spe, warmup // spe * spe)
     steps = max(spe, steps // spe * spe)
-    model = build_from_config(cfg, tok.vocabulary_size, spe)
-    opt = build_optimizer(cfg.optimizer, cfg.train.steps)
-    opt.build(model.trainable_variables)
-    jit = cfg.train.jit_compile if cfg.train.jit_compile is not None else True
-    model.compile(optimizer=opt, jit_compile=jit, steps_per_execution=spe)
+    jit = jit_compile(cfg)
+    model = build_and_compile(cfg, tok.vocabulary_size, spe)
     ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0)
     seconds = _timed_fit(model, ds, steps, warmup)
     results["tfpretrain_tokens_per_second"] = round(steps * B * L / seconds, 1)
@@ -105,17 +101,17 @@ def bench_fit(cfg, steps: int, warmup: int) -> dict:
 
 def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int = 3) -> dict:
     import numpy as np
-    import keras_hub
     import tensorflow as tf
 
-    from tfpretrain.export import export_saved_model, load_run
+    from tfpretrain.data.tokenizers import EOS_ID
+    from tfpretrain.objectives import get_objective
+    from tfpretrain.serving.saved_model import export_saved_model
+    from tfpretrain.training.runfolder import load_run
 
     cfg, tok, model = load_run(run_dir)
-    prompt = [3] + tok.encode(cfg.eval.prompt)
+    prompt = [EOS_ID] + tok.encode(cfg.eval.prompt)
     n_new = min(new_tokens, cfg.model.sequence_length - len(prompt))
-    task_cls = {"gpt2": keras_hub.models.GPT2CausalLM,
-                "llama": keras_hub.models.LlamaCausalLM}[cfg.model.arch]
-    task = task_cls(backbone=model.backbone, preprocessor=None)
+    task = get_objective(cfg).keras_task(model)
     length = len(prompt) + n_new
     ids = np.zeros([1, length], np.int32)
     ids[0, :len(prompt)] = prompt
@@ -152,7 +148,7 @@ def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int
     t0 = time.perf_counter()
     for _ in range(repeats):
         result = fn(**args)
-    produced = int(np.sum(np.cumsum(result["token_ids"].numpy() == 3, axis=1) == 0)) + 1
+    produced = int(np.sum(np.cumsum(result["token_ids"].numpy() == EOS_ID, axis=1) == 0)) + 1
     out["saved_model_tokens_per_second"] = round(
         min(produced, n_new) * repeats / (time.perf_counter() - t0), 1)
     for name in ("default", "xla"):
@@ -165,111 +161,128 @@ def bench_data(cfg, mb: float, kinds: list[str], read_batches: int, train_steps:
                cold_mb: float = 100.0, config_path: str | None = None,
                overrides: list[str] = ()) -> dict:
     import shutil
-    import subprocess
     import tempfile
 
     import keras
 
-    from tfpretrain.data.cache import TokenCache
-    from tfpretrain.data.pipeline import make_rows, tokenize_documents, train_dataset
-    from tfpretrain.data.sources import load_corpus
-    from tfpretrain.data.synthetic import generate_stories
-    from tfpretrain.data.tokenizers import train_tokenizer
-    from tfpretrain.training.trainer import configure_tensorflow
+    from tfpretrain.training.runtime import configure_tensorflow
 
     configure_tensorflow(cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     tmp = Path(tempfile.mkdtemp(prefix="tfpretrain-bench-data-"))
     out: dict = {}
     try:
-        # the corpus: a folder of ~100 MB .txt shards of generated stories
-        t0 = time.perf_counter()
-        folder, written, i, shard = tmp / "corpus", 0, 0, None
-        folder.mkdir()
-        while written < mb * 1e6:
-            if shard is None or shard.tell() >= 100e6:
-                shard = open(folder / f"stories-{len(list(folder.iterdir())):04d}.txt", "w",
-                             encoding="utf-8")
-            block = "\n\n".join(generate_stories(5000, cfg.train.seed + i)) + "\n\n"
-            shard.write(block)
-            written += len(block.encode("utf-8"))
-            i += 1
-        shard.close()
-        out["corpus_mb"] = round(written / 1e6, 1)
-        out["generate_seconds"] = round(time.perf_counter() - t0, 1)
-        # cold: each tokenizer kind on (the first shards of) the corpus, in memory
-        first = sorted(folder.iterdir())[:max(1, round(cold_mb / 100))]
-        cfg.data.path = [str(f) for f in first]
-        corpus = load_corpus(cfg.data, cfg.train.seed)
-        L = cfg.model.sequence_length
-        for kind in kinds:
-            t0 = time.perf_counter()
-            tok = train_tokenizer(kind, corpus.train, cfg.tokenizer.vocabulary_size,
-                                  cfg.tokenizer.character_coverage, cfg.tokenizer.byte_fallback,
-                                  cfg.tokenizer.train_bytes, cfg.train.seed)
-            trained = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            stream = tokenize_documents(tok, corpus.train)
-            make_rows(stream, L)
-            seconds = time.perf_counter() - t0
-            out[f"{kind}_train_seconds"] = round(trained, 1)
-            out[f"{kind}_tokens"] = int(len(stream))
-            out[f"{kind}_cold_tokens_per_second"] = round(len(stream) / seconds)
-            print(f"[bench] {kind}: {len(stream):,} tokens in {seconds:.1f}s "
-                  f"({len(stream) / seconds:,.0f} tok/s), tokenizer trained in {trained:.1f}s",
-                  flush=True)
-            del stream
-        del corpus
-        # prepare: `python -m tfpretrain.data` on the whole folder, in its own process
-        cache_dir = tmp / "cache"
-        cmd = [sys.executable, "-m", "tfpretrain.data", "--cache-dir", str(cache_dir),
-               "--set", f"data.path={folder}"] + [x for o in overrides for x in ("--set", o)]
-        if config_path:
-            cmd += ["--config", config_path]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"prepare failed: {proc.stderr[-2000:]}")
-        prepared = json.loads(proc.stdout.strip().splitlines()[-1])
-        out["prepare_seconds"] = round(seconds, 1)
-        out["prepare_peak_rss_mb"] = prepared["peak_rss_mb"]
-        out["prepare_train_tokens"] = prepared["train_tokens"]
-        out["prepare_tokens_per_second"] = round(
-            (prepared["train_tokens"] + prepared["val_tokens"]) / seconds)
-        print(f"[bench] prepare ({prepared['tokenizer']}): {prepared['train_tokens']:,} train "
-              f"tokens in {seconds:.1f}s, peak RSS {out['prepare_peak_rss_mb']} MB", flush=True)
-        # cached read: memory-mapped rows -> the training input pipeline
-        cfg.data.path = str(folder)
-        cfg.data.cache_dir = str(cache_dir)
-        tok, packed, _ = TokenCache(cfg).load()
-        t0 = time.perf_counter()
-        ds = train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed)
-        n = 0
-        for x, _, _ in ds.take(read_batches):
-            n += int(x.shape[0] * x.shape[1])
-        out["cached_read_tokens_per_second"] = round(n / (time.perf_counter() - t0))
-        # training consumption of the config's model (what the pipeline must keep up with)
-        out["training_tokens_per_second"] = round(
-            _consumption(cfg, packed, tok.vocabulary_size, train_steps))
-        out["cached_read_vs_training"] = round(out["cached_read_tokens_per_second"]
-                                               / out["training_tokens_per_second"], 1)
+        folder = tmp / "corpus"
+        out.update(_write_corpus(folder, mb, cfg.train.seed))
+        out.update(_cold_rates(cfg, folder, kinds, cold_mb))
+        out.update(_prepare_in_subprocess(folder, tmp / "cache", config_path, overrides))
+        out.update(_cached_read(cfg, folder, tmp / "cache", read_batches, train_steps))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _write_corpus(folder: Path, mb: float, seed: int) -> dict:
+    """A folder of ~100 MB .txt shards of generated stories, ``mb`` MB in all."""
+    from tfpretrain.data.synthetic import generate_stories
+
+    t0 = time.perf_counter()
+    written, i, shard = 0, 0, None
+    folder.mkdir()
+    while written < mb * 1e6:
+        if shard is None or shard.tell() >= 100e6:
+            shard = open(folder / f"stories-{len(list(folder.iterdir())):04d}.txt", "w",
+                         encoding="utf-8")
+        block = "\n\n".join(generate_stories(5000, seed + i)) + "\n\n"
+        shard.write(block)
+        written += len(block.encode("utf-8"))
+        i += 1
+    shard.close()
+    return {"corpus_mb": round(written / 1e6, 1),
+            "generate_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _cold_rates(cfg, folder: Path, kinds: list[str], cold_mb: float) -> dict:
+    """Each tokenizer kind trained and run on (the first shards of) the corpus, in memory."""
+    from tfpretrain.data.pipeline import make_rows, tokenize_documents
+    from tfpretrain.data.sources import load_corpus
+    from tfpretrain.data.tokenizers import train_tokenizer
+    from tfpretrain.objectives import row_format
+
+    out = {}
+    first = sorted(folder.iterdir())[:max(1, round(cold_mb / 100))]
+    cfg.data.path = [str(f) for f in first]
+    corpus = load_corpus(cfg.data, cfg.train.seed)
+    for kind in kinds:
+        t0 = time.perf_counter()
+        tok = train_tokenizer(kind, corpus.train, cfg.tokenizer.vocabulary_size,
+                              cfg.tokenizer.character_coverage, cfg.tokenizer.byte_fallback,
+                              cfg.tokenizer.train_bytes, cfg.train.seed)
+        trained = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stream = tokenize_documents(tok, corpus.train)
+        make_rows(stream, row_format(cfg))
+        seconds = time.perf_counter() - t0
+        out[f"{kind}_train_seconds"] = round(trained, 1)
+        out[f"{kind}_tokens"] = int(len(stream))
+        out[f"{kind}_cold_tokens_per_second"] = round(len(stream) / seconds)
+        print(f"[bench] {kind}: {len(stream):,} tokens in {seconds:.1f}s "
+              f"({len(stream) / seconds:,.0f} tok/s), tokenizer trained in {trained:.1f}s",
+              flush=True)
+    return out
+
+
+def _prepare_in_subprocess(folder: Path, cache_dir: Path, config_path, overrides) -> dict:
+    """`python -m tfpretrain.data` on the whole folder, in its own process (its own RSS)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tfpretrain.data", "--cache-dir", str(cache_dir),
+           "--set", f"data.path={folder}"] + [x for o in overrides for x in ("--set", o)]
+    if config_path:
+        cmd += ["--config", config_path]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"prepare failed: {proc.stderr[-2000:]}")
+    prepared = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[bench] prepare ({prepared['tokenizer']}): {prepared['train_tokens']:,} train "
+          f"tokens in {seconds:.1f}s, peak RSS {prepared['peak_rss_mb']} MB", flush=True)
+    return {"prepare_seconds": round(seconds, 1),
+            "prepare_peak_rss_mb": prepared["peak_rss_mb"],
+            "prepare_train_tokens": prepared["train_tokens"],
+            "prepare_tokens_per_second": round(
+                (prepared["train_tokens"] + prepared["val_tokens"]) / seconds)}
+
+
+def _cached_read(cfg, folder: Path, cache_dir: Path, read_batches: int,
+                 train_steps: int) -> dict:
+    """Memory-mapped rows -> the training input pipeline, against what the config's model
+    consumes in training (what the pipeline must keep up with)."""
+    from tfpretrain.data.cache import TokenCache
+    from tfpretrain.data.pipeline import train_dataset
+    from tfpretrain.objectives import row_format
+
+    cfg.data.path = str(folder)
+    cfg.data.cache_dir = str(cache_dir)
+    tok, packed, _ = TokenCache(cfg, row_format(cfg)).load()
+    t0 = time.perf_counter()
+    n = 0
+    for x, _, _ in train_dataset(packed.train_rows, cfg.train.batch_size,
+                                 cfg.train.seed).take(read_batches):
+        n += int(x.shape[0] * x.shape[1])
+    read = round(n / (time.perf_counter() - t0))
+    training = round(_consumption(cfg, packed, tok.vocabulary_size, train_steps))
+    return {"cached_read_tokens_per_second": read, "training_tokens_per_second": training,
+            "cached_read_vs_training": round(read / training, 1)}
+
+
 def _consumption(cfg, packed, vocabulary_size: int, steps: int) -> float:
     from tfpretrain.data.pipeline import train_dataset
-    from tfpretrain.models import build_from_config
-    from tfpretrain.training.optimizers import build_optimizer
-    from tfpretrain.training.trainer import choose_steps_per_execution
+    from tfpretrain.training.runtime import build_and_compile, choose_steps_per_execution
 
     spe = min(choose_steps_per_execution(cfg), steps)
-    model = build_from_config(cfg, vocabulary_size, spe)
-    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
-    optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer, jit_compile=True, steps_per_execution=spe)
+    model = build_and_compile(cfg, vocabulary_size, spe, jit=True)
     ds = train_dataset(packed.train_rows[:50_000], cfg.train.batch_size, cfg.train.seed)
     seconds = _timed_fit(model, ds, steps, spe * 2)
     return steps * cfg.train.batch_size * cfg.model.sequence_length / seconds

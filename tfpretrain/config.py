@@ -18,7 +18,16 @@ import yaml
 
 from tfpretrain.errors import UserError
 
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+def _package_configs() -> Path:
+    """The packaged configs: ``tfpretrain/configs`` inside an installed wheel (built from the
+    repository's top-level ``configs/``, the one copy in git), else that ``configs/`` of a
+    source checkout or editable install."""
+    inside = Path(__file__).parent / "configs"
+    return inside if inside.is_dir() else Path(__file__).parent.parent / "configs"
+
+
+PACKAGE_CONFIGS = _package_configs()
 
 
 class ConfigError(UserError):
@@ -41,6 +50,11 @@ def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=
 TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpiece",
                    "bytelevel_bpe", "char", "byte")
 ARCHS = ("gpt2", "llama", "bert")
+# Which architectures each objective trains (tfpretrain.objectives has one class per key)
+OBJECTIVE_ARCHS = {"causal": ("gpt2", "llama"), "mlm": ("bert",)}
+# Objectives that predict masked tokens: their tokenizer needs [MASK] in its text form, and
+# they report masked accuracy, not bits per byte
+MASKED_OBJECTIVES = ("mlm",)
 
 
 @dataclass
@@ -115,7 +129,7 @@ class ModelConfig:
                    "encoder for `objective: mlm`.", choices=ARCHS)
     objective: str = _f("causal", "`causal`: next-token prediction; `mlm`: masked-LM "
                         "(BERT/RoBERTa-style, see `mlm.*`; needs `arch: bert`).",
-                        choices=("causal", "mlm"))
+                        choices=tuple(OBJECTIVE_ARCHS))
     num_layers: int = _f(4, "Transformer blocks.", min=1)
     num_heads: int = _f(4, "Attention (query) heads.", min=1)
     num_key_value_heads: Optional[int] = _f(None, "llama only: key/value heads for GQA "
@@ -426,8 +440,13 @@ def build_config(raw: dict, name: str = "default", source: str = "config") -> Co
 
 
 def _cross_checks(c: Config) -> list[str]:
-    p = []
-    m, o, t = c.model, c.optimizer, c.train
+    """Problems that involve more than one key, section by section."""
+    return (_model_checks(c) + _objective_checks(c) + _schedule_checks(c)
+            + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c))
+
+
+def _model_checks(c: Config) -> list[str]:
+    p, m = [], c.model
     if m.hidden_dim % m.num_heads:
         p.append(f"`model.hidden_dim` must be divisible by `model.num_heads`. "
                  f"Received: hidden_dim={m.hidden_dim}, num_heads={m.num_heads}")
@@ -439,11 +458,19 @@ def _cross_checks(c: Config) -> list[str]:
             p.append("`model.num_heads` must be divisible by `model.num_key_value_heads`. "
                      f"Received: num_heads={m.num_heads}, "
                      f"num_key_value_heads={m.num_key_value_heads}")
-    if (m.arch == "bert") != (m.objective == "mlm"):
+    if m.arch == "gpt2" and not m.tie_embeddings:
+        p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
+                 "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")
+    return p
+
+
+def _objective_checks(c: Config) -> list[str]:
+    p, m = [], c.model
+    if m.arch not in OBJECTIVE_ARCHS[m.objective]:
         p.append("`model.objective: mlm` goes with `model.arch: bert` (an encoder), "
                  "`causal` with gpt2 or llama. "
                  f"Received: arch={m.arch}, objective={m.objective}")
-    if m.objective == "mlm":
+    if m.objective in MASKED_OBJECTIVES:
         if c.tokenizer.kind in ("char", "byte"):
             p.append("`model.objective: mlm` needs a tokenizer with a [MASK] token in its text "
                      "form: `wordpiece`, `sentencepiece_bpe` or `sentencepiece_unigram` "
@@ -451,18 +478,21 @@ def _cross_checks(c: Config) -> list[str]:
         if c.mlm.mask_token_rate + c.mlm.random_token_rate > 1:
             p.append("`mlm.mask_token_rate` + `mlm.random_token_rate` must be <= 1. Received: "
                      f"{c.mlm.mask_token_rate} + {c.mlm.random_token_rate}")
-        if c.tune.objective == "val_bits_per_byte":
+        if c.tune.objective in ("val_bits_per_byte",):  # a metric masked LMs do not report
             p.append("`tune.objective: val_bits_per_byte` is for causal models; masked-LM "
                      "runs report val_loss and val_masked_accuracy")
         if m.sequence_length < 3:
             p.append("masked-LM rows need `model.sequence_length` >= 3 ([CLS] text [SEP])")
-    if c.data.document_mask and (m.objective != "causal" or c.data.packing != "concat"):
+    if c.data.document_mask and (m.objective in MASKED_OBJECTIVES
+                                 or c.data.packing != "concat"):
         p.append("`data.document_mask: true` is for causal `concat` rows (pad rows and "
                  f"masked-LM rows hold one document already or attend both ways). Received: "
                  f"objective={m.objective}, packing={c.data.packing}")
-    if m.arch == "gpt2" and not m.tie_embeddings:
-        p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
-                 "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")
+    return p
+
+
+def _schedule_checks(c: Config) -> list[str]:
+    p, o, t = [], c.optimizer, c.train
     if o.warmup_steps >= t.steps:
         p.append(f"`optimizer.warmup_steps` must be < `train.steps`. "
                  f"Received: warmup_steps={o.warmup_steps}, steps={t.steps}")
@@ -477,7 +507,11 @@ def _cross_checks(c: Config) -> list[str]:
                 p.append(f"`{key}` must be a multiple of `train.steps_per_execution`. "
                          f"Received: {key.split('.')[1]}={value}, "
                          f"steps_per_execution={t.steps_per_execution}")
-    p.extend(_check_space(c.tune.space, c.tune.tuner))
+    return p
+
+
+def _data_checks(c: Config) -> list[str]:
+    p = []
     sep = c.data.document_separator
     if not sep:
         p.append("`data.document_separator` must not be empty: use `line`, `blank_line`, "
@@ -564,19 +598,40 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` section by section (nested dicts merged, not replaced)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs that ship with tfpretrain (``--config NAME`` picks one)."""
+    return sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+
+
 def default_config_path() -> Path:
-    """configs/default.yaml ships inside the package so `fit` works from any folder."""
+    """The packaged default config, so `fit` works from any folder."""
     return PACKAGE_CONFIGS / "default.yaml"
+
+
+def resolve_config_path(name_or_path: Optional[str]) -> Path:
+    """A YAML file's path, or a packaged config's name (``char-cpu``) -> its path. A name
+    that is neither names the packaged configs in the error."""
+    if not name_or_path:
+        return default_config_path()
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    packaged = PACKAGE_CONFIGS / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise UserError(f"--config: {name_or_path!r} is neither a file nor a packaged config. "
+                    f"Packaged configs: {', '.join(packaged_configs())}")
 
 
 def read_yaml(path: Path) -> dict:
@@ -595,12 +650,18 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
+def load_raw(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
+    """The config file (name or path) with ``--set`` overrides merged in, unvalidated."""
+    return merge(read_yaml(resolve_config_path(path)), parse_overrides(overrides or []))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    cfg_path = Path(path) if path else default_config_path()
-    raw = read_yaml(cfg_path)
+    """``--config`` (a packaged config's name or a YAML path; default: the packaged default)
+    plus ``--set`` overrides, validated."""
+    cfg_path = resolve_config_path(path)
+    raw = load_raw(path, overrides)
     name = raw.get("name") if isinstance(raw.get("name"), str) else cfg_path.stem
-    merged = _merge(raw, parse_overrides(overrides or []))
-    return build_config(merged, name=name, source=str(cfg_path) if path else "config")
+    return build_config(raw, name=name, source=str(cfg_path) if path else "config")
 
 
 def config_from_dict(d: dict) -> Config:

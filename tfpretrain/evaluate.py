@@ -43,22 +43,22 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
 
     from tfpretrain.data.cache import prepare
     from tfpretrain.data.pipeline import make_rows, tokenize_documents
-    from tfpretrain.export import load_run
-    from tfpretrain.training.trainer import evaluate_split
+    from tfpretrain.objectives import row_format
+    from tfpretrain.training.evaluation import evaluate_split
+    from tfpretrain.training.runfolder import load_run
 
     cfg, tokenizer, model = load_run(run_dir)
+    fmt = row_format(cfg)
     if data is None:  # the rows fit validated on (from the token cache when it has them)
-        _, packed, info = prepare(cfg, Path(run_dir) / "tokenizer",
+        _, packed, info = prepare(cfg, fmt, Path(run_dir) / "tokenizer",
                                   log=lambda m: print(f"[tfpretrain] {m}", file=sys.stderr))
         rows, counts, documents = packed.val_rows, packed.unigram_counts, info["documents"][1]
     else:
         docs = _documents(cfg, data)
         stream = tokenize_documents(tokenizer, docs)
-        rows = make_rows(stream, cfg.model.sequence_length, cfg.model.objective,
-                         cfg.data.packing)
+        rows = make_rows(stream, fmt)
         if len(rows) == 0:
-            raise UserError(f"--data: the text is shorter than one row of "
-                            f"{cfg.model.sequence_length + 1} tokens")
+            raise UserError(f"--data: the text is shorter than one row of {fmt.width} tokens")
         counts, documents = np.bincount(stream, minlength=tokenizer.vocabulary_size), len(docs)
     out = evaluate_split(cfg, model, tokenizer, np.asarray(rows), counts, max_batches)
     out.update(source=str(data) if data else "run validation split", documents=documents)
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
         result = evaluate_saved_model(Path(a.saved_model), docs)
     else:
         result = evaluate_run(Path(a.run_dir), a.data, a.max_batches)
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
-                      for k, v in result.items()}))
+    from tfpretrain.training.evaluation import rounded
+
+    print(json.dumps(rounded(result)))
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Pretrain a causal LM end to end: the main job.
+"""Pretrain a language model end to end: the main job.
 
-    python -m tfpretrain.fit [--config PATH] [--set KEY=VALUE ...] [--run-dir DIR]
+    python -m tfpretrain.fit [--config NAME|PATH] [--set KEY=VALUE ...] [--run-dir DIR]
                              [--resume auto|never|must] [--allow-config-change] [--dry-run]
 
-With no --config the packaged configs/default.yaml is used (embedded story corpus, CPU,
-a few minutes). The last line of stdout is the run summary as one JSON object.
+With no --config the packaged default config is used (embedded story corpus, CPU, a few
+minutes); ``--config char-cpu`` picks a packaged config by name. The last line of stdout is
+the run summary as one JSON object.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tfpretrain.errors import cli_main, quiet_tensorflow
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tfpretrain.fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (default: the packaged configs/default.yaml)")
+    p.add_argument("--config", help="a packaged config's name (default, char-cpu, "
+                                    "bert-mini-mlm, tune) or a YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
@@ -38,20 +40,50 @@ def parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg) -> dict:
     from tfpretrain.data.sources import resolve_paths
-    from tfpretrain.models import count_params
+    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE
+    from tfpretrain.objectives import count_params
 
     if cfg.data.path is not None:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
-    vocab = 261 if cfg.tokenizer.kind == "byte" else cfg.tokenizer.vocabulary_size
+    exact = cfg.tokenizer.kind == "byte"
+    vocab = BYTE_VOCABULARY_SIZE if exact else cfg.tokenizer.vocabulary_size
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     print(cfg.to_yaml(), end="")
-    info = {"params": count_params(cfg.model, vocab), "vocabulary_size": vocab,
+    info = {"params": count_params(cfg, vocab), "vocabulary_size": vocab,
             "tokens_per_step": tokens_per_step,
             "planned_tokens": tokens_per_step * cfg.train.steps}
     print(f"# parameters: {info['params']:,} (vocabulary_size {vocab}"
-          f"{', an upper bound until the tokenizer is trained' if vocab != 260 else ''})")
+          f"{'' if exact else ', an upper bound until the tokenizer is trained'})")
     print(f"# tokens per step: {tokens_per_step:,}; planned tokens: {info['planned_tokens']:,}")
     return info
+
+
+def export_after_training(model, tokenizer, cfg, run_dir, log) -> dict:
+    """fit's finish hook: the SavedModel (``export.enabled``), checked in a fresh process.
+    A failed check keeps the trained run and says why in the summary (``export_error``)."""
+    import time
+
+    from tfpretrain.serving.saved_model import ExportValidationError, export_saved_model
+
+    if not cfg.export.enabled:
+        return {"saved_model": None}
+    t0 = time.time()
+    try:
+        path = export_saved_model(model, tokenizer, cfg, run_dir)
+    except ExportValidationError as exc:  # the trained run is kept; nothing published
+        log(f"warning: the export was not published: {exc}")
+        return {"saved_model": None, "export_error": str(exc)}
+    log(f"exported {path} ({time.time() - t0:.1f}s)")
+    return {"saved_model": str(path)}
+
+
+def fit(cfg, run_dir: Path, resume: str = "auto", allow_config_change: bool = False) -> dict:
+    """Train ``cfg`` in ``run_dir`` and export it; returns the summary.
+    Raises UserError, training.preemption.Preempted."""
+    from tfpretrain.training.run import train
+
+    return train(cfg, Path(run_dir), resume, allow_config_change,
+                 finish=export_after_training)
 
 
 @cli_main
@@ -64,7 +96,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg)))
         return 0
-    from tfpretrain.training.trainer import Preempted, fit
+    from tfpretrain.training.preemption import Preempted
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     try:

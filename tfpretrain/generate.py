@@ -27,52 +27,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tfpretrain.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--prompt", help="default: the run's eval.prompt")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--sampler", choices=("greedy", "top_k", "top_p"), default="top_k")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, help="default: the run's eval.temperature")
     p.add_argument("--top-k", type=int, default=None,
-                   help="top-k sampling (default 40); masked LM: predictions per mask "
-                        "(default 5)")
+                   help="top-k sampling (default: the run's eval.top_k); masked LM: "
+                        "predictions per mask (default 5)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1. Received: {a.max_new_tokens}")
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or (a.top_k or 0) < 0 or a.num_samples < 1:
+    if (a.temperature or 0) < 0 or not 0 < a.top_p <= 1 or (a.top_k or 0) < 0 or a.num_samples < 1:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and "
                         "--num-samples >= 1. Received: "
                         f"temperature={a.temperature}, top_p={a.top_p}, top_k={a.top_k}, "
                         f"num_samples={a.num_samples}")
-    from tfpretrain.export import load_run
-    from tfpretrain.generation import FillMasker, Sampler
+    from tfpretrain.objectives import get_objective
+    from tfpretrain.training.runfolder import load_run
 
     cfg, tokenizer, model = load_run(Path(a.run_dir))
-    if cfg.model.objective == "mlm":
-        if "[MASK]" not in a.prompt:
-            raise UserError(f"{a.run_dir} is a masked-LM run: --prompt needs at least one "
-                            f"[MASK] to fill, e.g. \"Once upon a [MASK].\" Received: "
-                            f"{a.prompt!r}")
-        result = FillMasker(model, tokenizer, cfg.model.sequence_length).run(
-            [a.prompt], top_k=a.top_k or 5)[0]
-        print(result["text"])
-        for j, preds in enumerate(result["masks"]):
-            print(f"[MASK] {j + 1}: " + "  ".join(f"{t} {p:.3f}" for t, p in preds))
-        if len(result["masks"]) < a.prompt.count("[MASK]"):
-            print("(masks past the model's context of "
-                  f"{cfg.model.sequence_length} tokens were not predicted)")
-        return 0
-    sampler = Sampler(model, tokenizer, cfg.model.sequence_length)
-    kwargs = {"greedy": dict(temperature=0.0),
-              "top_k": dict(temperature=a.temperature, top_k=40 if a.top_k is None else a.top_k),
-              "top_p": dict(temperature=a.temperature, top_p=a.top_p)}[a.sampler]
-    texts = sampler([a.prompt] * a.num_samples, max_new_tokens=a.max_new_tokens,
-                    seed=a.seed, **kwargs)
-    for i, t in enumerate(texts):
-        if a.num_samples > 1:
-            print(f"--- sample {i + 1}")
-        print(t)
+    a.prompt = cfg.eval.prompt if a.prompt is None else a.prompt
+    a.temperature = cfg.eval.temperature if a.temperature is None else a.temperature
+    for line in get_objective(cfg).generate(model, tokenizer, a, cfg):
+        print(line)
     return 0
 
 

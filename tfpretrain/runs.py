@@ -95,22 +95,10 @@ def plot(rows: list[dict], root: Path, path: Path) -> Path:
     return path
 
 
-def fmt(v) -> str:
-    """A table cell: "-" for missing, 4 significant digits, thousands separators."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
 def table(rows: list[dict]) -> str:
-    body = [[fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths))
-                     for line in [COLUMNS, *body])
+    from tfpretrain.tables import fmt, render
+
+    return render(COLUMNS, [[fmt(r.get(c)) for c in COLUMNS] for r in rows])
 
 
 @cli_main

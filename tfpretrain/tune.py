@@ -76,11 +76,9 @@ def trial_raw(base: dict, values: dict, steps: int, budget_fraction: float = 1.0
     return raw
 
 
-def make_tuner(cfg, base_raw: dict, run_dir: Path):
+def make_oracle(cfg):
+    """The KerasTuner oracle of ``tune.tuner`` over ``tune.space``."""
     import keras_tuner as kt
-
-    from tfpretrain.config import build_config
-    from tfpretrain.training.trainer import Preempted, fit
 
     objective = kt.Objective(cfg.tune.objective, direction="min")
     hp = kt.HyperParameters()
@@ -102,6 +100,15 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
         oracle = kt.oracles.BayesianOptimizationOracle(max_trials=cfg.tune.max_trials, **common)
     else:
         oracle = kt.oracles.HyperbandOracle(max_epochs=HYPERBAND_MAX_EPOCHS, factor=3, **common)
+    return oracle
+
+
+def make_tuner(cfg, base_raw: dict, run_dir: Path):
+    import keras_tuner as kt
+
+    from tfpretrain.config import build_config
+    from tfpretrain.fit import fit
+    from tfpretrain.training.preemption import Preempted
 
     class FitTuner(kt.engine.base_tuner.BaseTuner):
         """Each trial is one tfpretrain.fit run; KerasTuner only proposes values."""
@@ -139,7 +146,7 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
                      "tokens_per_second") if k in summary}}, indent=1))
             return {cfg.tune.objective: value}
 
-    return FitTuner(oracle=oracle, directory=str(run_dir), project_name="tuner",
+    return FitTuner(oracle=make_oracle(cfg), directory=str(run_dir), project_name="tuner",
                     overwrite=False)
 
 
@@ -191,13 +198,11 @@ def leaderboard(tuner) -> list[dict]:
 
 def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None:
     head = ["trial", "status"] + keys + [objective, "steps", "seconds"]
-    from tfpretrain.runs import fmt
+    from tfpretrain.tables import fmt, render
 
-    table = [[r["trial"], r["status"]] + [fmt(r["values"].get(k)) for k in keys]
-             + [fmt(r["objective"]), fmt(r["steps"]), fmt(r["seconds"])] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
-    for line in [head] + table:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    print(render(head, [[r["trial"], r["status"]] + [fmt(r["values"].get(k)) for k in keys]
+                        + [fmt(r["objective"]), fmt(r["steps"]), fmt(r["seconds"])]
+                        for r in rows]))
 
 
 def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) -> None:
@@ -278,17 +283,16 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", help="search folder (default: runs/<config name>)")
     a = p.parse_args(argv)
-    from tfpretrain.config import PACKAGE_CONFIGS, load_config, parse_overrides, read_yaml
-    from tfpretrain.config import _merge
+    from tfpretrain.config import load_config, load_raw, resolve_config_path
 
-    path = a.config or str(PACKAGE_CONFIGS / "tune.yaml")
+    path = str(resolve_config_path(a.config or "tune"))
     overrides = list(a.overrides)
     if a.tuner:
         overrides.append(f"tune.tuner={a.tuner}")
     if a.max_trials is not None:
         overrides.append(f"tune.max_trials={a.max_trials}")
     cfg = load_config(path, overrides)
-    base_raw = _merge(read_yaml(Path(path)), parse_overrides(overrides))
+    base_raw = load_raw(path, overrides)
     base_raw.pop("name", None)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / cfg.name
     result = tune(cfg, base_raw, run_dir)

@@ -56,10 +56,11 @@ def main(argv=None) -> int:
 
     from tfpretrain.data.cache import prepare
     from tfpretrain.data.tokenizers import NUM_SPECIAL
+    from tfpretrain.objectives import row_format
 
     keras.utils.set_random_seed(cfg.train.seed)  # before any tokenizer exists (see fit)
     t0 = time.time()
-    tokenizer, packed, info = prepare(cfg, force=a.force,
+    tokenizer, packed, info = prepare(cfg, row_format(cfg), force=a.force,
                                       log=lambda m: print(f"[tfpretrain] {m}", flush=True))
     seconds = time.time() - t0
     counts = np.asarray(packed.unigram_counts)

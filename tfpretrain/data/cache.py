@@ -8,7 +8,8 @@ Two levels, each keyed by a SHA-256 fingerprint:
 - ``<cache_dir>/<tok-key>/rows-<rows-key>/``: ``train.rows`` and ``val.rows`` (int32,
   row-major, one row after the other, as numpy's ``tofile`` writes them; shapes in
   ``meta.json``), the train-token counts ``counts.npy`` and ``meta.json``, keyed
-  additionally by ``model.sequence_length``, ``model.objective`` and ``data.packing``.
+  additionally by the row format (``model.sequence_length``, ``data.packing`` and how the
+  objective frames a row: see ``data.pipeline.RowFormat``).
 
 The rows are written while the documents stream through the tokenizer, so preparing a
 corpus never holds its text or its tokens in memory, and read back memory-mapped. Entries
@@ -31,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
-from tfpretrain.errors import UserError
 
 CACHE_VERSION = 2
 
@@ -105,9 +105,8 @@ def tokenizer_key(cfg) -> str:
                     "tokenizer": {**cfg.to_dict()["tokenizer"], "kind": resolved_kind(cfg)}})
 
 
-def rows_key(cfg) -> str:
-    return _digest({"tokenizer": tokenizer_key(cfg), "L": cfg.model.sequence_length,
-                    "objective": cfg.model.objective, "packing": cfg.data.packing})
+def rows_key(cfg, fmt) -> str:
+    return _digest({"tokenizer": tokenizer_key(cfg), "rows": dataclasses.asdict(fmt)})
 
 
 def tokenizer_digest(directory: Path) -> str:
@@ -160,16 +159,15 @@ def document_batches(documents, size: int):
             yield (v, nbytes[v], len(batches[v])), batches[v]
 
 
-def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
+def write_rows(directory: Path, tokenizer, documents, fmt, log=None) -> dict:
     """Tokenize ``(is_val, document)`` pairs a batch at a time and write the entry's
     ``train.rows``, ``val.rows`` and ``counts.npy`` into ``directory``; returns their
     counts (documents, tokens, rows, row width, train bytes). Memory: a few batches of
     ``TOKENIZE_BATCH`` documents, whatever the corpus size."""
     from tfpretrain.data import pipeline
 
-    L, objective, packing = cfg.model.sequence_length, cfg.model.objective, cfg.data.packing
-    writers = [RowWriter(Path(directory) / f"{split}.rows",
-                         pipeline.RowPacker(L, objective, packing)) for split in ("train", "val")]
+    writers = [RowWriter(Path(directory) / f"{split}.rows", pipeline.RowPacker(fmt))
+               for split in ("train", "val")]
     counts = np.zeros(tokenizer.vocabulary_size, np.int64)
     docs, train_bytes = [0, 0], 0
     t0 = last_log = time.time()
@@ -188,16 +186,12 @@ def write_rows(directory: Path, tokenizer, documents, cfg, log=None) -> dict:
     finally:
         for w in writers:
             w.close()
-    width = L if objective == "mlm" else L + 1
+    width = fmt.width
     train, val = writers
     if train.rows == 0:
-        raise UserError(f"data: the training split has {train.tokens} tokens, fewer than "
-                        f"one row of {width} tokens (model.sequence_length); use more "
-                        "text or a smaller `model.sequence_length`")
+        raise pipeline.too_few_rows("training", train.tokens, width)
     if val.rows == 0:
-        raise UserError(f"data: the validation split has {val.tokens} tokens, fewer than "
-                        f"one row of {width} tokens (model.sequence_length); raise "
-                        "`data.val_fraction` or lower `model.sequence_length`")
+        raise pipeline.too_few_rows("validation", val.tokens, width)
     np.save(Path(directory) / "counts.npy", counts)
     return {"train_documents": docs[0], "val_documents": docs[1],
             "train_tokens": int(train.tokens), "val_tokens": int(val.tokens),
@@ -219,11 +213,11 @@ def load_rows(directory: Path, meta: dict):
 class TokenCache:
     """Find or write the cache entry of a config."""
 
-    def __init__(self, cfg, root: Path | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg, fmt, root: Path | None = None):
+        self.cfg, self.fmt = cfg, fmt
         self.root = Path(root or cfg.data.cache_dir or default_cache_dir()).expanduser()
         self.tok_dir = self.root / tokenizer_key(cfg)[:20]
-        self.rows_dir = self.tok_dir / f"rows-{rows_key(cfg)[:20]}"
+        self.rows_dir = self.tok_dir / f"rows-{rows_key(cfg, fmt)[:20]}"
         self._fingerprints = None
 
     def tokenizer(self):
@@ -296,8 +290,7 @@ class TokenCache:
         meta = {"version": CACHE_VERSION, **meta, "tokenizer_kind": tokenizer.kind,
                 "remote_fingerprints": self.remote_fingerprints(),
                 "tokenizer_sha256": tokenizer_digest(self.tok_dir / "tokenizer"),
-                "sequence_length": self.cfg.model.sequence_length,
-                "objective": self.cfg.model.objective, "packing": self.cfg.data.packing,
+                "row_format": dataclasses.asdict(self.fmt),
                 "created": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.rows_dir.exists():
@@ -309,15 +302,16 @@ class TokenCache:
         return meta
 
 
-def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool = False):
-    """(tokenizer, PackedData, info) for ``cfg``: from the cache when ``data.cache`` is on
+def prepare(cfg, fmt, run_tokenizer_dir: Path | None = None, log=print, force: bool = False):
+    """(tokenizer, PackedData, info) for ``cfg``, rows made in ``fmt`` (a
+    ``pipeline.RowFormat``, from the objective): from the cache when ``data.cache`` is on
     and it has the entry; otherwise stream the documents (a counting pass, the tokenizer's
     sample, then tokenize and pack), train the tokenizer (or load the run's own) and write
     the entry. ``info``: description, documents, train bytes, cache folder, hit."""
     from tfpretrain.data.sources import DocumentPlan, check_split
     from tfpretrain.data.tokenizers import load_tokenizer, train_from_config
 
-    cache = TokenCache(cfg) if cfg.data.cache else None
+    cache = TokenCache(cfg, fmt) if cfg.data.cache else None
     retrain = force
     if cache is not None and not force:
         changed = cache.changed_remote_sources()
@@ -343,7 +337,7 @@ def prepare(cfg, run_tokenizer_dir: Path | None = None, log=print, force: bool =
     keep = cache is not None and run_tokenizer_dir is None
     tmp = cache.new_entry() if keep else Path(tempfile.mkdtemp(prefix="tfpretrain-rows-"))
     try:
-        meta = write_rows(tmp, tokenizer, plan.route(), cfg, log)
+        meta = write_rows(tmp, tokenizer, plan.route(), fmt, log)
         check_split(meta["train_documents"], meta["val_documents"], cfg.data)
         meta.update(description=plan.description, prepare_seconds=round(time.time() - t0, 2))
         if keep:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from tfpretrain.data.tokenizers import EOS_ID, PAD_ID, Tokenizer
 from tfpretrain.errors import UserError
 
 TOKENIZE_BATCH = 256
@@ -68,14 +68,44 @@ def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros([0], np.int32)
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How a token stream becomes fixed-width rows (made by the objective, see
+    ``tfpretrain.objectives``): ``width`` tokens per row; ``concat`` rows start
+    ``width - overlap`` tokens apart, each prefixed with ``concat_lead`` when it is set
+    (the prefix counts in the width); ``pad`` rows are ``pad_lead doc eos`` cut to
+    ``width`` and padded."""
+    width: int
+    packing: str = "concat"
+    overlap: int = 0
+    concat_lead: int | None = None
+    pad_lead: int = EOS_ID
+
+    @property
+    def stride(self) -> int:
+        """Stream tokens consumed by one concat row (0 for pad rows: one per document)."""
+        if self.packing == "pad":
+            return 0
+        return self.width - (self.concat_lead is not None) - self.overlap
+
+
 def pack_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
     """Rows [R, L+1] overlapping by one token; the final partial row is dropped."""
-    L = sequence_length
-    n_rows = (len(stream) - 1) // L
+    return concat_rows(stream, RowFormat(sequence_length + 1, overlap=1))
+
+
+def concat_rows(stream: np.ndarray, fmt: RowFormat) -> np.ndarray:
+    """Concat rows of ``fmt`` over ``stream``; the final partial row is dropped."""
+    body = fmt.width - (fmt.concat_lead is not None)
+    n_rows = max(0, (len(stream) - fmt.overlap) // fmt.stride) if len(stream) >= body else 0
     if n_rows <= 0:
-        return np.zeros([0, L + 1], np.int32)
-    idx = np.arange(n_rows)[:, None] * L + np.arange(L + 1)[None, :]
-    return stream[idx]
+        return np.zeros([0, fmt.width], np.int32)
+    idx = np.arange(n_rows)[:, None] * fmt.stride + np.arange(body)[None, :]
+    rows = stream[idx].astype(np.int32, copy=False)
+    if fmt.concat_lead is None:
+        return rows
+    lead = np.full([n_rows, 1], fmt.concat_lead, np.int32)
+    return np.concatenate([lead, rows], axis=1)
 
 
 def documents_of(stream: np.ndarray) -> list[np.ndarray]:
@@ -95,24 +125,11 @@ def pad_rows(stream: np.ndarray, width: int, first: int) -> np.ndarray:
     return rows
 
 
-def mlm_concat_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
-    """``bos`` + L - 1 stream tokens per row, not overlapping; the partial tail dropped."""
-    body = sequence_length - 1
-    n = len(stream) // body
-    rows = stream[: n * body].reshape(n, body)
-    return np.concatenate([np.full([n, 1], BOS_ID, np.int32), rows], axis=1).astype(np.int32)
-
-
-def make_rows(stream: np.ndarray, sequence_length: int, objective: str = "causal",
-              packing: str = "concat") -> np.ndarray:
-    """Rows of ``stream`` for ``objective`` (causal: [R, L+1], mlm: [R, L])."""
-    if objective == "mlm":
-        if packing == "pad":
-            return pad_rows(stream, sequence_length, BOS_ID)
-        return mlm_concat_rows(stream, sequence_length)
-    if packing == "pad":
-        return pad_rows(stream, sequence_length + 1, EOS_ID)
-    return pack_rows(stream, sequence_length)
+def make_rows(stream: np.ndarray, fmt: RowFormat) -> np.ndarray:
+    """Rows [R, fmt.width] of ``stream``."""
+    if fmt.packing == "pad":
+        return pad_rows(stream, fmt.width, fmt.pad_lead)
+    return concat_rows(stream, fmt)
 
 
 class RowPacker:
@@ -120,45 +137,45 @@ class RowPacker:
     the tokens not yet in a full row are carried into the next piece, so the rows equal
     ``make_rows`` of the whole stream (a causal row's last token starts the next row)."""
 
-    def __init__(self, sequence_length: int, objective: str = "causal",
-                 packing: str = "concat"):
-        self.args = (sequence_length, objective, packing)
-        self.stride = 0 if packing == "pad" else \
-            sequence_length - 1 if objective == "mlm" else sequence_length
+    def __init__(self, fmt: RowFormat):
+        self.fmt = fmt
         self.carry = np.zeros([0], np.int32)
 
     def add(self, stream: np.ndarray) -> np.ndarray:
         buf = np.concatenate([self.carry, stream]) if len(self.carry) else stream
-        rows = make_rows(buf, *self.args)
-        self.carry = buf[len(rows) * self.stride:] if self.stride else self.carry[:0]
+        rows = make_rows(buf, self.fmt)
+        stride = self.fmt.stride
+        self.carry = buf[len(rows) * stride:] if stride else self.carry[:0]
         return rows
+
+
+def too_few_rows(split: str, tokens: int, width: int) -> UserError:
+    """The error for a split too small for one row (one message, two callers)."""
+    fix = ("use more text or a smaller `model.sequence_length`" if split == "training" else
+           "raise `data.val_fraction` or lower `model.sequence_length`")
+    return UserError(f"data: the {split} split has {tokens} tokens, fewer than one row of "
+                     f"{width} tokens (model.sequence_length); {fix}")
 
 
 @dataclass
 class PackedData:
-    train_rows: np.ndarray   # causal [R_train, L+1]; mlm [R_train, L]
-    val_rows: np.ndarray     # causal [R_val, L+1]; mlm [R_val, L]
+    train_rows: np.ndarray   # [R_train, RowFormat.width] (causal L+1, masked L)
+    val_rows: np.ndarray     # [R_val, RowFormat.width]
     train_tokens: int        # tokens in the train stream
     val_tokens: int
     unigram_counts: np.ndarray  # train-token counts, [V]
 
 
 def pack_corpus(tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str],
-                sequence_length: int, objective: str = "causal",
-                packing: str = "concat") -> PackedData:
+                fmt: RowFormat) -> PackedData:
     train_stream = tokenize_documents(tokenizer, train_docs)
     val_stream = tokenize_documents(tokenizer, val_docs)
-    train_rows = make_rows(train_stream, sequence_length, objective, packing)
-    val_rows = make_rows(val_stream, sequence_length, objective, packing)
-    width = train_rows.shape[1]
+    train_rows = make_rows(train_stream, fmt)
+    val_rows = make_rows(val_stream, fmt)
     if len(train_rows) == 0:
-        raise UserError(f"data: the training split has {len(train_stream)} tokens, fewer than "
-                        f"one row of {width} tokens (model.sequence_length); use more "
-                        "text or a smaller `model.sequence_length`")
+        raise too_few_rows("training", len(train_stream), fmt.width)
     if len(val_rows) == 0:
-        raise UserError(f"data: the validation split has {len(val_stream)} tokens, fewer than "
-                        f"one row of {width} tokens (model.sequence_length); raise "
-                        "`data.val_fraction` or lower `model.sequence_length`")
+        raise too_few_rows("validation", len(val_stream), fmt.width)
     counts = np.bincount(train_stream, minlength=tokenizer.vocabulary_size)
     return PackedData(train_rows, val_rows, len(train_stream), len(val_stream), counts)
 
@@ -204,8 +221,9 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
                   num_steps: int | None = None, poison=(), to_batch=None) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
 
-    ``poison``: 0-based data positions whose sample weights become NaN (fault injection:
-    ``debug.nan_at_step``), so a "bad batch" follows its data position through rollbacks.
+    ``poison``: 0-based data positions whose sample weights become NaN (fault injection,
+    see ``tfpretrain.faults``), so a "bad batch" follows its data position through
+    rollbacks.
     ``to_batch(rows, seed)``: rows -> (x, y, weight); default: causal LM. ``seed`` is
     ``[train seed, data position]`` (the masked-LM masks are drawn from it).
     """
@@ -245,10 +263,3 @@ def eval_dataset(rows: np.ndarray, batch_size: int, max_batches: int = 0,
 
     ds = tf.data.Dataset.range(-(-n // batch_size)).map(batch)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def poisoned_positions(debug) -> list[int]:
-    """0-based data positions that ``debug.nan_at_step`` / ``nan_for_steps`` poison."""
-    if not debug.nan_at_step:
-        return []
-    return list(range(debug.nan_at_step - 1, debug.nan_at_step - 1 + debug.nan_for_steps))

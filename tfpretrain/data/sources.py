@@ -45,6 +45,10 @@ TFDS_PREFIX = "tfds://"
 HF_PREFIX = "hf://"
 CHUNK_BYTES = 8 << 20          # text files are read this many bytes at a time
 MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are cut (at whitespace) into pieces
+# Salts that give each seeded draw its own stream from train.seed (changing one changes
+# which documents are drawn, so a cached entry and a run's split would no longer match)
+MIX_SALT = 7919          # data.weights: which documents get an extra copy
+TOKENIZER_SAMPLE_SALT = 104729  # tokenizer.train_bytes: which documents train the tokenizer
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8
 _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # one or more whitespace-only lines
 
@@ -449,7 +453,7 @@ class DocumentPlan:
 
     def _plan_mix(self) -> None:
         """Per entry: (whole copies, which training documents get one more)."""
-        rng = np.random.default_rng([self.seed, 7919])
+        rng = np.random.default_rng([self.seed, MIX_SALT])
         bounds = np.cumsum([0] + self.counts)
         train_sizes = []
         for i in range(len(self.sources)):
@@ -522,7 +526,7 @@ class DocumentPlan:
         document, seeded) from the whole training stream, not just its beginning. Lazy: a
         tokenizer that is loaded, not trained, reads nothing."""
         p = min(1.0, limit / max(1, self.expected_train_bytes))
-        draws = _uniforms(np.random.default_rng([self.seed, 104729]))
+        draws = _uniforms(np.random.default_rng([self.seed, TOKENIZER_SAMPLE_SALT]))
         total = 0
         for is_val, doc in self.route():
             if is_val or (p < 1.0 and next(draws) >= p):

@@ -16,7 +16,7 @@ Kinds:
   exactly), trained with Hugging Face ``tokenizers``, run in the graph by keras_hub's
   BytePairTokenizer.
 - ``char``: one id per character (nanoGPT's shakespeare_char), TF core ops only.
-- ``byte``: one id per UTF-8 byte (4 + 256 ids), TF core ops only; needs no training.
+- ``byte``: one id per UTF-8 byte (5 special + 256 ids), TF core ops only; needs no training.
 
 A tokenizer is saved as ``<dir>/tokenizer.json`` (kind, ids, vocabulary) plus
 ``<dir>/spm.model`` for SentencePiece kinds, ``<dir>/vocab.txt`` for WordPiece,
@@ -40,6 +40,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 5
 SPECIAL_TOKENS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": MASK_ID}
 MASK_TOKEN = "[MASK]"
+BYTE_VOCABULARY_SIZE = NUM_SPECIAL + 256  # the byte tokenizer's fixed vocabulary
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", MASK_TOKEN]  # ids 0..4
 
 
@@ -340,7 +341,7 @@ class ByteLevelBPETokenizer(GraphLayerTokenizer):
         return self._graph("detokenize", ids)
 
     def pieces(self):
-        from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+        from tfpretrain.compat import bytes_to_unicode
 
         bs, cs = bytes_to_unicode()  # byte strings and the characters standing for them
         decode = dict(zip(cs, bs))

@@ -6,7 +6,7 @@ import time
 
 import keras
 
-from tfpretrain.models import LOG_FIELDS
+from tfpretrain.models.lm import LOG_FIELDS
 
 
 class StepLogger(keras.callbacks.Callback):
@@ -61,12 +61,10 @@ class StepLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
         logs = logs or {}
-        if "val_loss" in logs:
-            val = float(logs["val_loss"])
+        if "val_loss" in logs:  # every val_* metric the objective's model reports
+            scalars = {f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
+            scalars["val/perplexity"] = math.exp(min(scalars["val/loss"], 50.0))
             for sink in self.sinks:
-                scalars = {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
-                if "val_masked_accuracy" in logs:
-                    scalars["val/masked_accuracy"] = float(logs["val_masked_accuracy"])
                 sink.scalars(step, scalars)
         if self.sampler is not None:
             self.last_sample = self.sampler(self.prompt, **self.sample_kwargs)
@@ -107,9 +105,10 @@ class StopAtStep(keras.callbacks.Callback):
 
 class CheckpointEvery(keras.callbacks.Callback):
     """Commits a checkpoint every ``every`` steps and when training ends (unless ``hold()``
-    says not to: a run stopping for a rollback must not checkpoint its bad streak)."""
+    says not to: a run stopping for a rollback must not checkpoint its bad streak).
+    ``extra()``: what else goes into the checkpoint's state.json."""
 
-    def __init__(self, manager, extra: dict, every: int, hold=lambda: False):
+    def __init__(self, manager, extra, every: int, hold=lambda: False):
         super().__init__()
         self.manager, self.extra, self.every, self.hold = manager, extra, every, hold
         self.last_saved = None
@@ -117,7 +116,7 @@ class CheckpointEvery(keras.callbacks.Callback):
     def _save(self):
         step = int(self.model.optimizer.iterations.numpy())
         if step != self.last_saved:
-            self.manager.save(step, self.extra)
+            self.manager.save(step, self.extra())
             self.last_saved = step
 
     def on_train_batch_end(self, batch, logs=None):
@@ -132,14 +131,14 @@ class CheckpointEvery(keras.callbacks.Callback):
 class PreemptionCheckpoint(keras.callbacks.Callback):
     """After SIGTERM/SIGINT: commit a checkpoint at the next step boundary and stop."""
 
-    def __init__(self, manager, extra: dict, preemption):
+    def __init__(self, manager, extra, preemption):
         super().__init__()
         self.manager, self.extra, self.preemption = manager, extra, preemption
 
     def on_train_batch_end(self, batch, logs=None):
         if self.preemption.signum is not None and not self.model.stop_training:
             step = int(self.model.optimizer.iterations.numpy())
-            path = self.manager.save(step, self.extra)
+            path = self.manager.save(step, self.extra())
             print(f"[tfpretrain] checkpoint {path} committed at step {step}; rerun the same "
                   "command to resume", flush=True)
             self.model.stop_training = True

@@ -14,12 +14,11 @@ predicted (top-k tokens and probabilities) in one forward pass.
 """
 from __future__ import annotations
 
-import contextlib
-
-import keras_hub
 import tensorflow as tf
 
-from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, NUM_SPECIAL, PAD_ID
+from tfpretrain import compat
+from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
+from tfpretrain.models.registry import arch_of
 
 NEG_INF = -1e9
 
@@ -91,34 +90,9 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
     return tf.where(valid, new, PAD_ID)
 
 
-@contextlib.contextmanager
-def pure_tf_slice_update():
-    """While tracing keras_hub's cached decoding, make ``keras.ops.slice_update`` (its KV-cache
-    write) a pad + select in core TF ops instead of ``XlaDynamicUpdateSlice``, which TF
-    Serving only runs with XLA flags."""
-    from keras.src.backend.tensorflow import core
-
-    def slice_update(inputs, start_indices, updates):
-        inputs = tf.convert_to_tensor(inputs)
-        updates = tf.cast(updates, inputs.dtype)
-        start = tf.cast(tf.stack(start_indices), tf.int32)
-        end = tf.shape(inputs) - tf.shape(updates) - start
-        paddings = tf.stack([start, end], axis=1)
-        where = tf.pad(tf.ones_like(updates, tf.int8), paddings) > 0
-        return tf.where(where, tf.pad(updates, paddings), inputs)
-
-    original = core.slice_update
-    core.slice_update = slice_update
-    try:
-        yield
-    finally:
-        core.slice_update = original
-
-
 def has_kv_cache(model) -> bool:
-    return isinstance(getattr(model, "backbone", None),
-                      (keras_hub.models.GPT2Backbone, keras_hub.models.LlamaBackbone)) \
-        and not hasattr(model, "task")
+    """A decoder whose keras_hub task has KV-cached decoding (not a masked LM)."""
+    return not hasattr(model, "task") and arch_of(model.backbone).decoder
 
 
 @tf.autograph.experimental.do_not_convert
@@ -128,9 +102,7 @@ def decoder_task(model):
     (Sampler and the exporter do) before tracing anything that uses it."""
     task = getattr(model, "_decoder_task", None)
     if task is None:
-        cls = {"GPT2Backbone": keras_hub.models.GPT2CausalLM,
-               "LlamaBackbone": keras_hub.models.LlamaCausalLM}[type(model.backbone).__name__]
-        task = cls(backbone=model.backbone, preprocessor=None)
+        task = arch_of(model.backbone).task_class()(backbone=model.backbone, preprocessor=None)
         object.__setattr__(model, "_decoder_task", task)  # not tracked: shares the weights
     return task
 
@@ -151,8 +123,8 @@ def generate_ids_cached(task, prompts: tf.RaggedTensor, max_new_tokens, temperat
     lens = tf.cast(prompts.row_lengths(), tf.int32)
     total = tf.reduce_max(lens) + max_new_tokens
     buf = prompts.to_tensor(default_value=PAD_ID, shape=tf.stack([batch, total]))
-    with pure_tf_slice_update():
-        _, cache = task._build_cache(buf)
+    with compat.pure_tf_slice_update():
+        _, cache = compat.build_cache(task, buf)
         index = tf.reduce_min(lens)
         done = tf.zeros([batch], tf.bool)
         columns = tf.range(total)[None, :]
@@ -160,7 +132,8 @@ def generate_ids_cached(task, prompts: tf.RaggedTensor, max_new_tokens, temperat
             tf.autograph.experimental.set_loop_options(shape_invariants=[
                 (cache, tf.TensorShape([None] * 6)), (buf, tf.TensorShape([None, None])),
                 (done, tf.TensorShape([None]))])
-            logits, _, cache = task.call_with_cache(buf[:, index - 1:index], cache, index - 1)
+            logits, _, cache = compat.call_with_cache(task, buf[:, index - 1:index], cache,
+                                                      index - 1)
             last = tf.cast(logits[:, 0, :], tf.float32)
             nxt = next_token(last, temperature, top_k, top_p, seed, index)
             in_prompt = index < lens
@@ -218,8 +191,9 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, context: int, tempe
 class Sampler:
     """Eager-friendly wrapper: text in, prompt + continuation out, with the run's tokenizer."""
 
-    def __init__(self, model, tokenizer, context: int):
-        self.model, self.tokenizer, self.context = model, tokenizer, context
+    def __init__(self, model, tokenizer, context: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context or model.sequence_length
         if has_kv_cache(model):
             decoder_task(model)
         self._fn = tf.function(self._generate, reduce_retracing=True)
@@ -290,8 +264,9 @@ class FillMasker:
     """Eager wrapper of :func:`fill_mask`; called like :class:`Sampler` (extra sampling
     arguments are ignored) so fit can log fill-mask samples for masked LMs."""
 
-    def __init__(self, model, tokenizer, context: int, top_k: int = 5):
-        self.model, self.tokenizer, self.context = model, tokenizer, context
+    def __init__(self, model, tokenizer, context: int | None = None, top_k: int = 5):
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context or model.sequence_length
         self._fn = tf.function(
             lambda texts, k: fill_mask(self.model, self.tokenizer, texts, self.context, k),
             reduce_retracing=True)
@@ -317,18 +292,3 @@ class FillMasker:
             f" | [MASK] {j + 1}: " + ", ".join(f"{t} {p:.2f}" for t, p in m[:3])
             for j, m in enumerate(r["masks"])) for r in results]
         return lines[0] if single else lines
-
-
-def sample_prompt(cfg) -> str:
-    """``eval.prompt``; for masked LMs with a [MASK] appended when it has none."""
-    prompt = cfg.eval.prompt
-    if cfg.model.objective == "mlm" and MASK_TOKEN not in prompt:
-        prompt = f"{prompt} {MASK_TOKEN}"
-    return prompt
-
-
-def make_sampler(model, tokenizer, cfg):
-    """Sampler (causal) or FillMasker (masked LM) for a run's model."""
-    if cfg.model.objective == "mlm":
-        return FillMasker(model, tokenizer, cfg.model.sequence_length)
-    return Sampler(model, tokenizer, cfg.model.sequence_length)

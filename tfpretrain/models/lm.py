@@ -1,5 +1,6 @@
-"""Model registry: ``model.arch`` -> a keras_hub backbone, wrapped as a next-token LM
-(gpt2, llama) or a masked LM (bert, through keras_hub's BertMaskedLM head).
+"""The trained models: a keras_hub backbone wrapped as a next-token LM (gpt2, llama) or a
+masked LM (bert, through keras_hub's BertMaskedLM head). Backbones come from
+:mod:`.registry`; which wrapper a run uses is its objective's choice (``tfpretrain.objectives``).
 
 :class:`CausalLM` owns only the glue keras_hub's tasks would otherwise decide for us: logits
 through the backbone's (reversible, optionally tied) token embedding, and a ``train_step``
@@ -12,36 +13,10 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from tfpretrain.config import ModelConfig
-from tfpretrain.data.tokenizers import EOS_ID
-from tfpretrain.errors import UserError
+from tfpretrain import compat
+from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
-
-
-def build_backbone(cfg: ModelConfig, vocabulary_size: int) -> keras.Model:
-    """A from-scratch keras_hub backbone; no preset is downloaded."""
-    if cfg.arch == "gpt2":
-        return keras_hub.models.GPT2Backbone(
-            vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
-            intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
-            max_sequence_length=cfg.sequence_length)
-    if cfg.arch == "llama":
-        return keras_hub.models.LlamaBackbone(
-            vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
-            num_query_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
-            intermediate_dim=cfg.intermediate_dim,
-            num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
-            dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings)
-    if cfg.arch == "bert":
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
-            intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
-            max_sequence_length=cfg.sequence_length)
-        return backbone
-    raise UserError(f"`model.arch` must be one of gpt2, llama, bert. Received: {cfg.arch!r}")
 
 
 class CausalLM(keras.Model):
@@ -53,12 +28,17 @@ class CausalLM(keras.Model):
     the step counter advances (so the schedule and the data position stay aligned).
     """
 
-    def __init__(self, backbone: keras.Model, clipnorm: float | None = None,
+    # the special ids the model was trained with (see data.tokenizers)
+    PAD_ID, BOS_ID, EOS_ID, MASK_ID = PAD_ID, BOS_ID, EOS_ID, MASK_ID
+
+    def __init__(self, backbone: keras.Model, sequence_length: int,
+                 clipnorm: float | None = None,
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
                  spike_threshold: float = 6.0, spike_at_step: int = 0, z_loss: float = 0.0,
                  document_mask: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
+        self.sequence_length = sequence_length  # the context length
         self.document_mask = document_mask
         self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
@@ -89,6 +69,10 @@ class CausalLM(keras.Model):
         """The weights that define the model (hashed, counted, exported)."""
         return self.backbone
 
+    def example_input(self):
+        """A one-row input that builds every weight."""
+        return tf.zeros([1, self.sequence_length], tf.int32)
+
     def call(self, token_ids, training=False):
         token_ids = tf.convert_to_tensor(token_ids)
         if self.document_mask:
@@ -106,21 +90,21 @@ class CausalLM(keras.Model):
         model predicts a document's first token from, as in generation); GPT-2's learned
         positions restart at every document, Llama's RoPE is relative and needs only the
         mask. The decoder layers add the causal mask themselves."""
-        bb = self.backbone
+        bb = compat.backbone_parts(self.backbone)
         doc = tf.cumsum(tf.cast(tf.equal(token_ids, EOS_ID), tf.int32), axis=1)  # [B, T]
         same = tf.equal(doc[:, :, None], doc[:, None, :])                        # [B, T, T]
-        x = bb.token_embedding(token_ids)
-        if isinstance(bb, keras_hub.models.GPT2Backbone):
+        x = bb["token_embedding"](token_ids)
+        if "position_embedding" in bb:  # GPT-2's learned positions restart per document
             # position within the document = tokens of the same row before it in that doc
             before = tf.cast(same, tf.int32) * tf.linalg.band_part(
                 tf.ones_like(same, tf.int32), -1, 0)
             positions = tf.reduce_sum(before, axis=2) - 1
-            table = bb.position_embedding.position_embeddings
-            x = bb.embeddings_add((x, tf.gather(table, positions)))
-            x = bb.embeddings_dropout(x, training=training)
-        for layer in bb.transformer_layers:
+            table = bb["position_embedding"].position_embeddings
+            x = bb["embeddings_add"]((x, tf.gather(table, positions)))
+            x = bb["embeddings_dropout"](x, training=training)
+        for layer in bb["transformer_layers"]:
             x = layer(x, decoder_attention_mask=tf.cast(same, tf.int32), training=training)
-        return bb.layer_norm(x)
+        return bb["layer_norm"](x)
 
     @property
     def metrics(self):
@@ -213,14 +197,30 @@ class MaskedLM(CausalLM):
     positions, so unmasked positions never contribute; guard; clipping; step log) and adds
     masked accuracy to evaluation."""
 
-    def __init__(self, backbone: keras.Model, **kwargs):
-        super().__init__(backbone, **kwargs)
+    def __init__(self, backbone: keras.Model, sequence_length: int, **kwargs):
+        super().__init__(backbone, sequence_length, **kwargs)
         self.task = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
         self.accuracy_tracker = keras.metrics.Mean(name="masked_accuracy")
 
     @property
     def network(self) -> keras.Model:
         return self.task
+
+    def example_input(self):
+        L = self.sequence_length
+        return {"token_ids": tf.zeros([1, L], tf.int32),
+                "padding_mask": tf.ones([1, L], tf.bool),
+                "segment_ids": tf.zeros([1, L], tf.int32),
+                "mask_positions": tf.zeros([1, 1], tf.int32)}
+
+    def row_logits(self, token_ids):
+        """Logits at every position of whole rows (``[CLS] ... [SEP]``; pad is masked)."""
+        token_ids = tf.convert_to_tensor(token_ids, tf.int32)
+        shape = tf.shape(token_ids)
+        positions = tf.broadcast_to(tf.range(shape[1])[None, :], shape)
+        return self({"token_ids": token_ids, "padding_mask": tf.not_equal(token_ids, PAD_ID),
+                     "segment_ids": tf.zeros_like(token_ids), "mask_positions": positions},
+                    training=False)
 
     def call(self, features, training=False):
         return tf.cast(self.task(features, training=training), tf.float32)
@@ -244,36 +244,6 @@ class MaskedLM(CausalLM):
                 "masked_accuracy": self.accuracy_tracker.result()}
 
 
-def example_input(cfg: ModelConfig):
-    """A one-row input that builds every weight."""
-    L = cfg.sequence_length
-    if cfg.objective == "mlm":
-        return {"token_ids": tf.zeros([1, L], tf.int32),
-                "padding_mask": tf.ones([1, L], tf.bool),
-                "segment_ids": tf.zeros([1, L], tf.int32),
-                "mask_positions": tf.zeros([1, 1], tf.int32)}
-    return tf.zeros([1, L], tf.int32)
-
-
-def build_model(cfg: ModelConfig, vocabulary_size: int, clipnorm: float | None = None,
-                steps_per_execution: int = 1, **guard) -> CausalLM:
-    """``guard``: guard, spike_window, spike_threshold, spike_at_step, z_loss."""
-    backbone = build_backbone(cfg, vocabulary_size)
-    cls = MaskedLM if cfg.objective == "mlm" else CausalLM
-    model = cls(backbone, clipnorm=clipnorm, steps_per_execution=steps_per_execution, **guard)
-    model(example_input(cfg))  # build all weights
-    return model
-
-
-def build_from_config(cfg, vocabulary_size: int, steps_per_execution: int = 1) -> CausalLM:
-    """The model of a full :class:`~tfpretrain.config.Config` (guard and fault hooks too)."""
-    extra = {"document_mask": True} if cfg.data.document_mask else {}
-    return build_model(cfg.model, vocabulary_size, cfg.optimizer.clipnorm, steps_per_execution,
-                       guard=cfg.train.guard, spike_window=cfg.train.spike_window,
-                       spike_threshold=cfg.train.spike_threshold,
-                       spike_at_step=cfg.debug.spike_at_step, z_loss=cfg.model.z_loss, **extra)
-
-
 def weights_sha256(model: keras.Model) -> str:
     """SHA-256 over every weight of the network, in a fixed order (name, shape, bytes)."""
     import hashlib
@@ -286,13 +256,3 @@ def weights_sha256(model: keras.Model) -> str:
         h.update(f"{i}:{w.path}:{value.shape}:{value.dtype}".encode())
         h.update(value.tobytes())
     return h.hexdigest()
-
-
-def count_params(cfg: ModelConfig, vocabulary_size: int) -> int:
-    """Parameter count without training anything (used by --dry-run)."""
-    backbone = build_backbone(cfg, vocabulary_size)
-    if cfg.objective == "mlm":
-        task = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
-        task(example_input(cfg))
-        return int(task.count_params())
-    return int(backbone.count_params())

@@ -1,0 +1,190 @@
+"""The shape of the package (docs/architecture.md): imports point downward only
+(config -> data -> models -> training -> serving -> commands), no import cycles, private
+keras/keras_hub internals only in compat.py, no branching on the objective's name outside
+tfpretrain/objectives/, short functions, and every private symbol compat uses still exists."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tfpretrain"
+
+# layer of a module (dotted name without "tfpretrain."), by prefix; longest prefix wins
+LAYERS = {
+    "": 0, "config": 0, "errors": 0, "compat": 0, "faults": 0, "tables": 0,
+    "data": 1,
+    "models": 2, "objectives": 2,
+    "training": 3,
+    "serving": 4,
+    "fit": 5, "generate": 5, "export": 5, "evaluate": 5, "tune": 5, "runs": 5, "bench": 5,
+    "cli": 5, "__main__": 5, "data.__main__": 5,
+}
+LAYER_NAMES = ["config", "data", "models", "training", "serving", "commands"]
+MAX_FUNCTION_LINES = 60
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(p for p in parts if p != "__init__")
+        out[name] = path
+    return out
+
+
+def layer(name: str) -> int:
+    best = max((k for k in LAYERS if k == "" or name == k or name.startswith(k + ".")),
+               key=len)
+    return LAYERS[best]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every tfpretrain module ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n == "tfpretrain" or n.startswith("tfpretrain."):
+                found.add(n[len("tfpretrain."):] if "." in n else "")
+    known = modules()
+    # "from tfpretrain.data import pipeline" names a module; "...import prepare" does not
+    return {n for n in found if n in known}
+
+
+def test_imports_point_downward_only():
+    upward = []
+    for name, path in sorted(modules().items()):
+        for target in imports_of(path):
+            if layer(target) > layer(name):
+                upward.append(f"{name} ({LAYER_NAMES[layer(name)]}) imports {target} "
+                              f"({LAYER_NAMES[layer(target)]})")
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_cycles():
+    graph = {name: imports_of(path) - {name} for name, path in modules().items()}
+    # a package's __init__ importing its own submodules (registries) is not a cycle risk
+    # when the submodules import only the package's base modules: checked as any edge
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_private_keras_internals_only_in_compat():
+    pattern = re.compile(r"keras(_hub)?\.src\b|\._build_cache\b|\._learning_rate\b"
+                         r"|hf_exporter\b|(?<!compat)\.call_with_cache\(")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
+                 for p in PACKAGE.rglob("*.py") if p.name != "compat.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, "private keras/keras_hub use outside compat.py:\n" + \
+        "\n".join(offenders)
+
+
+def test_no_branching_on_the_objective_outside_objectives():
+    pattern = re.compile(r"objective\s*(==|!=)|==\s*[\"'](mlm|causal)[\"']")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
+                 for p in PACKAGE.rglob("*.py") if "objectives" not in p.parts
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, "ask the objective instead:\n" + "\n".join(offenders)
+
+
+def test_functions_are_short():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: "
+                                f"{n} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_fault_hooks_only_through_the_testing_seam():
+    pattern = re.compile(r"TFPRETRAIN_FAULT|cfg\.debug\b|\.debug\.(nan_at_step|spike_at_step|"
+                         r"slow_checkpoint)")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
+                 if p.name not in ("faults.py", "config.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, "fault hooks outside tfpretrain/faults.py: " + ", ".join(offenders)
+
+
+def test_compat_symbols_exist_in_this_keras_and_keras_hub():
+    """Fails naming the symbol when an upgrade of keras/keras_hub moves one we rely on."""
+    from tfpretrain import compat
+
+    assert compat.check() == []
+
+
+def test_compat_check_names_a_missing_symbol(monkeypatch):
+    from tfpretrain import compat
+
+    monkeypatch.setattr(compat, "PRIVATE_SYMBOLS", compat.PRIVATE_SYMBOLS + (
+        ("something renamed upstream", "keras_hub.models.GPT2CausalLM", "_no_such_method"),))
+    problems = compat.check()
+    assert len(problems) == 1 and "keras_hub.models.GPT2CausalLM._no_such_method" in problems[0]
+    assert "something renamed upstream" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_registry_builds_each_arch_and_counts_flops(name):
+    from tfpretrain.config import ModelConfig
+    from tfpretrain.models.registry import ARCHS, build_backbone, flops_per_token, get_arch
+
+    cfg = ModelConfig(arch=name, num_layers=2, num_heads=2, hidden_dim=32,
+                      intermediate_dim=64, sequence_length=16)
+    backbone = build_backbone(cfg, 100)
+    assert type(backbone).__name__ == get_arch(name).backbone and set(ARCHS) >= {name}
+    params = backbone.count_params()
+    positions = 16 * 32 if get_arch(name).learned_positions else 0
+    assert flops_per_token(cfg, params, 100) == 6 * (params - positions) + 12 * 2 * 32 * 16
+
+
+def test_flops_per_token_matches_gpt2_124m_hand_count():
+    """GPT-2 small (12 layers, width 768, context 1024, vocab 50257): N without the position
+    table = 124,439,808 - 786,432 = 123,653,376 (nanoGPT's get_num_params()); nanoGPT's
+    estimate_mfu: 6N + 12*L*H*T = 741,920,256 + 113,246,208 = 855,166,464 FLOPs/token."""
+    from tfpretrain.config import ModelConfig
+    from tfpretrain.models.registry import flops_per_token
+
+    cfg = ModelConfig(arch="gpt2", num_layers=12, num_heads=12, hidden_dim=768,
+                      intermediate_dim=3072, sequence_length=1024)
+    assert flops_per_token(cfg, 124_439_808, 50257) == 855_166_464
+
+
+def test_one_console_command_dispatches_to_every_command():
+    from conftest import last_json_line, run_cli
+    from tfpretrain.cli import COMMANDS
+
+    r = run_cli("tfpretrain", "--help")
+    assert r.returncode == 0 and all(f"  {name}" in r.stdout for name in COMMANDS)
+    bad = run_cli("tfpretrain", "trian")
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    dry = run_cli("tfpretrain", "fit", "--config", "char-cpu", "--set", "tokenizer.kind=byte",
+                  "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert last_json_line(dry.stdout)["vocabulary_size"] == 261   # byte tokenizer, exact
+    assert "upper bound" not in dry.stdout

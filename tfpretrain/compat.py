@@ -1,0 +1,161 @@
+"""Every use of private keras / keras_hub internals, in one place.
+
+Each function names the private symbol it reaches for. ``check()`` looks every one of them
+up without running anything, and ``tests/test_compat.py`` calls it, so an upgrade of keras
+or keras_hub that moves a symbol fails one test that names the symbol, not a training run
+an hour in. Versions this was written against: keras 3.15, keras-hub 0.32.
+
+Nothing else in tfpretrain imports ``keras.src`` / ``keras_hub.src`` or calls an underscored
+keras / keras_hub attribute.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+# (what, module, attribute): checked by check(); one row per private symbol we use
+PRIVATE_SYMBOLS = (
+    ("keras TF backend's slice_update (patched while tracing the KV cache write)",
+     "keras.src.backend.tensorflow.core", "slice_update"),
+    ("keras_hub HF exporter configs", "keras_hub.src.utils.transformers.export.hf_exporter",
+     "MODEL_CONFIGS"),
+    ("keras_hub HF exporter weights", "keras_hub.src.utils.transformers.export.hf_exporter",
+     "MODEL_EXPORTERS"),
+    ("keras_hub HF exporter numpy conversion",
+     "keras_hub.src.utils.transformers.export.hf_exporter", "_to_numpy_dict"),
+    ("keras_hub byte-level BPE byte map", "keras_hub.src.tokenizers.byte_pair_tokenizer",
+     "bytes_to_unicode"),
+    ("keras_hub CausalLM cache builder", "keras_hub.models.GPT2CausalLM", "_build_cache"),
+    ("keras_hub CausalLM cache builder", "keras_hub.models.LlamaCausalLM", "_build_cache"),
+    ("keras_hub CausalLM cached call", "keras_hub.models.GPT2CausalLM", "call_with_cache"),
+    ("keras_hub CausalLM cached call", "keras_hub.models.LlamaCausalLM", "call_with_cache"),
+)
+# Backbone attributes the document-masked forward pass walks (public names, but internals
+# of the backbone's layer stack rather than documented API).
+BACKBONE_ATTRIBUTES = {
+    "GPT2Backbone": ("token_embedding", "position_embedding", "embeddings_add",
+                     "embeddings_dropout", "transformer_layers", "layer_norm"),
+    "LlamaBackbone": ("token_embedding", "transformer_layers", "layer_norm"),
+}
+
+
+def _resolve(module: str, attribute: str):
+    """``module.attribute``; ``module`` may end in a class path (``keras_hub.models.X``)."""
+    parts = module.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return getattr(obj, attribute)
+    raise ImportError(module)
+
+
+def check() -> list[str]:
+    """Problems with the private symbols in this installation (empty when all are there)."""
+    problems = []
+    for what, module, attribute in PRIVATE_SYMBOLS:
+        try:
+            _resolve(module, attribute)
+        except (ImportError, AttributeError, TypeError, OSError) as exc:
+            problems.append(f"{module}.{attribute} ({what}) is gone: {type(exc).__name__}: "
+                            f"{exc}. Update tfpretrain/compat.py for this keras/keras_hub")
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.0, 10, 0.5)
+    if getattr(keras.optimizers.SGD(schedule), "_learning_rate", None) is not schedule:
+        problems.append("keras.optimizers.Optimizer._learning_rate (the optimizer's "
+                        "learning-rate schedule) is gone. Update tfpretrain/compat.py")
+    return problems
+
+
+# --- keras ---------------------------------------------------------------------------
+
+def learning_rate_schedule(optimizer):
+    """The schedule object the optimizer was built with (``optimizer._learning_rate``; the
+    public ``optimizer.learning_rate`` is the current value, not the schedule)."""
+    return optimizer._learning_rate
+
+
+@contextlib.contextmanager
+def pure_tf_slice_update():
+    """While tracing keras_hub's cached decoding, make ``keras.ops.slice_update`` (its
+    KV-cache write) a pad + select in core TF ops instead of ``XlaDynamicUpdateSlice``, which
+    TF Serving only runs with XLA flags. Patches ``keras.src.backend.tensorflow.core``."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import core
+
+    def slice_update(inputs, start_indices, updates):
+        inputs = tf.convert_to_tensor(inputs)
+        updates = tf.cast(updates, inputs.dtype)
+        start = tf.cast(tf.stack(start_indices), tf.int32)
+        end = tf.shape(inputs) - tf.shape(updates) - start
+        paddings = tf.stack([start, end], axis=1)
+        where = tf.pad(tf.ones_like(updates, tf.int8), paddings) > 0
+        return tf.where(where, tf.pad(updates, paddings), inputs)
+
+    original = core.slice_update
+    core.slice_update = slice_update
+    try:
+        yield
+    finally:
+        core.slice_update = original
+
+
+# --- keras_hub -------------------------------------------------------------------------
+
+def build_cache(task, token_ids):
+    """keras_hub CausalLM's ``_build_cache``: (hidden states, cache) for ``token_ids``."""
+    return task._build_cache(token_ids)
+
+
+def call_with_cache(task, token_ids, cache, index):
+    """keras_hub CausalLM's ``call_with_cache``: (logits, hidden, updated cache)."""
+    return task.call_with_cache(token_ids, cache, index)
+
+
+def hf_export(backbone, hf_key: str) -> tuple[dict, dict]:
+    """(config dict, numpy weights by HF name) from keras_hub's transformers exporter
+    (``MODEL_CONFIGS``, ``MODEL_EXPORTERS``, ``_to_numpy_dict``)."""
+    import numpy as np
+    from keras_hub.src.utils.transformers.export import hf_exporter
+
+    config = hf_exporter.MODEL_CONFIGS[hf_key](backbone)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    weights = hf_exporter.MODEL_EXPORTERS[hf_key](backbone, include_lm_head=True)
+    arrays = {k: np.ascontiguousarray(v)
+              for k, v in hf_exporter._to_numpy_dict(weights).items()}
+    return config, arrays
+
+
+def bytes_to_unicode():
+    """keras_hub's (GPT-2's) byte <-> printable-character map for byte-level BPE."""
+    from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode as fn
+
+    return fn()
+
+
+def backbone_parts(backbone) -> dict:
+    """The layers of a decoder backbone that a custom forward pass reuses (see
+    BACKBONE_ATTRIBUTES): token_embedding, transformer_layers, layer_norm, and for GPT-2
+    the position table, the embeddings add and its dropout."""
+    name = type(backbone).__name__
+    return {a: getattr(backbone, a) for a in BACKBONE_ATTRIBUTES[name]}
+
+
+def fix_llama_preset_config(preset_dir, tie_embeddings: bool) -> None:
+    """keras_hub's ``LlamaBackbone.get_config()`` omits ``tie_word_embeddings``, so a tied
+    Llama preset would reload untied and fail to load its weights: write the flag into the
+    preset's config.json and task.json (the constructor accepts it)."""
+    import json
+    from pathlib import Path
+
+    config_path, task_path = Path(preset_dir) / "config.json", Path(preset_dir) / "task.json"
+    config = json.loads(config_path.read_text())
+    config["config"]["tie_word_embeddings"] = bool(tie_embeddings)
+    config_path.write_text(json.dumps(config, indent=4))
+    task = json.loads(task_path.read_text())
+    task["config"]["backbone"]["config"]["tie_word_embeddings"] = bool(tie_embeddings)
+    task_path.write_text(json.dumps(task, indent=4))

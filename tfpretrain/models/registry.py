@@ -1,0 +1,105 @@
+"""The one registry of architectures: ``model.arch`` -> backbone builder, keras_hub task
+class, Hugging Face mapping and FLOPs per token.
+
+A new architecture is one :class:`Arch` entry here (and its name in ``config.ARCHS``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tfpretrain.config import ModelConfig
+from tfpretrain.errors import UserError
+
+
+def _gpt2(cfg: ModelConfig, vocabulary_size: int):
+    import keras_hub
+
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
+        intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
+        max_sequence_length=cfg.sequence_length)
+
+
+def _llama(cfg: ModelConfig, vocabulary_size: int):
+    import keras_hub
+
+    return keras_hub.models.LlamaBackbone(
+        vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
+        num_query_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
+        intermediate_dim=cfg.intermediate_dim,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
+        dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings)
+
+
+def _bert(cfg: ModelConfig, vocabulary_size: int):
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
+        intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
+        max_sequence_length=cfg.sequence_length)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    build_backbone: Callable[[ModelConfig, int], object]
+    backbone: str             # keras_hub.models class name of the backbone
+    task: str                 # keras_hub.models class name of the matching task
+    hf_key: str | None        # keras_hub transformers-exporter key (None: no HF export)
+    learned_positions: bool   # a position table of sequence_length rows (counted in N)
+
+    def task_class(self):
+        import keras_hub
+
+        return getattr(keras_hub.models, self.task)
+
+    @property
+    def decoder(self) -> bool:
+        """A causal decoder (its task has keras_hub's KV-cached generation)."""
+        return self.task.endswith("CausalLM")
+
+
+ARCHS = {
+    "gpt2": Arch("gpt2", _gpt2, "GPT2Backbone", "GPT2CausalLM", "GPT2Backbone",
+                 learned_positions=True),
+    # LlamaBackbone's layers match keras_hub's Llama3 HF mapping
+    "llama": Arch("llama", _llama, "LlamaBackbone", "LlamaCausalLM", "Llama3Backbone",
+                  learned_positions=False),
+    "bert": Arch("bert", _bert, "BertBackbone", "BertMaskedLM", None, learned_positions=True),
+}
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise UserError(f"`model.arch` must be one of {', '.join(ARCHS)}. Received: {name!r}")
+    return ARCHS[name]
+
+
+def arch_of(backbone) -> Arch:
+    """The registry entry of a backbone instance."""
+    name = type(backbone).__name__
+    for arch in ARCHS.values():
+        if arch.backbone == name:
+            return arch
+    raise KeyError(f"{name} is not a registered backbone")
+
+
+def build_backbone(cfg: ModelConfig, vocabulary_size: int):
+    """A from-scratch keras_hub backbone of ``cfg.arch``; no preset is downloaded."""
+    return get_arch(cfg.arch).build_backbone(cfg, vocabulary_size)
+
+
+def flops_per_token(cfg: ModelConfig, params: int, vocabulary_size: int) -> int:
+    """Training FLOPs per token, nanoGPT/PaLM convention (PaLM appendix B):
+    ``6 N + 12 L H T``: ``N`` the parameters without the learned position table (a lookup,
+    no matmul; a tied token embedding is counted once, as the output head's matmul, as
+    nanoGPT's ``get_num_params`` does), ``L`` layers, ``H`` width, ``T`` context: the
+    attention score and value matmuls, forward and backward. Same formula for every arch."""
+    n = params
+    if get_arch(cfg.arch).learned_positions:
+        n -= cfg.sequence_length * cfg.hidden_dim
+    return int(6 * n + 12 * cfg.num_layers * cfg.hidden_dim * cfg.sequence_length)

@@ -1,0 +1,162 @@
+"""Causal LM: next-token prediction (gpt2, llama)."""
+from __future__ import annotations
+
+import numpy as np
+
+from tfpretrain.data.pipeline import RowFormat
+from tfpretrain.data.tokenizers import EOS_ID
+from tfpretrain.models.lm import CausalLM
+from tfpretrain.objectives.base import (Objective, Probe, loss_metrics, new_module,
+                                        unigram_log_probs)
+
+
+class CausalObjective(Objective):
+    name = "causal"
+    model_class = CausalLM
+    preset_loader = "CausalLM"
+    hf_export = True
+
+    def row_format(self, sequence_length: int, packing: str) -> RowFormat:
+        """Rows of L + 1 tokens (x = row[:-1], y = row[1:]): concat rows overlap by one
+        token; a pad row is ``eos doc eos``."""
+        return RowFormat(sequence_length + 1, packing, overlap=1, pad_lead=EOS_ID)
+
+    def model_options(self, cfg) -> dict:
+        return {"document_mask": True} if cfg.data.document_mask else {}
+
+    def evaluate(self, cfg, model, tokenizer, rows, counts, max_batches=0):
+        """Loss (nats/token), perplexity, bits per UTF-8 byte over the rows, and the
+        unigram baseline's loss on the same targets."""
+        import tensorflow as tf
+
+        from tfpretrain.data.pipeline import eval_dataset
+
+        table = tf.constant(tokenizer.token_bytes(), tf.float32)
+
+        @tf.function(reduce_retracing=True)
+        def batch_sums(x, y, w):
+            losses = model.token_losses(y, model(x, training=False))
+            return (tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(w, tf.float64)),
+                    tf.reduce_sum(w), tf.reduce_sum(tf.gather(table, y) * w))
+
+        batch_size = cfg.train.batch_size
+        nats, tokens, nbytes = 0.0, 0.0, 0.0
+        for x, y, w in eval_dataset(rows, batch_size, max_batches):
+            a, b, c = batch_sums(x, y, w)
+            nats, tokens, nbytes = nats + float(a), tokens + float(b), nbytes + float(c)
+        used = rows[:max_batches * batch_size] if max_batches else rows
+        targets = np.asarray(used)[:, 1:].reshape(-1)
+        return {**loss_metrics(nats, tokens),
+                "val_bits_per_byte": nats / np.log(2) / max(nbytes, 1.0),
+                "val_tokens": int(tokens), "val_bytes": int(nbytes),
+                "unigram_val_loss": float(-unigram_log_probs(counts)[targets].mean())}
+
+    def describe(self, m: dict) -> str:
+        return (f"val_loss {m['val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f}), "
+                f"ppl {m['val_perplexity']:.2f}, bpb {m['val_bits_per_byte']:.4f}")
+
+    def sampler(self, model, tokenizer):
+        from tfpretrain.models.generation import Sampler
+
+        return Sampler(model, tokenizer)
+
+    def generate(self, model, tokenizer, a, cfg) -> list[str]:
+        kwargs = {"greedy": dict(temperature=0.0),
+                  "top_k": dict(temperature=a.temperature,
+                                top_k=cfg.eval.top_k if a.top_k is None else a.top_k),
+                  "top_p": dict(temperature=a.temperature, top_p=a.top_p)}[a.sampler]
+        texts = self.sampler(model, tokenizer)([a.prompt] * a.num_samples,
+                                               max_new_tokens=a.max_new_tokens, seed=a.seed,
+                                               **kwargs)
+        if a.num_samples == 1:
+            return texts
+        return [line for i, t in enumerate(texts) for line in (f"--- sample {i + 1}", t)]
+
+    def serving_module(self, model, tokenizer, default_new_tokens: int):
+        """Signatures: generate (= serving_default), sample, logits, score."""
+        import tensorflow as tf
+
+        from tfpretrain.models.generation import decoder_task, generate_text, has_kv_cache
+
+        context = model.sequence_length
+        if has_kv_cache(model):
+            decoder_task(model)  # built eagerly, before the signatures are traced
+        module = new_module(model, tokenizer)
+
+        def run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+            new, text = generate_text(model, tokenizer, prompts, max_new_tokens, context,
+                                      temperature, top_k, top_p, seed)
+            return {"text": text, "token_ids": new}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+        def generate(prompts):
+            return run_generate(prompts, default_new_tokens, 0.0, 0, 1.0, 0)
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"),
+            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int32, name="top_k"),
+            tf.TensorSpec([], tf.float32, name="top_p"),
+            tf.TensorSpec([], tf.int32, name="seed")])
+        def sample(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+            return run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        def logits(token_ids):
+            return {"logits": model(token_ids, training=False)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def score(text):
+            return score_texts(model, tokenizer, text)
+
+        module.generate, module.sample, module.logits, module.score = \
+            generate, sample, logits, score
+        return module, {"serving_default": generate, "generate": generate, "sample": sample,
+                        "logits": logits, "score": score}
+
+    def probe(self, model, tokenizer, prompt: str, sample_tokens: int) -> Probe:
+        from tfpretrain.models.generation import Sampler
+
+        L = model.sequence_length
+        prompts = [prompt, "", "The", prompt * 60]  # the last: longer than the context
+        rows = [([EOS_ID] + tokenizer.encode(p * 50))[:L] for p in (prompt, "Lily and Tom")]
+        ids = np.array([r + [model.PAD_ID] * (L - len(r)) for r in rows], np.int32)
+        expected_logits = model(ids, training=False).numpy()
+        tokens, _ = Sampler(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
+        return Probe(ids, prompts, expected_logits, tokens,
+                     "greedy generation differs from the Keras model's")
+
+    def keras_task(self, model):
+        from tfpretrain.models.registry import arch_of
+
+        return arch_of(model.backbone).task_class()(backbone=model.backbone, preprocessor=None)
+
+    def preset_features(self, model, tokenizer, prompt: str):
+        ids = np.array([[EOS_ID] + tokenizer.encode(prompt)[: model.sequence_length - 1]],
+                       np.int32)
+        return ids, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+
+
+def score_texts(model, tokenizer, text):
+    """Graph-mode log-likelihood of each text (after an end-of-text token), in chunks of
+    the context: log_likelihood (nats), num_tokens, bits_per_byte."""
+    import tensorflow as tf
+
+    context = model.sequence_length
+    ids = tokenizer.tokenize(text)
+    batch = tf.cast(ids.nrows(), tf.int32)
+    eos = tf.RaggedTensor.from_tensor(tf.fill([batch, 1], EOS_ID))
+    seq = tf.concat([eos, ids], axis=1)                   # targets are seq[:, 1:]
+    n_tokens = tf.cast(ids.row_lengths(), tf.int32)
+    longest = tf.reduce_max(n_tokens)
+    chunks = tf.maximum(1, (longest + context - 1) // context)
+    dense = seq.to_tensor(default_value=0, shape=tf.stack([batch, chunks * context + 1]))
+    x = tf.reshape(dense[:, :-1], [-1, context])
+    y = tf.reshape(dense[:, 1:], [-1, context])
+    valid = tf.reshape(tf.range(chunks * context)[None, :] < n_tokens[:, None], [-1, context])
+    token_nll = model.token_losses(y, model(x, training=False))
+    nll = tf.reduce_sum(tf.reshape(tf.where(valid, token_nll, 0.0), [batch, -1]), axis=1)
+    n_bytes = tf.cast(tf.strings.length(text, unit="BYTE"), tf.float32)
+    return {"log_likelihood": -nll, "num_tokens": n_tokens,
+            "bits_per_byte": nll / tf.math.log(2.0) / tf.maximum(n_bytes, 1.0)}

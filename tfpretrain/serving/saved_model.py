@@ -1,0 +1,155 @@
+"""Export a run as a SavedModel in TF Serving's layout: ``<dir>/<name>/<version>/``.
+
+Signatures (the tokenizer is inside the graph; only TF core and TF Text ops):
+- ``generate`` (also ``serving_default``): ``prompts`` string [batch] -> ``text`` (prompt +
+  greedy continuation of ``eval.sample_tokens`` tokens) and ``token_ids`` (the new tokens).
+- ``sample``: ``prompts``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+  ``seed`` -> ``text``, ``token_ids``. temperature 0 = greedy.
+- ``score``: ``text`` string [batch] -> ``log_likelihood`` (nats), ``num_tokens``,
+  ``bits_per_byte``.
+- ``logits``: ``token_ids`` int32 [batch, seq] -> ``logits`` float32 [batch, seq, vocab].
+Masked-LM runs (``model.objective: mlm``) instead have:
+- ``fill_mask`` (also ``serving_default``): ``text`` string [batch], each with ``[MASK]``
+  tokens -> per mask the top-5 ``tokens``, ``token_ids`` and ``scores`` (probabilities)
+  [batch, masks, 5], ``num_masks`` [batch] and ``text`` (masks replaced by the top token);
+- ``logits``: ``token_ids`` int32 [batch, seq] (a whole row, e.g. ``[CLS] ... [SEP]``, pad
+  = 0 is masked out) -> ``logits`` float32 [batch, seq, vocab] at every position.
+
+The version is written to a hidden temporary folder and renamed into place, so a server
+polling ``<dir>/<name>/`` never sees a half-written version.
+
+Which signatures a model gets is its objective's choice (``tfpretrain.objectives``); this
+module saves them, publishes the version atomically and checks it in a fresh process
+(``serving/check.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tfpretrain import faults
+from tfpretrain.errors import UserError
+
+
+@contextlib.contextmanager
+def staged(final: Path, overwrite: bool, hint: str = "another --out"):
+    """Write into a hidden sibling ``.tmp-<name>`` and rename it to ``final`` only when the
+    block succeeds, so nobody polling the parent folder sees a half-written export; an
+    existing ``final`` is replaced only with ``overwrite``."""
+    if final.exists() and not overwrite:
+        raise UserError(f"export: {final} already exists; pass --overwrite or {hint}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    faults.crash_point("export_before_rename")  # tests: die between writing and publishing
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_name(cfg, run_dir: Path) -> str:
+    """``export.name``, or the run folder's name."""
+    return cfg.export.name or Path(run_dir).name
+
+
+class ExportValidationError(RuntimeError):
+    """The SavedModel does not behave like the Keras model, or uses forbidden ops."""
+
+
+def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
+    """Reload ``path`` in a fresh process importing only tensorflow and tensorflow_text;
+    compare logits (atol 1e-5) and greedy generation (identical tokens) with the Keras
+    model, check the signatures with saved_model_cli, and scan the graph's ops."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from tfpretrain.objectives import get_objective
+
+    probe = get_objective(cfg).probe(model, tokenizer, cfg.eval.prompt, cfg.eval.sample_tokens)
+    expected_logits, expected_tokens = probe.logits, probe.tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "request.json"
+        req.write_text(json.dumps({"token_ids": probe.token_ids.tolist(),
+                                   "prompts": probe.prompts}))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        script = Path(__file__).with_name("check.py")
+        r = subprocess.run([sys.executable, str(script), str(path), str(req), tmp],
+                           capture_output=True, text=True, env=env, timeout=600)
+        if r.returncode != 0:
+            raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
+                                        f"fresh process:\n{r.stderr[-3000:]}")
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        logits = np.load(Path(tmp) / "logits.npy")
+        tokens = np.load(Path(tmp) / "generate.npy")
+    problems = []
+    if report["forbidden_ops"]:
+        problems.append(f"forbidden ops in the graph: {report['forbidden_ops']}")
+    if report["unexpected_modules"]:
+        problems.append(f"the fresh process imported {report['unexpected_modules']}")
+    # 1e-5 of the logits' scale (max |logit|, at least 1): the causal models' logits pass
+    # at 1e-5 absolute; a masked LM's reach ~20 and differ by 2.5e-5 between the Keras
+    # model in a tf.function and the reloaded graph (float32 op fusion and ordering alone)
+    max_diff = float(np.max(np.abs(logits - expected_logits)))
+    scale = max(1.0, float(np.max(np.abs(expected_logits))))
+    if max_diff > 1e-5 * scale:
+        problems.append(f"logits differ from the Keras model by up to {max_diff:.2e} "
+                        f"(allowed 1e-5 x max |logit| = {1e-5 * scale:.2e})")
+    if not np.array_equal(tokens, expected_tokens):
+        problems.append(probe.mismatch)
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    if cli.exists():
+        shown = subprocess.run([str(cli), "show", "--all", "--dir", str(path)],
+                               capture_output=True, text=True, env=env, timeout=300)
+        missing = [s for s in report["signatures"]
+                   if f"signature_def['{s}']" not in shown.stdout]
+        if shown.returncode != 0 or missing:
+            problems.append(f"saved_model_cli show --all does not list {missing or 'it'}")
+    if problems:
+        raise ExportValidationError(f"export validation failed for {path}: "
+                                    + "; ".join(problems))
+    return {"max_logit_diff": max_diff, "num_ops": report["num_ops"],
+            "signatures": report["signatures"]}
+
+
+def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
+                       version: int | None = None, overwrite: bool = False,
+                       validate: bool | None = None) -> Path:
+    import tensorflow as tf
+
+    from tfpretrain.objectives import get_objective
+
+    base = Path(out) if out else Path(cfg.export.dir) / export_name(cfg, run_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / str(version or next_version(base))
+    module, signatures = get_objective(cfg).serving_module(model, tokenizer,
+                                                           cfg.eval.sample_tokens)
+    with staged(final, overwrite, hint="another --version") as tmp:
+        tmp.rmdir()  # tf.saved_model.save creates the folder
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        # the run's config and tokenizer travel with the model (assets.extra is ignored by
+        # TF Serving but lets people and `evaluate --saved-model` see what made it)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        tokenizer.save(extra / "tokenizer")
+        (extra / "config.yaml").write_text(cfg.to_yaml())
+        if cfg.export.validate if validate is None else validate:
+            validate_saved_model(tmp, model, tokenizer, cfg)
+    return final

@@ -1,0 +1,63 @@
+"""The stability guard's host-side half: rollbacks.
+
+The in-graph half (skip a step whose loss or gradient norm is not finite or spikes) is in
+the model's train step (``models.lm.CausalLM``). When ``train.rollback_after`` steps in a
+row were skipped, the trainer restores the last valid checkpoint and moves the data stream
+past the offending batches: :func:`roll_back`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GuardState:
+    """Guard state that lives outside the graph, saved in every checkpoint's state.json:
+    where the data stream is relative to the step counter (advanced by rollbacks past bad
+    batches), the learning-rate scale and the rollback count."""
+    data_offset: int = 0
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "GuardState":
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def set_lr_scale(optimizer, scale: float) -> None:
+    """Set the ScaledSchedule's scale (see training.optimizers)."""
+    from tfpretrain.compat import learning_rate_schedule
+
+    learning_rate_schedule(optimizer).scale.assign(scale)
+
+
+def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
+    """Restore the last valid checkpoint and move the data stream past the bad batches.
+
+    Returns the step training continues from. The offending batches are those between the
+    checkpoint and now: ``guard.data_offset`` grows by that many, so they are never seen
+    again, not even by a later resume (the offset is in every later checkpoint)."""
+    optimizer = model.optimizer
+    bad_until = int(optimizer.iterations.numpy())
+    found = manager.latest_valid()
+    if found is None:
+        log(f"warning: {int(model.consecutive_skips.numpy())} consecutive skipped steps at "
+            f"step {bad_until} but no checkpoint to roll back to; continuing")
+        model.consecutive_skips.assign(0)
+        return bad_until
+    path, _ = found
+    manager.restore(path)
+    restored = int(optimizer.iterations.numpy())
+    # the stream was at data position bad_until + offset; continue from there at `restored`
+    guard.data_offset += bad_until - restored
+    guard.rollbacks += 1
+    guard.lr_scale *= lr_scale
+    set_lr_scale(optimizer, guard.lr_scale)
+    model.consecutive_skips.assign(0)
+    log(f"warning: rollback {guard.rollbacks}: {bad_until - restored} steps after "
+        f"{path.name} ended in consecutive skips; restored step {restored}, skipping "
+        f"those batches (data offset {guard.data_offset}), lr scale {guard.lr_scale:g}")
+    return restored

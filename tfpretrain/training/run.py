@@ -1,0 +1,264 @@
+"""The one place that calls model.fit: run folder -> data -> model -> fit -> evaluation.
+
+:func:`train` reads top to bottom like nanoGPT's train.py, in the named stages of
+:class:`Run`. Everything that can fail because of user input (config, paths, empty corpus,
+tokenizer) fails before the run folder is created or touched. What happens after training
+(exporting the model) is the caller's ``finish`` hook: training knows nothing of serving.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tfpretrain.config import Config
+from tfpretrain.training.guard import GuardState
+from tfpretrain.training.preemption import Preempted, PreemptionHandler
+
+
+def log(msg: str) -> None:
+    print(f"[tfpretrain] {msg}", flush=True)
+
+
+def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change: bool = False,
+          finish=None) -> dict:
+    """Train ``cfg`` in ``run_dir``; returns the summary (also written to summary.json).
+
+    ``finish(model, tokenizer, cfg, run_dir, log) -> dict``: called after the final
+    evaluation; its fields join the summary (fit's export). Raises UserError, Preempted."""
+    from tfpretrain.training.checkpoints import RunLock
+
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir)
+    if run_dir.exists():
+        lock.acquire()  # before reading the folder: nobody else may be writing it
+    try:
+        with PreemptionHandler() as preemption:
+            return Run(cfg, run_dir, lock, preemption).fit(resume, allow_config_change, finish)
+    finally:
+        lock.release()
+
+
+class Run:
+    """One training run: its config, folder, data, model (with its optimizer), checkpoint
+    manager and guard state, and the data position (the step plus ``guard.data_offset``)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, lock, preemption):
+        from tfpretrain.objectives import get_objective
+
+        self.cfg, self.run_dir, self.lock, self.preemption = cfg, run_dir, lock, preemption
+        self.objective = get_objective(cfg)
+        self.guard = GuardState()
+        self.t_start = time.time()
+
+    # -- the stages, in order ------------------------------------------------------------
+    def fit(self, resume: str, allow_config_change: bool, finish=None) -> dict:
+        from tfpretrain.training.runfolder import plan_run_dir
+
+        state = plan_run_dir(self.cfg, self.run_dir, resume, allow_config_change, log=log)
+        if state.complete:
+            log(f"{self.run_dir} already finished {state.resume_step} steps (train.steps="
+                f"{self.cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
+            if (self.run_dir / "summary.json").exists():
+                return json.loads((self.run_dir / "summary.json").read_text())
+        self.setup_tensorflow()
+        self.prepare_data(resuming=state.resume_from is not None)
+        self.prepare_folder(resuming=state.resume_from is not None)
+        self.build_model()
+        if state.resume_from is not None:
+            self.restore(state.resume_from, state.resume_guard)
+        self.start_logging()
+        try:
+            self.train_loop()
+            return self.finish(finish)
+        except BaseException:
+            self.logger.finish(None)  # external trackers see the run end (KILLED), not hang
+            raise
+
+    def setup_tensorflow(self) -> None:
+        import keras
+        import tensorflow as tf
+
+        from tfpretrain.training.runtime import configure_tensorflow
+
+        configure_tensorflow(self.cfg)
+        if self.cfg.train.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        # Seed first: tf.random.set_seed resets TF's eager context, which invalidates
+        # resources created before it (tensorflow_text's SentencePiece op among them).
+        keras.utils.set_random_seed(self.cfg.train.seed)
+
+    def prepare_data(self, resuming: bool) -> None:
+        """Tokenizer and packed rows; all input errors surface here, before the run folder
+        changes. A resumed run keeps its own tokenizer."""
+        from tfpretrain.data.cache import prepare
+        from tfpretrain.objectives import row_format
+
+        cfg, t0 = self.cfg, time.time()
+        self.tokenizer, self.packed, info = prepare(
+            cfg, row_format(cfg), self.run_dir / "tokenizer" if resuming else None, log=log)
+        if info["hit"]:
+            log(f"data: {info['description']}; {info['documents'][0]} train / "
+                f"{info['documents'][1]} val documents, from the token cache {info['cache']}")
+        log(f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocabulary_size} ids; "
+            f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
+            f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
+
+    def prepare_folder(self, resuming: bool) -> None:
+        from tfpretrain.training.checkpoints import write_atomic
+
+        run_dir = self.run_dir
+        if not run_dir.exists():
+            run_dir.mkdir(parents=True)
+            self.lock.acquire()
+        if not resuming:
+            shutil.rmtree(run_dir / "logs", ignore_errors=True)
+            (run_dir / "tracking.json").unlink(missing_ok=True)
+            self.tokenizer.save(run_dir / "tokenizer")
+        write_atomic(run_dir / "config.yaml", self.cfg.to_yaml())
+
+    def build_model(self) -> None:
+        """Model and optimizer, compiled explicitly; the checkpoint manager over both."""
+        from tfpretrain import faults
+        from tfpretrain.training.checkpoints import CheckpointManager
+        from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
+                                                 jit_compile)
+
+        cfg = self.cfg
+        self.spe = choose_steps_per_execution(cfg)
+        self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe)
+        self.optimizer = self.model.optimizer
+        self.params = int(self.model.network.count_params())
+        self.tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
+        self.manager = CheckpointManager(self.run_dir / "checkpoints", self.model,
+                                         self.optimizer, keep=cfg.train.keep_checkpoints,
+                                         slow_seconds=faults.checkpoint_delay(cfg))
+        log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
+            f"tokens/step, {cfg.train.steps:,} steps = "
+            f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
+            f"jit_compile={jit_compile(cfg)}, steps_per_execution={self.spe}")
+
+    def restore(self, path: Path, guard: dict | None) -> None:
+        from tfpretrain.training.guard import set_lr_scale
+
+        t0 = time.time()
+        self.manager.restore(path)
+        self.guard = GuardState.from_dict(guard)
+        set_lr_scale(self.optimizer, self.guard.lr_scale)
+        log(f"resumed from {path} at step {self.step} ({time.time() - t0:.1f}s)")
+
+    def start_logging(self) -> None:
+        from tfpretrain.training.callbacks import StepLogger
+        from tfpretrain.training.tracking import build_sinks
+
+        cfg = self.cfg
+        self.sampler = self.objective.sampler(self.model, self.tokenizer)
+        self.prompt = self.objective.sample_prompt(cfg.eval.prompt)
+        self.sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens,
+                                  temperature=cfg.eval.temperature, top_k=cfg.eval.top_k,
+                                  seed=cfg.train.seed)
+        sinks = build_sinks(cfg, self.run_dir)
+        for sink in sinks:
+            sink.start(cfg)
+        self.logger = StepLogger(sinks, self.tokens_per_step, self.sampler,
+                                 self.sample_kwargs, self.prompt)
+
+    def train_loop(self) -> None:
+        """model.fit, one evaluation interval per "epoch"; a run resumed mid-interval first
+        finishes that interval, so evaluations and checkpoints land on the same steps as in
+        an unbroken run. Stops for a rollback or a preemption signal."""
+        from tfpretrain.data.pipeline import eval_dataset
+        from tfpretrain.training.guard import roll_back
+
+        cfg, every, total = self.cfg, self.cfg.eval.every, self.cfg.train.steps
+        callbacks, rollback, saver = self._callbacks()
+        batcher = self.objective.batcher(cfg, self.tokenizer)
+        val_ds = eval_dataset(self.packed.val_rows, cfg.train.batch_size, cfg.eval.steps,
+                              batcher)
+        step = self.step
+        while step < total and self.preemption.signum is None:
+            first_epoch, partial = step // every, step % every
+            self.model.fit(self._train_data(step, batcher), validation_data=val_ds,
+                           steps_per_epoch=every - partial if partial else every,
+                           initial_epoch=first_epoch,
+                           epochs=first_epoch + 1 if partial else math.ceil(total / every),
+                           callbacks=callbacks, shuffle=False,
+                           verbose=1 if sys.stdout.isatty() else 2)
+            step = self.step
+            if rollback.requested:
+                rollback.requested = False
+                step = roll_back(self.model, self.manager, self.guard,
+                                 cfg.train.rollback_lr_scale, log)
+                saver.last_saved = None
+        if self.preemption.signum is not None:
+            raise Preempted(self.preemption.signum, self.step)
+
+    def finish(self, finish=None) -> dict:
+        """Final evaluation and sample, the caller's finish hook (export), summary.json."""
+        from tfpretrain.models.lm import weights_sha256
+        from tfpretrain.training.checkpoints import write_atomic
+        from tfpretrain.training.evaluation import evaluate_split, rounded
+
+        cfg, t0 = self.cfg, time.time()
+        metrics = evaluate_split(cfg, self.model, self.tokenizer, self.packed.val_rows,
+                                 self.packed.unigram_counts, cfg.eval.final_steps)
+        sample = self.sampler(self.prompt, **self.sample_kwargs)
+        log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
+        log(f"sample: {sample!r}")
+        extra = finish(self.model, self.tokenizer, cfg, self.run_dir, log) if finish else {}
+        steps, model, logger = self.step, self.model, self.logger
+        summary = {
+            "run_dir": str(self.run_dir), **extra,
+            "params": self.params, "arch": cfg.model.arch, "tokenizer": self.tokenizer.kind,
+            "vocabulary_size": self.tokenizer.vocabulary_size, "steps": steps,
+            "tokens_seen": steps * self.tokens_per_step,
+            "wall_seconds": round(time.time() - self.t_start, 2),
+            "train_seconds": round(logger.train_seconds, 2),
+            "tokens_per_second": round(logger.tokens_per_second, 1),
+            "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
+            "checkpoint_seconds": round(self.manager.seconds, 2),
+            **rounded(metrics),
+            "skipped_steps": int(model.skipped_steps.numpy()),
+            "clipped_steps": int(model.clipped_steps.numpy()),
+            "rollbacks": self.guard.rollbacks,
+            "lr_scale": self.guard.lr_scale,
+            "weights_sha256": weights_sha256(model),
+            "sample": sample,
+        }
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
+        return summary
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def _checkpoint_state(self) -> dict:
+        return {"config": self.cfg.to_dict(), "guard": self.guard.to_dict()}
+
+    def _callbacks(self):
+        from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
+                                                   RollbackMonitor, StopAtStep)
+
+        cfg = self.cfg
+        rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
+        saver = CheckpointEvery(self.manager, self._checkpoint_state,
+                                cfg.train.checkpoint_every or cfg.eval.every,
+                                hold=lambda: rollback.requested)
+        callbacks = [self.logger, StopAtStep(cfg.train.steps), rollback, saver,
+                     PreemptionCheckpoint(self.manager, self._checkpoint_state,
+                                          self.preemption)]
+        return callbacks, rollback, saver
+
+    def _train_data(self, step: int, batcher):
+        from tfpretrain import faults
+        from tfpretrain.data.pipeline import train_dataset
+
+        cfg = self.cfg
+        return train_dataset(self.packed.train_rows, cfg.train.batch_size, cfg.train.seed,
+                             step + self.guard.data_offset, poison=faults.poisoned_positions(cfg),
+                             to_batch=batcher)
