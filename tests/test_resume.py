@@ -145,7 +145,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(unbroken, tmp_path):
 
 
 def test_second_process_on_a_run_folder_gets_a_lock_error(unbroken, tmp_path):
-    from tfpretrain.training.checkpoints import RunLock
+    from tfpretrain.training.runfolder import RunLock
 
     cfg_path, _, _ = unbroken
     run_dir = tmp_path / "run"
@@ -230,13 +230,18 @@ def test_consecutive_bad_batches_roll_back_and_skip_them(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = last_json_line(r.stdout)
     assert summary["rollbacks"] == 1 and summary["lr_scale"] == 0.5
-    assert summary["skipped_steps"] == 0   # restored from the checkpoint before the skips
+    # the 4 skips were undone by the rollback but still count: totals survive rollbacks
+    assert summary["skipped_steps"] == 4 and summary["rolled_back_steps"] == 8
     # 4 skips seen at step 28 (steps_per_execution 2): back to step 20, and the stream
     # moves 8 positions on, past the bad batches; the offset is in every later checkpoint,
     # so a resume does not replay them either
     assert "rollback 1: 8 steps after step-00000020" in r.stdout
     state = json.loads((run_dir / "checkpoints" / "step-00000060" / "state.json").read_text())
-    assert state["guard"] == {"data_offset": 8, "lr_scale": 0.5, "rollbacks": 1}
+    assert state["guard"] == {"data_offset": 8, "lr_scale": 0.5, "rollbacks": 1,
+                              "discarded_skips": 4, "discarded_steps": 8}
+    scalars = read_scalars(run_dir / "logs" / "train")
+    assert float(scalars["rollbacks"][20]) == 1.0
+    assert float(scalars["skipped_total"][20]) == 4.0
     from tfpretrain.config import build_config
     from tfpretrain.training.optimizers import build_schedule
 
@@ -251,6 +256,7 @@ def test_consecutive_bad_batches_roll_back_and_skip_them(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     later = last_json_line(r.stdout)
     assert later["rollbacks"] == 1 and later["lr_scale"] == 0.5 and later["steps"] == 70
+    assert later["skipped_steps"] == 4   # and the skip count, across the resume
 
 
 def test_z_loss_changes_training_but_not_the_reported_loss_definition(tmp_path):

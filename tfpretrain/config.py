@@ -187,6 +187,13 @@ class TrainConfig:
     rollback_after: int = _f(8, "After this many consecutive skipped steps, restore the last "
                              "checkpoint and continue past the offending batches (0 = never).",
                              min=0)
+    rebaseline_after: int = _f(4, "A finite spike that would make this many skipped steps "
+                               "in a row is taken as a new level: it is applied and the spike "
+                               "detector starts a fresh window (0 = never; non-finite steps "
+                               "are always skipped).", min=0)
+    max_rollbacks: int = _f(5, "Stop the run (exit 3, the last good checkpoint intact) "
+                            "instead of rolling back more than this many times in all.",
+                            min=0)
     rollback_lr_scale: float = _f(1.0, "Multiply the learning rate by this at each rollback "
                                   "(PaLM-style; 1 = keep it).", min=0.0, max=1.0,
                                   min_exclusive=True)
@@ -258,6 +265,9 @@ class DebugConfig:
                             "nan_at_step are poisoned.", min=1)
     spike_at_step: int = _f(0, "Fault injection: multiply the loss of this step by 1000 "
                             "(0 = off).", min=0)
+    spike_for_steps: int = _f(1, "Fault injection: how many consecutive steps from "
+                              "spike_at_step have their loss multiplied by 1000 (a large value "
+                              "makes a sustained, finite level shift).", min=1)
     slow_checkpoint_seconds: float = _f(0.0, "Fault injection: sleep this long inside every "
                                         "checkpoint write, before it is committed.", min=0.0)
 
@@ -407,6 +417,7 @@ def build_config(raw: dict, name: str = "default", source: str = "config") -> Co
     sections = {}
     raw = dict(raw or {})
     raw.pop("name", None)
+    problems.extend(_check_plain_name("name", name))
     for key in raw:
         if key not in classes:
             problems.append(f"unknown section `{key}`.{_suggest(key, list(classes) + all_keys())}"
@@ -439,10 +450,24 @@ def build_config(raw: dict, name: str = "default", source: str = "config") -> Co
     return cfg
 
 
+def _check_plain_name(key: str, value) -> list[str]:
+    """A name that becomes a folder name (runs/<name>, <export.dir>/<export.name>) must be a
+    plain name: no path separators, not "." or "..", not absolute, not empty."""
+    if value is None:
+        return []
+    text = str(value)
+    if (not text.strip() or text in (".", "..") or "/" in text or "\\" in text
+            or "\0" in text or Path(text).is_absolute()):
+        return [f"`{key}` must be a plain name (no `/`, `\\`, `..`; not absolute), it "
+                f"becomes a folder name. Received: {text!r}"]
+    return []
+
+
 def _cross_checks(c: Config) -> list[str]:
     """Problems that involve more than one key, section by section."""
     return (_model_checks(c) + _objective_checks(c) + _schedule_checks(c)
-            + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c))
+            + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
+            + _check_plain_name("export.name", c.export.name))
 
 
 def _model_checks(c: Config) -> list[str]:
@@ -625,7 +650,7 @@ def resolve_config_path(name_or_path: Optional[str]) -> Path:
     if not name_or_path:
         return default_config_path()
     path = Path(name_or_path)
-    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         return path
     packaged = PACKAGE_CONFIGS / f"{name_or_path}.yaml"
     if packaged.is_file():
@@ -634,12 +659,30 @@ def resolve_config_path(name_or_path: Optional[str]) -> Path:
                     f"Packaged configs: {', '.join(packaged_configs())}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, so a config would not say what it seems to)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--config: {path} is a folder; give a YAML file or a packaged "
+                        f"config's name ({', '.join(packaged_configs())})")
     if not path.is_file():
         raise UserError(f"--config: no such file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"--config: {path} is not valid YAML: {exc}") from None
     if raw is None:

@@ -5,8 +5,9 @@ Production code asks this module, never ``cfg.debug`` or the environment directl
 - ``debug.nan_at_step`` / ``debug.nan_for_steps`` (config): :func:`poisoned_positions`, the
   data positions whose batches get NaN sample weights (the batch stays bad through
   rollbacks and resumes, because it follows its data position);
-- ``debug.spike_at_step`` (config): :func:`spike_at_step`, the step whose loss is multiplied
-  by 1000 inside the train step;
+- ``debug.spike_at_step`` / ``spike_for_steps`` (config): :func:`spike_steps`, the steps
+  whose loss is multiplied by 1000 inside the train step (one step: an outlier; many: a
+  sustained level shift);
 - ``debug.slow_checkpoint_seconds`` (config): :func:`checkpoint_delay`, a sleep inside every
   checkpoint write before it is committed (to kill a run mid-write);
 - ``TFPRETRAIN_FAULT=<point>`` (environment): :func:`crash_point` exits the process at once
@@ -29,9 +30,9 @@ def poisoned_positions(cfg) -> list[int]:
     return list(range(debug.nan_at_step - 1, debug.nan_at_step - 1 + debug.nan_for_steps))
 
 
-def spike_at_step(cfg) -> int:
-    """The 1-based step whose loss is multiplied by 1000 (0 = none)."""
-    return cfg.debug.spike_at_step
+def spike_steps(cfg) -> tuple[int, int]:
+    """(first 1-based step, count) whose loss is multiplied by 1000 (first 0 = none)."""
+    return cfg.debug.spike_at_step, cfg.debug.spike_for_steps
 
 
 def checkpoint_delay(cfg) -> float:

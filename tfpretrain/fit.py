@@ -42,12 +42,14 @@ def dry_run(cfg) -> dict:
     from tfpretrain.data.sources import resolve_paths
     from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE
     from tfpretrain.objectives import count_params
+    from tfpretrain.training.runtime import check_memory
 
     if cfg.data.path is not None:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
     exact = cfg.tokenizer.kind == "byte"
     vocab = BYTE_VOCABULARY_SIZE if exact else cfg.tokenizer.vocabulary_size
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
+    check_memory(cfg, vocab)  # an absurd size is refused here, not by running out of memory
     print(cfg.to_yaml(), end="")
     info = {"params": count_params(cfg, vocab), "vocabulary_size": vocab,
             "tokens_per_step": tokens_per_step,
@@ -96,12 +98,13 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg)))
         return 0
+    from tfpretrain.training.guard import GuardStop
     from tfpretrain.training.preemption import Preempted
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     try:
         summary = fit(cfg, run_dir, args.resume, args.allow_config_change)
-    except Preempted as exc:
+    except (Preempted, GuardStop) as exc:
         print(f"[tfpretrain] {exc}; exit {exc.exit_code}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(summary))

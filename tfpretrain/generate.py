@@ -15,10 +15,31 @@ the filled text and the top-k tokens with their probabilities (``--top-k``, defa
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+
+
+def check_arguments(a) -> None:
+    """Every sampling argument in range, before a model is loaded."""
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1. Received: {a.max_new_tokens}")
+    t = a.temperature
+    temperature_ok = t is None or (math.isfinite(t) and t >= 0)
+    if not temperature_ok or not 0 < a.top_p <= 1 or (a.top_k or 0) < 0 or a.num_samples < 1:
+        raise UserError("--temperature must be a finite number >= 0, --top-p in (0, 1], "
+                        "--top-k >= 0 and --num-samples >= 1. Received: "
+                        f"temperature={a.temperature}, top_p={a.top_p}, top_k={a.top_k}, "
+                        f"num_samples={a.num_samples}")
+    if a.prompt is not None:
+        try:
+            a.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("--prompt is not valid UTF-8 text (undecodable bytes on the "
+                            "command line); pass the prompt in your terminal's UTF-8 "
+                            "encoding") from None
 
 
 @cli_main
@@ -38,13 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1. Received: {a.max_new_tokens}")
-    if (a.temperature or 0) < 0 or not 0 < a.top_p <= 1 or (a.top_k or 0) < 0 or a.num_samples < 1:
-        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and "
-                        "--num-samples >= 1. Received: "
-                        f"temperature={a.temperature}, top_p={a.top_p}, top_k={a.top_k}, "
-                        f"num_samples={a.num_samples}")
+    check_arguments(a)
     from tfpretrain.objectives import get_objective
     from tfpretrain.training.runfolder import load_run
 

@@ -33,7 +33,8 @@ import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: row format in the key, sizes and SHA-256 of every file in meta.json
+ENTRY_FILES = ("train.rows", "val.rows", "counts.npy")
 
 
 def default_cache_dir() -> Path:
@@ -41,12 +42,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "tfpretrain" / "tokens"
 
 
-def _sources(spec) -> list:
+def _sources(spec, key: str = "data.path") -> list:
     if spec is None:  # the embedded corpus: keyed by its generator's code
         generator = Path(__file__).with_name("synthetic.py").read_bytes()
         return ["embedded", hashlib.sha256(generator).hexdigest()]
     out = []
-    for s in resolve_paths(spec):
+    for s in resolve_paths(spec, key):
         if isinstance(s, str) and s.startswith((TFDS_PREFIX, HF_PREFIX)):
             out.append(s)  # by name; the content is checked by remote_fingerprint
         else:
@@ -57,9 +58,9 @@ def _sources(spec) -> list:
 
 def _remote_specs(cfg) -> list[str]:
     specs = []
-    for spec in (cfg.data.path, cfg.data.val_path):
+    for spec, key in ((cfg.data.path, "data.path"), (cfg.data.val_path, "data.val_path")):
         if spec is not None:
-            specs += [s for s in _sources(spec)
+            specs += [s for s in _sources(spec, key)
                       if isinstance(s, str) and s.startswith((TFDS_PREFIX, HF_PREFIX))]
     return specs
 
@@ -101,12 +102,41 @@ def tokenizer_key(cfg) -> str:
     return _digest({"version": CACHE_VERSION, "data": data, "seed": cfg.train.seed,
                     "tokenizer_files": tok_files,
                     "sources": _sources(cfg.data.path),
-                    "val_sources": _sources(cfg.data.val_path) if cfg.data.val_path else None,
+                    "val_sources": (_sources(cfg.data.val_path, "data.val_path")
+                                    if cfg.data.val_path else None),
                     "tokenizer": {**cfg.to_dict()["tokenizer"], "kind": resolved_kind(cfg)}})
 
 
 def rows_key(cfg, fmt) -> str:
     return _digest({"tokenizer": tokenizer_key(cfg), "rows": dataclasses.asdict(fmt)})
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def entry_files(directory: Path) -> dict:
+    """{name: [size, sha256]} of an entry's data files (recorded in meta.json)."""
+    return {name: [(Path(directory) / name).stat().st_size, file_digest(Path(directory) / name)]
+            for name in ENTRY_FILES}
+
+
+def entry_problem(directory: Path, meta: dict) -> str | None:
+    """Why an entry's files do not match its meta.json (truncated, overwritten, missing),
+    or None: rows are never trained on unless every byte is what was written."""
+    for name, (size, digest) in meta.get("files", {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if file_digest(path) != digest:
+            return f"{name} does not match its recorded SHA-256"
+    return None if "files" in meta else "meta.json records no checksums"
 
 
 def tokenizer_digest(directory: Path) -> str:
@@ -248,14 +278,21 @@ class TokenCache:
             self._fingerprints = {s: remote_fingerprint(s) for s in _remote_specs(self.cfg)}
         return self._fingerprints
 
-    def load(self, tokenizer_dir: Path | None = None):
+    def load(self, tokenizer_dir: Path | None = None, log=print):
         """(tokenizer, PackedData, meta) from the cache, or None on a miss. The rows count
         only with the byte-identical tokenizer that made them: the cached one, or with
-        ``tokenizer_dir`` (a resumed run's own tokenizer) that one, which is returned."""
+        ``tokenizer_dir`` (a resumed run's own tokenizer) that one, which is returned. An
+        entry whose files do not match their recorded sizes and checksums is a miss (and
+        is written again)."""
         from tfpretrain.data.tokenizers import load_tokenizer
 
         meta = self.meta()
         if meta is None:
+            return None
+        problem = entry_problem(self.rows_dir, meta)
+        if problem is not None:
+            log(f"warning: token cache entry {self.rows_dir} is damaged ({problem}); "
+                "preparing it again")
             return None
         directory = Path(tokenizer_dir) if tokenizer_dir is not None else \
             self.tok_dir / "tokenizer"
@@ -287,7 +324,8 @@ class TokenCache:
                 tok_tmp.rename(target)
             except OSError:  # another process won the race: theirs is identical
                 shutil.rmtree(tok_tmp, ignore_errors=True)
-        meta = {"version": CACHE_VERSION, **meta, "tokenizer_kind": tokenizer.kind,
+        meta = {"version": CACHE_VERSION, **meta, "files": entry_files(tmp),
+                "tokenizer_kind": tokenizer.kind,
                 "remote_fingerprints": self.remote_fingerprints(),
                 "tokenizer_sha256": tokenizer_digest(self.tok_dir / "tokenizer"),
                 "row_format": dataclasses.asdict(self.fmt),
@@ -320,7 +358,7 @@ def prepare(cfg, fmt, run_tokenizer_dir: Path | None = None, log=print, force: b
                 "written; preparing it again")
             retrain = True
     if cache is not None and not retrain:
-        hit = cache.load(run_tokenizer_dir)
+        hit = cache.load(run_tokenizer_dir, log)
         if hit is not None:
             tokenizer, packed, meta = hit
             return tokenizer, packed, _info(meta, cache.rows_dir, hit=True)

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,9 @@ def _base_suffix(path: Path) -> str:
     return os.path.splitext(name)[1]
 
 
-def resolve_paths(spec) -> list[Path]:
-    """Expand a path / glob / directory / list into concrete files, in a stable order."""
+def resolve_paths(spec, key: str = "data.path") -> list[Path]:
+    """Expand a path / glob / directory / list into concrete files, in a stable order;
+    errors name the config ``key`` the paths came from."""
     specs = spec if isinstance(spec, list) else [spec]
     files: list[Path] = []
     for s in specs:
@@ -80,21 +82,21 @@ def resolve_paths(spec) -> list[Path]:
         if any(ch in s for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True) if Path(m).is_file())
             if not matches:
-                raise UserError(f"data.path: no files match {s}")
+                raise UserError(f"{key}: no files match {s}")
             files.extend(matches)
         elif Path(s).is_dir():
             found = sorted(p for p in Path(s).rglob("*")
                            if p.is_file() and _base_suffix(p) in TEXT_SUFFIXES)
             if not found:
-                raise UserError(f"data.path: no .txt/.jsonl/.json files in directory {s}")
+                raise UserError(f"{key}: no .txt/.jsonl/.json files in directory {s}")
             files.extend(found)
         elif Path(s).is_file():
             files.append(Path(s))
         else:
-            raise UserError(f"data.path: no such file: {s}")
+            raise UserError(f"{key}: no such file: {s}")
     for f in files:
         if isinstance(f, Path) and _base_suffix(f) not in TEXT_SUFFIXES:
-            raise UserError(f"data.path: unsupported file type {f.name!r}; use .txt, .jsonl, "
+            raise UserError(f"{key}: unsupported file type {f.name!r}; use .txt, .jsonl, "
                             ".json (optionally .gz), .parquet or tfds://NAME")
     return files
 
@@ -179,7 +181,7 @@ def _text_chunks(path: Path, stats: DecodeStats) -> Iterator[str]:
                     yield text
                 if not raw:
                     return
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: corrupt .gz contents
         raise UserError(f"data.path: cannot read {path}: {exc}") from None
 
 
@@ -241,7 +243,7 @@ def _read_jsonl(path: Path, field: str, stats: DecodeStats) -> Iterator[str]:
                 if text is not None:
                     yield text
             stats.decode(decoder, b"", offset, path, final=True)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"data.path: cannot read {path}: {exc}") from None
 
 
@@ -254,6 +256,9 @@ def _read_json(path: Path, field: str, stats: DecodeStats) -> Iterator[str]:
         raise UserError(f"data.path: {path}: malformed JSON ({exc.msg} at line "
                         f"{exc.lineno})") from None
     del text
+    if not isinstance(data, (dict, list)):
+        raise UserError(f"data.path: {path} holds a JSON {type(data).__name__}; a .json file "
+                        "must hold a list of records (or strings), or one record")
     for where, rec in enumerate([data] if isinstance(data, dict) else data, 1):
         text = _json_text(rec, where, path, field)
         if text is not None:
@@ -347,9 +352,9 @@ class Source:
     for the embedded corpus): its documents, re-readable, each cleaned per
     ``data.on_decode_error``, cut to ``MAX_DOCUMENT_CHARS`` and non-blank."""
 
-    def __init__(self, spec, cfg: DataConfig, seed: int):
+    def __init__(self, spec, cfg: DataConfig, seed: int, key: str = "data.path"):
         self.spec, self.cfg, self.seed = spec, cfg, seed
-        self.sources = resolve_paths(spec) if spec is not None else []
+        self.sources = resolve_paths(spec, key) if spec is not None else []
         self._stories = generate_stories(cfg.embedded_documents, seed) if spec is None else None
 
     def documents(self, stats: DecodeStats | None = None) -> Iterator[str]:
@@ -431,7 +436,7 @@ class DocumentPlan:
         self.val_mask = np.zeros(n, bool)
         self.copies: list[tuple[int, np.ndarray]] = []
         if cfg.val_path is not None:
-            self.val_source = Source(cfg.val_path, cfg, seed)
+            self.val_source = Source(cfg.val_path, cfg, seed, key="data.val_path")
             vstats = DecodeStats(cfg.on_decode_error)
             if not sum(1 for _ in self.val_source.documents(vstats)):  # checks every record
                 raise UserError(f"data.val_path: no text in {self.val_source.describe()}")

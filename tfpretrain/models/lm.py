@@ -26,6 +26,10 @@ class CausalLM(keras.Model):
     norm is not finite, or spikes above mean + k*std of the last ``spike_window`` accepted
     steps, is skipped with ``tf.cond`` - weights and Adam moments stay as they were, only
     the step counter advances (so the schedule and the data position stay aligned).
+    A finite spike that ends a streak of ``rebaseline_after`` skipped steps is a new level,
+    not an outlier: it is accepted and the detector starts a fresh window (OLMo / PaLM
+    practice: skip rare outliers, accept a sustained shift), so a legitimate rise of the
+    gradient norm cannot make every later step a "spike".
     """
 
     # the special ids the model was trained with (see data.tokenizers)
@@ -34,8 +38,8 @@ class CausalLM(keras.Model):
     def __init__(self, backbone: keras.Model, sequence_length: int,
                  clipnorm: float | None = None,
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
-                 spike_threshold: float = 6.0, spike_at_step: int = 0, z_loss: float = 0.0,
-                 document_mask: bool = False, **kwargs):
+                 spike_threshold: float = 6.0, spike_steps=(0, 1), z_loss: float = 0.0,
+                 document_mask: bool = False, rebaseline_after: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.sequence_length = sequence_length  # the context length
@@ -44,7 +48,8 @@ class CausalLM(keras.Model):
         self.log_size = max(1, steps_per_execution)
         self.guard, self.spike_threshold = guard, spike_threshold
         self.spike_window = spike_window
-        self.spike_at_step, self.z_loss = spike_at_step, z_loss
+        self.rebaseline_after = rebaseline_after
+        self.spike_steps, self.z_loss = spike_steps, z_loss
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Guard state (tracked, so it is checkpointed and survives a resume): recent
         # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
@@ -144,9 +149,10 @@ class CausalLM(keras.Model):
                 weight = tf.cast(sample_weight, z.dtype)
                 objective = loss + self.z_loss * tf.reduce_sum(tf.square(z) * weight) \
                     / tf.maximum(tf.reduce_sum(weight), 1.0)
-            if self.spike_at_step:
-                objective = objective * tf.where(step == self.spike_at_step, 1000.0, 1.0)
-                loss = loss * tf.where(step == self.spike_at_step, 1000.0, 1.0)
+            first, count = self.spike_steps
+            if first:  # fault injection (tfpretrain.faults)
+                scale = tf.where((step >= first) & (step < first + count), 1000.0, 1.0)
+                objective, loss = objective * scale, loss * scale
         # variables outside the loss's graph (BERT's unused pooler in masked-LM) get no
         # gradient and are left out, not fed to the optimizer as None
         variables = self.trainable_variables
@@ -159,6 +165,12 @@ class CausalLM(keras.Model):
             self.clipped_steps.assign_add(tf.cast(grad_norm > self.clipnorm, tf.int64))
         finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
         accept = finite & ~self._is_spike(loss, grad_norm) if self.guard else tf.constant(True)
+        if self.guard and self.rebaseline_after:
+            # a finite step after rebaseline_after - 1 skips in a row: a new level
+            shift = finite & ~accept & (self.consecutive_skips + 1 >= self.rebaseline_after)
+            self.guard_accepted.assign(tf.where(shift, tf.zeros_like(self.guard_accepted),
+                                                self.guard_accepted))
+            accept = accept | shift
 
         def apply():
             self.optimizer.apply_gradients(zip(grads, variables))

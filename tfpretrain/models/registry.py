@@ -51,6 +51,7 @@ class Arch:
     task: str                 # keras_hub.models class name of the matching task
     hf_key: str | None        # keras_hub transformers-exporter key (None: no HF export)
     learned_positions: bool   # a position table of sequence_length rows (counted in N)
+    ffn_matrices: int = 2     # H x I matrices per feed-forward block (SwiGLU: 3)
 
     def task_class(self):
         import keras_hub
@@ -68,7 +69,7 @@ ARCHS = {
                  learned_positions=True),
     # LlamaBackbone's layers match keras_hub's Llama3 HF mapping
     "llama": Arch("llama", _llama, "LlamaBackbone", "LlamaCausalLM", "Llama3Backbone",
-                  learned_positions=False),
+                  learned_positions=False, ffn_matrices=3),
     "bert": Arch("bert", _bert, "BertBackbone", "BertMaskedLM", None, learned_positions=True),
 }
 

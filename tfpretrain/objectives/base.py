@@ -46,7 +46,8 @@ class Objective:
             backbone, cfg.model.sequence_length, clipnorm=cfg.optimizer.clipnorm,
             steps_per_execution=steps_per_execution, guard=cfg.train.guard,
             spike_window=cfg.train.spike_window, spike_threshold=cfg.train.spike_threshold,
-            spike_at_step=faults.spike_at_step(cfg), z_loss=cfg.model.z_loss,
+            spike_steps=faults.spike_steps(cfg), z_loss=cfg.model.z_loss,
+            rebaseline_after=cfg.train.rebaseline_after,
             **self.model_options(cfg))
         model(model.example_input())
         return model

@@ -100,6 +100,9 @@ class CausalObjective(Objective):
             tf.TensorSpec([], tf.float32, name="top_p"),
             tf.TensorSpec([], tf.int32, name="seed")])
         def sample(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+            with tf.control_dependencies(sample_checks(max_new_tokens, temperature, top_k,
+                                                       top_p)):
+                max_new_tokens = tf.identity(max_new_tokens)
             return run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
@@ -136,6 +139,22 @@ class CausalObjective(Objective):
         ids = np.array([[EOS_ID] + tokenizer.encode(prompt)[: model.sequence_length - 1]],
                        np.int32)
         return ids, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+
+
+def sample_checks(max_new_tokens, temperature, top_k, top_p) -> list:
+    """In-graph checks of the ``sample`` signature's arguments: a bad request fails with an
+    InvalidArgument error naming the argument (TF Serving returns it to the client)."""
+    import tensorflow as tf
+
+    return [
+        tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0"),
+        tf.debugging.assert_equal(tf.math.is_finite(temperature), True,
+                                  message="temperature must be finite"),
+        tf.debugging.assert_non_negative(temperature, message="temperature must be >= 0"),
+        tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0"),
+        tf.debugging.assert_positive(top_p, message="top_p must be in (0, 1]"),
+        tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+    ]
 
 
 def score_texts(model, tokenizer, text):

@@ -39,9 +39,12 @@ def staged(final: Path, overwrite: bool, hint: str = "another --out"):
     """Write into a hidden sibling ``.tmp-<name>`` and rename it to ``final`` only when the
     block succeeds, so nobody polling the parent folder sees a half-written export; an
     existing ``final`` is replaced only with ``overwrite``."""
+    if final.exists() and not final.is_dir():
+        raise UserError(f"export: {final} is a file, not a folder; nothing was written. "
+                        f"Choose {hint}")
     if final.exists() and not overwrite:
         raise UserError(f"export: {final} already exists; pass --overwrite or {hint}")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(final.parent)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -60,6 +63,17 @@ def next_version(base: Path) -> int:
     versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] \
         if base.is_dir() else []
     return max(versions, default=0) + 1
+
+
+def ensure_folder(path: Path) -> None:
+    """``path`` as a folder (created with its parents), or one message saying why not."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"export: {path} is a file, not a folder; nothing was written. "
+                        "Choose another --out or export.dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"export: cannot create {path}: {exc.strerror}") from None
 
 
 def export_name(cfg, run_dir: Path) -> str:
@@ -137,7 +151,7 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     from tfpretrain.objectives import get_objective
 
     base = Path(out) if out else Path(cfg.export.dir) / export_name(cfg, run_dir)
-    base.mkdir(parents=True, exist_ok=True)
+    ensure_folder(base)
     final = base / str(version or next_version(base))
     module, signatures = get_objective(cfg).serving_module(model, tokenizer,
                                                            cfg.eval.sample_tokens)

@@ -105,13 +105,17 @@ class StopAtStep(keras.callbacks.Callback):
 
 class CheckpointEvery(keras.callbacks.Callback):
     """Commits a checkpoint every ``every`` steps and when training ends (unless ``hold()``
-    says not to: a run stopping for a rollback must not checkpoint its bad streak).
-    ``extra()``: what else goes into the checkpoint's state.json."""
+    says not to: a run stopping for a rollback must not checkpoint its bad streak). A
+    checkpoint due while steps are being skipped waits for the first accepted step, so a
+    rollback never returns into a skip streak. ``extra()``: what else goes into the
+    checkpoint's state.json."""
 
-    def __init__(self, manager, extra, every: int, hold=lambda: False):
+    def __init__(self, manager, extra, every: int, total: int, hold=lambda: False):
         super().__init__()
         self.manager, self.extra, self.every, self.hold = manager, extra, every, hold
+        self.total = total
         self.last_saved = None
+        self.pending = False
 
     def _save(self):
         step = int(self.model.optimizer.iterations.numpy())
@@ -121,11 +125,21 @@ class CheckpointEvery(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            self.pending = True
+        if self.pending and int(self.model.consecutive_skips.numpy()) == 0:
             self._save()
+            self.pending = False
 
     def on_train_end(self, logs=None):
-        if not self.hold():
-            self._save()
+        """The end of a fit() call (an evaluation interval, or all steps): saved unless a
+        rollback follows or, before the last step, steps are still being skipped (then
+        the save waits for the next accepted step, in the next fit() call)."""
+        done = int(self.model.optimizer.iterations.numpy()) >= self.total
+        if self.hold() or (not done and int(self.model.consecutive_skips.numpy())):
+            self.pending = not self.hold()
+            return
+        self._save()
+        self.pending = False
 
 
 class PreemptionCheckpoint(keras.callbacks.Callback):

@@ -122,52 +122,17 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def latest_valid(self) -> tuple[Path, dict] | None:
-        """Newest checkpoint that validates; corrupt ones are skipped with a warning."""
+    def latest_valid(self, accept=None) -> tuple[Path, dict] | None:
+        """Newest checkpoint that validates (and whose state ``accept(state)`` takes, when
+        given); corrupt ones are skipped with a warning."""
         for path in reversed(self.list()):
             state = self.validate(path)
-            if state is not None:
+            if state is None:
+                print(f"warning: skipping corrupt or incomplete checkpoint {path}",
+                      file=sys.stderr)
+            elif accept is None or accept(state):
                 return path, state
-            print(f"warning: skipping corrupt or incomplete checkpoint {path}", file=sys.stderr)
         return None
 
     def restore(self, path: Path) -> None:
         self._ckpt.read(str(path / "ckpt")).assert_existing_objects_matched()
-
-
-class RunLock:
-    """An exclusive lock on a run folder (``<run>/.lock``, flock) for the life of a process.
-
-    The OS drops the lock when the process dies, even with kill -9, so a stale lock file
-    never blocks a rerun.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fh = None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        from tfpretrain.errors import UserError
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise UserError(f"run folder {self.path.parent} is in use by {holder}; wait for "
-                            "it to finish or use another --run-dir") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None

@@ -18,6 +18,8 @@ class GuardState:
     data_offset: int = 0
     lr_scale: float = 1.0
     rollbacks: int = 0
+    discarded_skips: int = 0   # skipped steps undone by rollbacks (still counted in totals)
+    discarded_steps: int = 0   # steps undone by rollbacks
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GuardState":
@@ -27,11 +29,31 @@ class GuardState:
         return asdict(self)
 
 
+class GuardStop(Exception):
+    """The guard gave up: more rollbacks were needed than ``train.max_rollbacks``."""
+
+    exit_code = 3
+
+
 def set_lr_scale(optimizer, scale: float) -> None:
     """Set the ScaledSchedule's scale (see training.optimizers)."""
     from tfpretrain.compat import learning_rate_schedule
 
     learning_rate_schedule(optimizer).scale.assign(scale)
+
+
+def check_rollback_budget(guard: GuardState, max_rollbacks: int, step: int, manager,
+                          after: int) -> None:
+    """Raise GuardStop when one more rollback would exceed ``train.max_rollbacks``."""
+    if guard.rollbacks < max_rollbacks:
+        return
+    found = manager.latest_valid(lambda state: not state.get("consecutive_skips"))
+    kept = found[0] if found else "none"
+    raise GuardStop(f"the stability guard stopped the run at step {step}: {after} consecutive "
+                    f"skipped steps again after {guard.rollbacks} rollback(s) "
+                    f"(train.max_rollbacks={max_rollbacks}). The last good checkpoint is "
+                    f"intact: {kept}. Lower optimizer.learning_rate or check the data, then "
+                    "rerun the same command to resume from it (or raise train.max_rollbacks)")
 
 
 def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
@@ -42,7 +64,9 @@ def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
     again, not even by a later resume (the offset is in every later checkpoint)."""
     optimizer = model.optimizer
     bad_until = int(optimizer.iterations.numpy())
-    found = manager.latest_valid()
+    skips_before = int(model.skipped_steps.numpy())
+    # never back into a skip streak (checkpoints taken inside one say so in state.json)
+    found = manager.latest_valid(lambda state: not state.get("consecutive_skips"))
     if found is None:
         log(f"warning: {int(model.consecutive_skips.numpy())} consecutive skipped steps at "
             f"step {bad_until} but no checkpoint to roll back to; continuing")
@@ -53,6 +77,8 @@ def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
     restored = int(optimizer.iterations.numpy())
     # the stream was at data position bad_until + offset; continue from there at `restored`
     guard.data_offset += bad_until - restored
+    guard.discarded_steps += bad_until - restored
+    guard.discarded_skips += skips_before - int(model.skipped_steps.numpy())
     guard.rollbacks += 1
     guard.lr_scale *= lr_scale
     set_lr_scale(optimizer, guard.lr_scale)

@@ -29,27 +29,22 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
 
     ``finish(model, tokenizer, cfg, run_dir, log) -> dict``: called after the final
     evaluation; its fields join the summary (fit's export). Raises UserError, Preempted."""
-    from tfpretrain.training.checkpoints import RunLock
+    from tfpretrain.training.runfolder import claim_run_dir
 
     run_dir = Path(run_dir)
-    lock = RunLock(run_dir)
-    if run_dir.exists():
-        lock.acquire()  # before reading the folder: nobody else may be writing it
-    try:
-        with PreemptionHandler() as preemption:
-            return Run(cfg, run_dir, lock, preemption).fit(resume, allow_config_change, finish)
-    finally:
-        lock.release()
+    # locked and marked before anything is read or written: nobody else may be writing it
+    with claim_run_dir(run_dir), PreemptionHandler() as preemption:
+        return Run(cfg, run_dir, preemption).fit(resume, allow_config_change, finish)
 
 
 class Run:
     """One training run: its config, folder, data, model (with its optimizer), checkpoint
     manager and guard state, and the data position (the step plus ``guard.data_offset``)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, lock, preemption):
+    def __init__(self, cfg: Config, run_dir: Path, preemption):
         from tfpretrain.objectives import get_objective
 
-        self.cfg, self.run_dir, self.lock, self.preemption = cfg, run_dir, lock, preemption
+        self.cfg, self.run_dir, self.preemption = cfg, run_dir, preemption
         self.objective = get_objective(cfg)
         self.guard = GuardState()
         self.t_start = time.time()
@@ -64,12 +59,13 @@ class Run:
                 f"{self.cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
             if (self.run_dir / "summary.json").exists():
                 return json.loads((self.run_dir / "summary.json").read_text())
+        resuming = state.resume_from is not None
         self.setup_tensorflow()
-        self.prepare_data(resuming=state.resume_from is not None)
-        self.prepare_folder(resuming=state.resume_from is not None)
+        self.prepare_data(resuming)
         self.build_model()
-        if state.resume_from is not None:
+        if resuming:  # before anything is written: an incompatible checkpoint changes nothing
             self.restore(state.resume_from, state.resume_guard)
+        self.prepare_folder(resuming)
         self.start_logging()
         try:
             self.train_loop()
@@ -103,6 +99,10 @@ class Run:
         if info["hit"]:
             log(f"data: {info['description']}; {info['documents'][0]} train / "
                 f"{info['documents'][1]} val documents, from the token cache {info['cache']}")
+        asked, got = cfg.tokenizer.vocabulary_size, self.tokenizer.vocabulary_size
+        if self.tokenizer.kind not in ("byte",) and got < asked:
+            log(f"tokenizer: vocabulary capped at {got} ids of the {asked} asked "
+                "(`tokenizer.vocabulary_size` is a ceiling: the corpus supports no more)")
         log(f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocabulary_size} ids; "
             f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
@@ -111,9 +111,6 @@ class Run:
         from tfpretrain.training.checkpoints import write_atomic
 
         run_dir = self.run_dir
-        if not run_dir.exists():
-            run_dir.mkdir(parents=True)
-            self.lock.acquire()
         if not resuming:
             shutil.rmtree(run_dir / "logs", ignore_errors=True)
             (run_dir / "tracking.json").unlink(missing_ok=True)
@@ -144,8 +141,17 @@ class Run:
     def restore(self, path: Path, guard: dict | None) -> None:
         from tfpretrain.training.guard import set_lr_scale
 
+        from tfpretrain.errors import UserError
+
         t0 = time.time()
-        self.manager.restore(path)
+        try:
+            self.manager.restore(path)
+        except (ValueError, AssertionError) as exc:  # shapes or variables do not match
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise UserError(f"cannot resume {self.run_dir}: checkpoint {path.name} does not "
+                            f"fit the model of this config ({type(exc).__name__}: {first}). "
+                            "Nothing was changed; use another --run-dir for the new "
+                            "settings") from None
         self.guard = GuardState.from_dict(guard)
         set_lr_scale(self.optimizer, self.guard.lr_scale)
         log(f"resumed from {path} at step {self.step} ({time.time() - t0:.1f}s)")
@@ -171,7 +177,7 @@ class Run:
         finishes that interval, so evaluations and checkpoints land on the same steps as in
         an unbroken run. Stops for a rollback or a preemption signal."""
         from tfpretrain.data.pipeline import eval_dataset
-        from tfpretrain.training.guard import roll_back
+        from tfpretrain.training.guard import check_rollback_budget, roll_back
 
         cfg, every, total = self.cfg, self.cfg.eval.every, self.cfg.train.steps
         callbacks, rollback, saver = self._callbacks()
@@ -190,9 +196,12 @@ class Run:
             step = self.step
             if rollback.requested:
                 rollback.requested = False
+                check_rollback_budget(self.guard, cfg.train.max_rollbacks, step, self.manager,
+                                      cfg.train.rollback_after)
                 step = roll_back(self.model, self.manager, self.guard,
                                  cfg.train.rollback_lr_scale, log)
-                saver.last_saved = None
+                saver.last_saved, saver.pending = None, False
+                self._log_guard(step)
         if self.preemption.signum is not None:
             raise Preempted(self.preemption.signum, self.step)
 
@@ -213,7 +222,8 @@ class Run:
         summary = {
             "run_dir": str(self.run_dir), **extra,
             "params": self.params, "arch": cfg.model.arch, "tokenizer": self.tokenizer.kind,
-            "vocabulary_size": self.tokenizer.vocabulary_size, "steps": steps,
+            "vocabulary_size": self.tokenizer.vocabulary_size,
+            "vocabulary_size_requested": cfg.tokenizer.vocabulary_size, "steps": steps,
             "tokens_seen": steps * self.tokens_per_step,
             "wall_seconds": round(time.time() - self.t_start, 2),
             "train_seconds": round(logger.train_seconds, 2),
@@ -221,9 +231,10 @@ class Run:
             "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
-            "skipped_steps": int(model.skipped_steps.numpy()),
+            "skipped_steps": self.skipped_total(),
             "clipped_steps": int(model.clipped_steps.numpy()),
             "rollbacks": self.guard.rollbacks,
+            "rolled_back_steps": self.guard.discarded_steps,
             "lr_scale": self.guard.lr_scale,
             "weights_sha256": weights_sha256(model),
             "sample": sample,
@@ -238,7 +249,22 @@ class Run:
         return int(self.optimizer.iterations.numpy())
 
     def _checkpoint_state(self) -> dict:
-        return {"config": self.cfg.to_dict(), "guard": self.guard.to_dict()}
+        return {"config": self.cfg.to_dict(), "guard": self.guard.to_dict(),
+                "consecutive_skips": int(self.model.consecutive_skips.numpy())}
+
+    def skipped_total(self) -> int:
+        """Skipped steps over the run's whole history, rolled-back ones included."""
+        return int(self.model.skipped_steps.numpy()) + self.guard.discarded_skips
+
+    def _log_guard(self, step: int) -> None:
+        """Rollback counters to every sink (TensorBoard: train/rollbacks, ...)."""
+        scalars = {"train/rollbacks": self.guard.rollbacks,
+                   "train/skipped_total": self.skipped_total(),
+                   "train/rolled_back_steps": self.guard.discarded_steps,
+                   "train/lr_scale": self.guard.lr_scale}
+        for sink in self.logger.sinks:
+            sink.scalars(step, scalars)
+            sink.flush()
 
     def _callbacks(self):
         from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
@@ -247,7 +273,7 @@ class Run:
         cfg = self.cfg
         rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
         saver = CheckpointEvery(self.manager, self._checkpoint_state,
-                                cfg.train.checkpoint_every or cfg.eval.every,
+                                cfg.train.checkpoint_every or cfg.eval.every, cfg.train.steps,
                                 hold=lambda: rollback.requested)
         callbacks = [self.logger, StopAtStep(cfg.train.steps), rollback, saver,
                      PreemptionCheckpoint(self.manager, self._checkpoint_state,

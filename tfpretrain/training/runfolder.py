@@ -1,11 +1,16 @@
 """Run folders: what to do with one before training (start, resume, refuse), and loading a
 finished or interrupted run for generate, evaluate, export and bench.
 
-Layout of ``runs/<name>/``: config.yaml (the resolved config), tokenizer/, checkpoints/
-(see training.checkpoints), logs/ (TensorBoard), summary.json, tracking.json, .lock.
+Layout of ``runs/<name>/``: ``.tfpretrain-run`` (the marker: written first, atomically;
+only a folder with it, an empty folder, or a run folder from before markers existed is
+ever trained into), ``.lock``, config.yaml (the resolved config), tokenizer/, checkpoints/
+(see training.checkpoints), logs/ (TensorBoard), summary.json, tracking.json.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +21,100 @@ from tfpretrain.errors import UserError
 RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed",
                    "train.spike_window")
 NOT_CRITICAL = ("data.cache", "data.cache_dir")  # where data is cached, not what it is
+
+
+MARKER = ".tfpretrain-run"
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<run>/.lock``, flock) for the life of a process.
+
+    The OS drops the lock when the process dies, even with kill -9, so a stale lock file
+    never blocks a rerun. The lock file is opened without following symlinks (a symlinked
+    ``.lock`` is refused, never truncated through) and is not truncated before the lock is
+    held.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{self.path} is a symbolic link; tfpretrain will not write "
+                                "through it. Remove it, or use another --run-dir") from None
+            raise UserError(f"cannot create the lock file {self.path}: {exc.strerror}; "
+                            "check that the folder is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run folder {self.path.parent} is in use by {holder}; wait for "
+                            "it to finish or use another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _is_legacy_run(run_dir: Path) -> bool:
+    """A run folder written before markers existed: its config.yaml and checkpoints or
+    summary (adopted, and marked)."""
+    return (run_dir / "config.yaml").is_file() and (
+        (run_dir / "checkpoints").is_dir() or (run_dir / "summary.json").is_file())
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path):
+    """Create (if needed), lock and mark ``run_dir`` before anything else is written; refuse
+    a folder that is not ours. The lock is taken atomically whether or not the folder
+    existed, so two runs started on one new folder cannot both train into it. A folder this
+    call created is removed again if the run fails before writing anything but the marker."""
+    from tfpretrain.training.checkpoints import write_atomic
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir: {run_dir} is a file, not a folder; choose another "
+                        "--run-dir")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir: cannot create {run_dir}: {exc.strerror}") from None
+    lock = RunLock(run_dir)
+    made_lock = not os.path.lexists(lock.path)
+    lock.acquire()
+    try:
+        others = sorted(set(os.listdir(run_dir)) - {LOCK, MARKER})
+        if not (run_dir / MARKER).exists() and others and not _is_legacy_run(run_dir):
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise UserError(f"--run-dir: {run_dir} already holds files that are not a "
+                            f"tfpretrain run ({shown}); nothing was changed. Choose another "
+                            "--run-dir, or an empty folder")
+        if not (run_dir / MARKER).exists():
+            write_atomic(run_dir / MARKER, "tfpretrain run folder\n")
+        yield lock
+    except BaseException:
+        if created and set(os.listdir(run_dir)) <= {LOCK, MARKER}:
+            for name in (MARKER, LOCK):
+                (run_dir / name).unlink(missing_ok=True)
+            run_dir.rmdir()
+        elif made_lock and not (run_dir / MARKER).exists():
+            lock.path.unlink(missing_ok=True)  # a refused folder is left as it was
+        raise
+    finally:
+        lock.release()
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -38,7 +137,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str, allow_config_change: b
     from tfpretrain.training.checkpoints import CheckpointManager
 
     state = RunState(run_dir)
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not set(os.listdir(run_dir)) - {LOCK, MARKER}:
         if resume == "must":
             raise UserError(f"--resume must: no run folder with checkpoints at {run_dir}")
         return state
@@ -90,7 +189,7 @@ def load_run(run_dir: Path):
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--run-dir: {run_dir} is not a tfpretrain run folder "
                         "(no config.yaml)")
-    cfg = build_config(read_yaml(run_dir / "config.yaml"), name=run_dir.name,
+    cfg = build_config(read_yaml(run_dir / "config.yaml"), name=run_dir.resolve().name,
                        source=str(run_dir / "config.yaml"))
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     model = build_and_compile(cfg, tokenizer.vocabulary_size, jit=False)

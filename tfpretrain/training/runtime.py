@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from tfpretrain.config import Config
+from tfpretrain.errors import UserError
 
 
 def configure_tensorflow(cfg: Config) -> None:
@@ -37,6 +38,39 @@ def jit_compile(cfg: Config) -> bool:
     return cfg.train.jit_compile if cfg.train.jit_compile is not None else True
 
 
+def estimated_params(cfg: Config, vocabulary_size: int) -> int:
+    """Parameters without building anything: embeddings (twice when untied), positions and
+    per layer attention (4 H^2) and feed-forward (2 or 3 H I)."""
+    from tfpretrain.models.registry import get_arch
+
+    m = cfg.model
+    tables = vocabulary_size * m.hidden_dim * (1 if m.tie_embeddings else 2)
+    ffn = get_arch(m.arch).ffn_matrices * m.hidden_dim * m.intermediate_dim
+    return tables + m.sequence_length * m.hidden_dim + m.num_layers * (
+        4 * m.hidden_dim ** 2 + ffn)
+
+
+def check_memory(cfg: Config, vocabulary_size: int) -> None:
+    """Refuse, before building anything, a config whose training state alone (float32
+    weights, gradients, two Adam moments: 16 bytes a parameter, plus the logits of one
+    batch and their gradient) cannot fit this machine's memory."""
+    params = estimated_params(cfg, vocabulary_size)
+    logits = cfg.train.batch_size * cfg.model.sequence_length * vocabulary_size
+    need = 16 * params + 8 * logits
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UserError(
+            f"this config needs about {need / 2**30:,.1f} GiB to train (~{params:,} parameters "
+            f"x 16 bytes for weights, gradients and Adam moments, plus logits of "
+            f"{cfg.train.batch_size} x {cfg.model.sequence_length} x {vocabulary_size:,}), "
+            f"more than this machine's {have / 2**30:,.1f} GiB. Lower "
+            "`tokenizer.vocabulary_size`, `model.hidden_dim`, `model.num_layers` or "
+            "`train.batch_size`")
+
+
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
                       jit: bool | None = None):
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
@@ -44,6 +78,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     from tfpretrain.objectives import build_model
     from tfpretrain.training.optimizers import build_optimizer
 
+    check_memory(cfg, vocabulary_size)
     model = build_model(cfg, vocabulary_size, steps_per_execution)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     optimizer.build(model.trainable_variables)
