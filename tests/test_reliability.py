@@ -297,3 +297,54 @@ def test_a_damaged_token_cache_is_rebuilt_not_trained_on(tmp_path):
     assert not info3["hit"] and any("bytes" in m for m in logs)
     np.testing.assert_array_equal(np.array(third.train_rows), good)
     assert json.loads((Path(info3["cache"]) / "meta.json").read_text())["files"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_message_and_keeps_the_last_one(tmp_path):
+    import errno
+
+    from conftest import tiny_config
+    from tfpretrain.errors import UserError
+    from tfpretrain.objectives import build_model
+    from tfpretrain.training.checkpoints import CheckpointManager
+    from tfpretrain.training.optimizers import build_optimizer
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg, 100)
+    opt = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt.build(model.trainable_variables)
+    manager = CheckpointManager(tmp_path / "ck", model, opt)
+    manager.save(10)
+
+    class Full:
+        def write(self, path):
+            open(path + ".index", "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    manager._ckpt = Full()
+    with pytest.raises(UserError, match="No space left on device.*step-00000010 is intact"):
+        manager.save(20)
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith((".tmp", "step"))] \
+        == ["step-00000010"]
+    assert CheckpointManager.validate(tmp_path / "ck" / "step-00000010") is not None
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):
+    """hf:// with no network: one message within seconds (the hub is a closed port on
+    127.0.0.1 here; a real offline machine waits at most HUB_TIMEOUT_SECONDS for it)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    raw = quick_raw(tmp_path, data={"path": "hf://someone/tiny-stories"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+               HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_DATASETS_OFFLINE", None), env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "tfpretrain.fit", "--config",
+                        str(write_yaml(tmp_path / "c.yaml", raw)), "--run-dir",
+                        str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert_refused(r, "the Hugging Face hub is unreachable", "HF_DATASETS_OFFLINE=1")
+    assert time.time() - t0 < 60 and not (tmp_path / "run").exists()

@@ -74,9 +74,11 @@ def remote_fingerprint(spec: str) -> str | None:
         if spec.startswith(HF_PREFIX):
             import datasets
 
-            from tfpretrain.data.sources import parse_hf
+            from tfpretrain.data.sources import hub_reachable, parse_hf
 
             name, config, _ = parse_hf(spec)
+            if not Path(name).expanduser().is_dir() and not hub_reachable():
+                return None  # offline: the entry is trusted (no minute of retries)
             return datasets.load_dataset_builder(name, config).hash
         import tensorflow_datasets as tfds
 

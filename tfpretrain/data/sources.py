@@ -306,6 +306,44 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
+HUB_TIMEOUT_SECONDS = 5.0
+_hub_reachable: dict = {}
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``huggingface_hub``'s endpoint, so HF_ENDPOINT mirrors
+    count) answers a TCP connection within HUB_TIMEOUT_SECONDS; asked once per process."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    key = (url.hostname, url.port)
+    if key not in _hub_reachable:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=HUB_TIMEOUT_SECONDS).close()
+            _hub_reachable[key] = True
+        except OSError:
+            _hub_reachable[key] = False
+    return _hub_reachable[key]
+
+
+def check_hub_reachable(spec: str, name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when a hub dataset cannot be
+    fetched: not a local folder, not in offline mode, and the hub does not answer."""
+    if Path(name).expanduser().is_dir() or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
+            or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    if not hub_reachable():
+        raise UserError(f"data.path: cannot load {spec}: the Hugging Face hub is unreachable "
+                        "from this machine. Download the dataset where there is a network "
+                        "(`huggingface-cli download --repo-type dataset NAME --local-dir "
+                        "DIR`) and use `hf://DIR` or the files in DIR as data.path; or set "
+                        "HF_DATASETS_OFFLINE=1 to read the local datasets cache")
+
+
 def _read_hf(spec: str, field: str) -> Iterator[str]:
     """Hugging Face ``datasets``, streamed example by example, never with remote code."""
     try:
@@ -314,6 +352,7 @@ def _read_hf(spec: str, field: str) -> Iterator[str]:
         raise UserError(f"data.path: {spec} needs the `datasets` library: "
                         "pip install 'tfpretrain[hf]'") from None
     name, config, split = parse_hf(spec)
+    check_hub_reachable(spec, name)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         it = iter(ds)

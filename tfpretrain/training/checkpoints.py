@@ -70,8 +70,29 @@ class CheckpointManager:
         t0 = time.perf_counter()
         try:
             return self._save(step, extra)
+        except (OSError, tf.errors.OpError) as exc:  # disk full, quota, read-only, ...
+            shutil.rmtree(self.directory / f".tmp-{self._path(step).name}",
+                          ignore_errors=True)
+            raise self._write_error(step, exc) from None
         finally:
             self.seconds += time.perf_counter() - t0
+
+    def _write_error(self, step: int, exc) -> Exception:
+        """One message saying what failed, that the previous checkpoint is intact and what
+        to free (a UserError: exit 2, no traceback)."""
+        from tfpretrain.errors import UserError
+
+        reason = getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
+        kept = self.list()
+        usage = shutil.disk_usage(self.directory) if self.directory.exists() else None
+        free = f"; {usage.free / 2**20:,.0f} MiB free there" if usage else ""
+        return UserError(
+            f"cannot write the checkpoint of step {step} in {self.directory}: "
+            f"{str(reason).splitlines()[0][:200]}{free}. "
+            f"{'The previous checkpoint ' + kept[-1].name + ' is intact. ' if kept else ''}"
+            "Free disk space (old runs under runs/, exports under saved_models/, the token "
+            "cache under ~/.cache/tfpretrain) or lower train.keep_checkpoints, then rerun the "
+            "same command to resume")
 
     def _save(self, step: int, extra: dict | None) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
