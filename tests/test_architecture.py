@@ -5,6 +5,7 @@ tfpretrain/objectives/, short functions, and every private symbol compat uses st
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -188,3 +189,60 @@ def test_one_console_command_dispatches_to_every_command():
     assert dry.returncode == 0, dry.stderr
     assert last_json_line(dry.stdout)["vocabulary_size"] == 261   # byte tokenizer, exact
     assert "upper bound" not in dry.stdout
+
+
+def test_loss_and_guard_math_is_backend_neutral(tmp_path):
+    """models/stability.py under Keras's JAX backend (CPU), TensorFlow blocked from import,
+    gives the TensorFlow backend's numbers."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "neutral.py"
+    script.write_text('''
+import json, sys
+sys.modules["tensorflow"] = None          # any import of TensorFlow fails
+import numpy as np
+from tfpretrain.models import stability as s
+rng = np.random.default_rng(0)
+logits = rng.normal(size=(2, 5, 7)).astype("float32")
+y = rng.integers(0, 7, size=(2, 5))
+w = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], "float32")
+hist = rng.normal(1.0, 0.1, size=(4, 2)).astype("float32")
+grads = [rng.normal(size=(3, 3)).astype("float32"), rng.normal(size=(3,)).astype("float32")]
+norm = s.global_norm(grads)
+out = {"loss": float(s.weighted_mean(s.token_losses(y, logits), w)),
+       "z": float(s.z_loss(logits, w)), "correct": np.asarray(s.correct(y, logits)).tolist(),
+       "norm": float(norm),
+       "clipped": float(s.global_norm(s.clip_by_global_norm(grads, 0.5, norm))),
+       "spike": bool(s.is_spike(hist, 4, 2.0, 1.0, 4, 3.0)),
+       "calm": bool(s.is_spike(hist, 4, 1.0, 1.0, 4, 3.0)),
+       "decide": [bool(v) for v in s.decide(2.0, 1.0, True, 3, 4)],
+       "nan": [bool(v) for v in s.decide(float("nan"), 1.0, False, 3, 4)],
+       "tf_loaded": "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None}
+print(json.dumps(out))
+''')
+    results = {}
+    for backend in ("jax", "tensorflow"):
+        env = dict(os.environ, PYTHONPATH=str(REPO), KERAS_BACKEND=backend,
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        code = script.read_text()
+        if backend == "tensorflow":
+            code = code.replace('sys.modules["tensorflow"] = None', "")
+        (tmp_path / f"run_{backend}.py").write_text(code)
+        r = subprocess.run([sys.executable, str(tmp_path / f"run_{backend}.py")], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+    jax_, tf_ = results["jax"], results["tensorflow"]
+    assert not jax_["tf_loaded"]
+    for key in ("loss", "z", "norm", "clipped"):
+        assert jax_[key] == pytest.approx(tf_[key], rel=1e-5), key
+    assert jax_["clipped"] == pytest.approx(0.5, rel=1e-5)
+    for key in ("correct", "spike", "calm", "decide", "nan"):
+        assert jax_[key] == tf_[key], key
+    assert jax_["spike"] and not jax_["calm"]
+    assert jax_["decide"] == [True, True, True]      # 4th finite spike: a new level
+    assert jax_["nan"] == [False, False, False]      # non-finite: always skipped

@@ -14,6 +14,7 @@ import keras_hub
 import tensorflow as tf
 
 from tfpretrain import compat
+from tfpretrain.models import stability
 from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
@@ -117,22 +118,16 @@ class CausalLM(keras.Model):
 
     @staticmethod
     def token_losses(y, logits):
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        return stability.token_losses(y, logits)
 
     def _mean_loss(self, y, logits, sample_weight):
-        per_token = self.token_losses(y, logits)
-        weight = tf.cast(sample_weight, per_token.dtype)
-        return tf.reduce_sum(per_token * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+        return stability.weighted_mean(self.token_losses(y, logits), sample_weight)
 
     def _is_spike(self, loss, grad_norm):
         if not self.guard or self.spike_threshold <= 0:
             return tf.constant(False)
-        hist = self.guard_history
-        mean = tf.reduce_mean(hist, axis=0)
-        std = tf.math.reduce_std(hist, axis=0)
-        limit = mean + self.spike_threshold * std
-        full = self.guard_accepted >= self.spike_window
-        return full & ((loss > limit[0]) | (grad_norm > limit[1]))
+        return stability.is_spike(self.guard_history, self.guard_accepted, loss, grad_norm,
+                                  self.spike_window, self.spike_threshold)
 
     def train_step(self, data):
         x, y, sample_weight = data
@@ -145,10 +140,7 @@ class CausalLM(keras.Model):
             loss = self._mean_loss(y, logits, sample_weight)
             objective = loss
             if self.z_loss:
-                z = tf.reduce_logsumexp(logits, axis=-1)
-                weight = tf.cast(sample_weight, z.dtype)
-                objective = loss + self.z_loss * tf.reduce_sum(tf.square(z) * weight) \
-                    / tf.maximum(tf.reduce_sum(weight), 1.0)
+                objective = loss + self.z_loss * stability.z_loss(logits, sample_weight)
             first, count = self.spike_steps
             if first:  # fault injection (tfpretrain.faults)
                 scale = tf.where((step >= first) & (step < first + count), 1000.0, 1.0)
@@ -159,18 +151,18 @@ class CausalLM(keras.Model):
         grads = tape.gradient(objective, variables)
         used = [i for i, g in enumerate(grads) if g is not None]
         variables, grads = [variables[i] for i in used], [grads[i] for i in used]
-        grad_norm = tf.linalg.global_norm(grads)
+        grad_norm = stability.global_norm(grads)
         if self.clipnorm:
-            grads, _ = tf.clip_by_global_norm(grads, self.clipnorm, use_norm=grad_norm)
+            grads = stability.clip_by_global_norm(grads, self.clipnorm, grad_norm)
             self.clipped_steps.assign_add(tf.cast(grad_norm > self.clipnorm, tf.int64))
-        finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
-        accept = finite & ~self._is_spike(loss, grad_norm) if self.guard else tf.constant(True)
-        if self.guard and self.rebaseline_after:
-            # a finite step after rebaseline_after - 1 skips in a row: a new level
-            shift = finite & ~accept & (self.consecutive_skips + 1 >= self.rebaseline_after)
-            self.guard_accepted.assign(tf.where(shift, tf.zeros_like(self.guard_accepted),
-                                                self.guard_accepted))
-            accept = accept | shift
+        finite, accept, rebaseline = stability.decide(
+            loss, grad_norm, self._is_spike(loss, grad_norm), self.consecutive_skips,
+            self.rebaseline_after if self.guard else 0)
+        if not self.guard:
+            accept = tf.constant(True)
+        # a new level: the detector's window starts again with this step
+        self.guard_accepted.assign(tf.where(rebaseline, tf.zeros_like(self.guard_accepted),
+                                            self.guard_accepted))
 
         def apply():
             self.optimizer.apply_gradients(zip(grads, variables))
@@ -243,8 +235,7 @@ class MaskedLM(CausalLM):
 
     @staticmethod
     def correct(y, logits):
-        return tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                                tf.cast(y, tf.int32)), tf.float32)
+        return stability.correct(y, logits)
 
     def test_step(self, data):
         x, y, sample_weight = data

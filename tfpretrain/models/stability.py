@@ -1,0 +1,69 @@
+"""The training loss and the stability guard's in-graph decision, in ``keras.ops`` only, so
+they mean the same on every Keras backend (TensorFlow here; JAX for GPU measurements).
+
+Nothing here imports TensorFlow; ``tests/test_architecture.py`` runs it under Keras's JAX
+backend with TensorFlow blocked and compares the results with the TensorFlow backend's.
+"""
+from __future__ import annotations
+
+from keras import ops
+
+
+def token_losses(y, logits):
+    """Cross-entropy (nats) of each target id under float32 logits [..., vocab]."""
+    return ops.sparse_categorical_crossentropy(y, ops.cast(logits, "float32"),
+                                               from_logits=True)
+
+
+def weighted_mean(values, weight):
+    """sum(values * weight) / max(sum(weight), 1): the mean over real (weighted) tokens,
+    padding (weight 0) never counts."""
+    w = ops.cast(weight, values.dtype)
+    return ops.sum(values * w) / ops.maximum(ops.sum(w), 1.0)
+
+
+def z_loss(logits, weight):
+    """PaLM's z-loss term: the weighted mean of logsumexp(logits)^2."""
+    z = ops.logsumexp(ops.cast(logits, "float32"), axis=-1)
+    return weighted_mean(ops.square(z), weight)
+
+
+def correct(y, logits):
+    """1.0 where the arg-max prediction is the target, else 0.0."""
+    predicted = ops.argmax(logits, axis=-1)
+    return ops.cast(ops.equal(ops.cast(predicted, "int32"), ops.cast(y, "int32")), "float32")
+
+
+def global_norm(grads):
+    """The L2 norm of all gradients together (what ``optimizer.clipnorm`` recipes mean by
+    the global norm)."""
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads))
+
+
+def clip_by_global_norm(grads, clipnorm: float, norm):
+    """Every gradient scaled by clipnorm / max(norm, clipnorm)."""
+    scale = clipnorm / ops.maximum(norm, clipnorm)
+    return [g * ops.cast(scale, g.dtype) for g in grads]
+
+
+def is_spike(history, accepted, loss, grad_norm, window: int, threshold: float):
+    """Loss or gradient norm above mean + threshold * std of the window of accepted
+    (loss, grad_norm) rows; never before the window is full."""
+    mean = ops.mean(history, axis=0)
+    std = ops.std(history, axis=0)
+    limit = mean + threshold * std
+    return ops.logical_and(accepted >= window,
+                           ops.logical_or(loss > limit[0], grad_norm > limit[1]))
+
+
+def decide(loss, grad_norm, spike, consecutive_skips, rebaseline_after: int):
+    """(finite, accept, rebaseline) for one step: non-finite steps are always skipped; a
+    spike is skipped unless it would make ``rebaseline_after`` skips in a row, in which case
+    it is a new level: accepted, and the detector's window starts again (``rebaseline``)."""
+    finite = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
+    accept = ops.logical_and(finite, ops.logical_not(spike))
+    if not rebaseline_after:
+        return finite, accept, ops.zeros_like(accept)
+    rebaseline = ops.logical_and(ops.logical_and(finite, ops.logical_not(accept)),
+                                 consecutive_skips + 1 >= rebaseline_after)
+    return finite, ops.logical_or(accept, rebaseline), rebaseline
