@@ -150,3 +150,29 @@ def test_bayesian_and_hyperband_searches_complete(tmp_path, tuner):
     if tuner == "hyperband":   # brackets: short trials first, survivors trained longer
         assert len({row["steps"] for row in board}) > 1
     assert (tmp_path / "s" / "best.yaml").exists()
+
+
+def test_search_state_is_written_atomically_and_a_damaged_one_is_one_message(tmp_path):
+    """KerasTuner writes oracle.json in place; a kill mid-write used to leave an empty file
+    and a traceback on resume (seen once in CI). Now every state file is written to a
+    temporary sibling and renamed, and a damaged one from before is exit 2."""
+    from keras_tuner.src import utils
+
+    from tfpretrain import compat
+
+    compat.atomic_keras_tuner_saves()
+    target = tmp_path / "oracle.json"
+    target.write_text("old")
+    before = target.stat().st_ino
+    utils.save_json(str(target), {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert target.stat().st_ino != before                 # replaced by rename, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle.json"]
+    raw = tune_raw(tmp_path, max_trials=1, steps_per_trial=10)
+    run = tmp_path / "k"
+    (run / "tuner").mkdir(parents=True)
+    (run / "tuner" / "oracle.json").write_text("")
+    r = run_cli("tfpretrain.tune", "--config", str(write_yaml(tmp_path / "d.yaml", raw)),
+                "--run-dir", str(run))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is damaged" in r.stderr and (run / "tuner" / "oracle.json").read_text() == ""

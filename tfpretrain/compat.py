@@ -25,6 +25,7 @@ PRIVATE_SYMBOLS = (
      "keras_hub.src.utils.transformers.export.hf_exporter", "_to_numpy_dict"),
     ("keras_hub byte-level BPE byte map", "keras_hub.src.tokenizers.byte_pair_tokenizer",
      "bytes_to_unicode"),
+    ("keras_tuner's JSON writer (made atomic)", "keras_tuner.src.utils", "save_json"),
     ("keras_hub CausalLM cache builder", "keras_hub.models.GPT2CausalLM", "_build_cache"),
     ("keras_hub CausalLM cache builder", "keras_hub.models.LlamaCausalLM", "_build_cache"),
     ("keras_hub CausalLM cached call", "keras_hub.models.GPT2CausalLM", "call_with_cache"),
@@ -102,6 +103,35 @@ def pure_tf_slice_update():
         yield
     finally:
         core.slice_update = original
+
+
+# --- keras_tuner -----------------------------------------------------------------------
+
+def atomic_keras_tuner_saves() -> None:
+    """keras_tuner writes its oracle.json / trial.json in place
+    (``keras_tuner.src.utils.save_json``): a search killed mid-write leaves an empty file
+    that the resumed search cannot load. Replace it, once per process, with write to a
+    temporary sibling + fsync + rename (local paths; the files stay keras_tuner's format)."""
+    import json
+    import os
+
+    from keras_tuner.src import utils
+
+    if getattr(utils.save_json, "tfpretrain_atomic", False):
+        return
+
+    def save_json(path, obj):
+        text = json.dumps(obj)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, str(path))
+        return text
+
+    save_json.tfpretrain_atomic = True
+    utils.save_json = save_json
 
 
 # --- keras_hub -------------------------------------------------------------------------

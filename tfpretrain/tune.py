@@ -103,9 +103,25 @@ def make_oracle(cfg):
     return oracle
 
 
+def check_search_state(project: Path) -> None:
+    """A search folder whose KerasTuner state file is damaged (an older tfpretrain killed
+    mid-write) is one message, not a traceback."""
+    state = project / "oracle.json"
+    if not state.is_file():
+        return
+    try:
+        json.loads(state.read_text())
+    except (ValueError, OSError):
+        raise UserError(f"the search state {state} is damaged (empty or cut short); the "
+                        f"finished trials are in {project.parent / 'trials'}. Move {state} "
+                        "away to start the search bookkeeping again, or use another "
+                        "--run-dir") from None
+
+
 def make_tuner(cfg, base_raw: dict, run_dir: Path):
     import keras_tuner as kt
 
+    from tfpretrain import compat
     from tfpretrain.config import build_config
     from tfpretrain.fit import fit
     from tfpretrain.training.preemption import Preempted
@@ -146,6 +162,8 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
                      "tokens_per_second") if k in summary}}, indent=1))
             return {cfg.tune.objective: value}
 
+    compat.atomic_keras_tuner_saves()  # a killed search must leave loadable state files
+    check_search_state(run_dir / "tuner")
     return FitTuner(oracle=make_oracle(cfg), directory=str(run_dir), project_name="tuner",
                     overwrite=False)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 import keras_hub
 import tensorflow as tf
+from keras import ops
 
 from tfpretrain import compat
 from tfpretrain.models import stability
@@ -77,18 +78,18 @@ class CausalLM(keras.Model):
 
     def example_input(self):
         """A one-row input that builds every weight."""
-        return tf.zeros([1, self.sequence_length], tf.int32)
+        return ops.zeros([1, self.sequence_length], "int32")
 
     def call(self, token_ids, training=False):
-        token_ids = tf.convert_to_tensor(token_ids)
+        token_ids = ops.convert_to_tensor(token_ids)
         if self.document_mask:
             hidden = self._document_forward(token_ids, training)
         else:
             hidden = self.backbone(
-                {"token_ids": token_ids, "padding_mask": tf.ones_like(token_ids, tf.bool)},
+                {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, "bool")},
                 training=training)
         logits = self.backbone.token_embedding(hidden, reverse=True)
-        return tf.cast(logits, tf.float32)
+        return ops.cast(logits, "float32")
 
     def _document_forward(self, token_ids, training):
         """The backbone's own layers, with attention kept inside each document of a packed
@@ -97,19 +98,18 @@ class CausalLM(keras.Model):
         positions restart at every document, Llama's RoPE is relative and needs only the
         mask. The decoder layers add the causal mask themselves."""
         bb = compat.backbone_parts(self.backbone)
-        doc = tf.cumsum(tf.cast(tf.equal(token_ids, EOS_ID), tf.int32), axis=1)  # [B, T]
-        same = tf.equal(doc[:, :, None], doc[:, None, :])                        # [B, T, T]
+        doc = ops.cumsum(ops.cast(ops.equal(token_ids, EOS_ID), "int32"), axis=1)  # [B, T]
+        same = ops.equal(doc[:, :, None], doc[:, None, :])                         # [B, T, T]
         x = bb["token_embedding"](token_ids)
         if "position_embedding" in bb:  # GPT-2's learned positions restart per document
             # position within the document = tokens of the same row before it in that doc
-            before = tf.cast(same, tf.int32) * tf.linalg.band_part(
-                tf.ones_like(same, tf.int32), -1, 0)
-            positions = tf.reduce_sum(before, axis=2) - 1
+            before = ops.tril(ops.cast(same, "int32"))
+            positions = ops.sum(before, axis=2) - 1
             table = bb["position_embedding"].position_embeddings
-            x = bb["embeddings_add"]((x, tf.gather(table, positions)))
+            x = bb["embeddings_add"]((x, ops.take(table, positions, axis=0)))
             x = bb["embeddings_dropout"](x, training=training)
         for layer in bb["transformer_layers"]:
-            x = layer(x, decoder_attention_mask=tf.cast(same, tf.int32), training=training)
+            x = layer(x, decoder_attention_mask=ops.cast(same, "int32"), training=training)
         return bb["layer_norm"](x)
 
     @property
@@ -212,22 +212,22 @@ class MaskedLM(CausalLM):
 
     def example_input(self):
         L = self.sequence_length
-        return {"token_ids": tf.zeros([1, L], tf.int32),
-                "padding_mask": tf.ones([1, L], tf.bool),
-                "segment_ids": tf.zeros([1, L], tf.int32),
-                "mask_positions": tf.zeros([1, 1], tf.int32)}
+        return {"token_ids": ops.zeros([1, L], "int32"),
+                "padding_mask": ops.ones([1, L], "bool"),
+                "segment_ids": ops.zeros([1, L], "int32"),
+                "mask_positions": ops.zeros([1, 1], "int32")}
 
     def row_logits(self, token_ids):
         """Logits at every position of whole rows (``[CLS] ... [SEP]``; pad is masked)."""
-        token_ids = tf.convert_to_tensor(token_ids, tf.int32)
-        shape = tf.shape(token_ids)
-        positions = tf.broadcast_to(tf.range(shape[1])[None, :], shape)
-        return self({"token_ids": token_ids, "padding_mask": tf.not_equal(token_ids, PAD_ID),
-                     "segment_ids": tf.zeros_like(token_ids), "mask_positions": positions},
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        shape = ops.shape(token_ids)
+        positions = ops.broadcast_to(ops.arange(shape[1], dtype="int32")[None, :], shape)
+        return self({"token_ids": token_ids, "padding_mask": ops.not_equal(token_ids, PAD_ID),
+                     "segment_ids": ops.zeros_like(token_ids), "mask_positions": positions},
                     training=False)
 
     def call(self, features, training=False):
-        return tf.cast(self.task(features, training=training), tf.float32)
+        return ops.cast(self.task(features, training=training), "float32")
 
     @property
     def metrics(self):
