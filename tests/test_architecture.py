@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tfpretrain"
 
 # layer of a module (dotted name without "tfpretrain."), by prefix; longest prefix wins
 LAYERS = {
-    "": 0, "config": 0, "errors": 0, "compat": 0, "faults": 0, "tables": 0,
+    "": 0, "config": 0, "errors": 0, "compat": 0, "faults": 0, "tables": 0, "files": 0,
     "data": 1,
     "models": 2, "objectives": 2,
     "training": 3,

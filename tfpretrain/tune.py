@@ -254,7 +254,7 @@ def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) ->
 
 def tune(cfg, base_raw: dict, run_dir: Path) -> dict:
     from tfpretrain.config import build_config
-    from tfpretrain.training.checkpoints import write_atomic
+    from tfpretrain.files import write_atomic
 
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add keys to search, e.g. "

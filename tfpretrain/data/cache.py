@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
+from tfpretrain.files import sha256_file
 
 CACHE_VERSION = 3  # 3: row format in the key, sizes and SHA-256 of every file in meta.json
 ENTRY_FILES = ("train.rows", "val.rows", "counts.npy")
@@ -113,17 +114,9 @@ def rows_key(cfg, fmt) -> str:
     return _digest({"tokenizer": tokenizer_key(cfg), "rows": dataclasses.asdict(fmt)})
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def entry_files(directory: Path) -> dict:
     """{name: [size, sha256]} of an entry's data files (recorded in meta.json)."""
-    return {name: [(Path(directory) / name).stat().st_size, file_digest(Path(directory) / name)]
+    return {name: [(Path(directory) / name).stat().st_size, sha256_file(Path(directory) / name)]
             for name in ENTRY_FILES}
 
 
@@ -136,7 +129,7 @@ def entry_problem(directory: Path, meta: dict) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
-        if file_digest(path) != digest:
+        if sha256_file(path) != digest:
             return f"{name} does not match its recorded SHA-256"
     return None if "files" in meta else "meta.json records no checksums"
 

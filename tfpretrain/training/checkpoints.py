@@ -10,7 +10,6 @@ function of (seed, k) (see ``data.pipeline``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,36 +18,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from tfpretrain.files import fsync_dir, sha256_file, write_atomic
+
 PREFIX = "step-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -109,13 +81,13 @@ class CheckpointManager:
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[f.name] = _sha256(f)
+            files[f.name] = sha256_file(f)
         state = {"step": int(step), "files": files, **(extra or {})}
         write_atomic(tmp / "state.json", json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         write_atomic(self.directory / "latest", final.name + "\n")
         self._prune()
         return final
@@ -137,7 +109,7 @@ class CheckpointManager:
         try:
             state = json.loads((path / "state.json").read_text())
             for name, digest in state["files"].items():
-                if _sha256(path / name) != digest:
+                if sha256_file(path / name) != digest:
                     return None
             return state
         except (OSError, ValueError, KeyError, TypeError):

@@ -108,7 +108,7 @@ class Run:
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
 
     def prepare_folder(self, resuming: bool) -> None:
-        from tfpretrain.training.checkpoints import write_atomic
+        from tfpretrain.files import write_atomic
 
         run_dir = self.run_dir
         if not resuming:
@@ -208,7 +208,7 @@ class Run:
     def finish(self, finish=None) -> dict:
         """Final evaluation and sample, the caller's finish hook (export), summary.json."""
         from tfpretrain.models.lm import weights_sha256
-        from tfpretrain.training.checkpoints import write_atomic
+        from tfpretrain.files import write_atomic
         from tfpretrain.training.evaluation import evaluate_split, rounded
 
         cfg, t0 = self.cfg, time.time()

@@ -81,7 +81,7 @@ def claim_run_dir(run_dir: Path):
     a folder that is not ours. The lock is taken atomically whether or not the folder
     existed, so two runs started on one new folder cannot both train into it. A folder this
     call created is removed again if the run fails before writing anything but the marker."""
-    from tfpretrain.training.checkpoints import write_atomic
+    from tfpretrain.files import write_atomic
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
