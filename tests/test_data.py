@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from tfpretrain.objectives import get_objective, row_format
-from tfpretrain.data.pipeline import (eval_dataset, pack_corpus, pack_rows, row_indices,
+from tfpretrain.data.pipeline import (eval_dataset, make_rows, pack_corpus, row_indices,
                                       tokenize_documents, train_dataset)
 from tfpretrain.data.sources import load_corpus
 from tfpretrain.data.synthetic import generate_stories
@@ -64,7 +64,7 @@ def test_packing_keeps_every_token_once_in_order_with_eos_between_documents():
         expected += [b + 5 for b in d.encode("utf-8")] + [EOS_ID]
     assert stream.tolist() == expected
     L = 32
-    rows = pack_rows(stream, L)
+    rows = make_rows(stream, get_objective("causal").row_format(L, "concat"))
     assert rows.shape == ((len(stream) - 1) // L, L + 1)
     x, y = rows[:, :-1], rows[:, 1:]
     assert x.reshape(-1).tolist() == stream[: rows.shape[0] * L].tolist()   # each once, in order

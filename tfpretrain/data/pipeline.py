@@ -89,16 +89,11 @@ class RowFormat:
         return self.width - (self.concat_lead is not None) - self.overlap
 
 
-def pack_rows(stream: np.ndarray, sequence_length: int) -> np.ndarray:
-    """Rows [R, L+1] overlapping by one token; the final partial row is dropped."""
-    return concat_rows(stream, RowFormat(sequence_length + 1, overlap=1))
-
-
 def concat_rows(stream: np.ndarray, fmt: RowFormat) -> np.ndarray:
     """Concat rows of ``fmt`` over ``stream``; the final partial row is dropped."""
     body = fmt.width - (fmt.concat_lead is not None)
-    n_rows = max(0, (len(stream) - fmt.overlap) // fmt.stride) if len(stream) >= body else 0
-    if n_rows <= 0:
+    n_rows = (len(stream) - fmt.overlap) // fmt.stride if len(stream) >= body else 0
+    if n_rows == 0:
         return np.zeros([0, fmt.width], np.int32)
     idx = np.arange(n_rows)[:, None] * fmt.stride + np.arange(body)[None, :]
     rows = stream[idx].astype(np.int32, copy=False)

@@ -42,12 +42,18 @@ def set_lr_scale(optimizer, scale: float) -> None:
     learning_rate_schedule(optimizer).scale.assign(scale)
 
 
+def last_clean_checkpoint(manager):
+    """(path, state) of the newest valid checkpoint not taken inside a skip streak (its
+    state.json says ``consecutive_skips`` 0): the only kind a rollback returns to."""
+    return manager.latest_valid(lambda state: not state.get("consecutive_skips"))
+
+
 def check_rollback_budget(guard: GuardState, max_rollbacks: int, step: int, manager,
                           after: int) -> None:
     """Raise GuardStop when one more rollback would exceed ``train.max_rollbacks``."""
     if guard.rollbacks < max_rollbacks:
         return
-    found = manager.latest_valid(lambda state: not state.get("consecutive_skips"))
+    found = last_clean_checkpoint(manager)
     kept = found[0] if found else "none"
     raise GuardStop(f"the stability guard stopped the run at step {step}: {after} consecutive "
                     f"skipped steps again after {guard.rollbacks} rollback(s) "
@@ -65,8 +71,7 @@ def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
     optimizer = model.optimizer
     bad_until = int(optimizer.iterations.numpy())
     skips_before = int(model.skipped_steps.numpy())
-    # never back into a skip streak (checkpoints taken inside one say so in state.json)
-    found = manager.latest_valid(lambda state: not state.get("consecutive_skips"))
+    found = last_clean_checkpoint(manager)
     if found is None:
         log(f"warning: {int(model.consecutive_skips.numpy())} consecutive skipped steps at "
             f"step {bad_until} but no checkpoint to roll back to; continuing")
