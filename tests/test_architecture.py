@@ -16,12 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tfpretrain"
 # layer of a module (dotted name without "tfpretrain."), by prefix; longest prefix wins
 LAYERS = {
     "": 0, "config": 0, "errors": 0, "compat": 0, "faults": 0, "tables": 0, "files": 0,
+    "hardware": 0,
     "data": 1,
     "models": 2, "objectives": 2,
     "training": 3,
     "serving": 4,
     "fit": 5, "generate": 5, "export": 5, "evaluate": 5, "tune": 5, "runs": 5, "bench": 5,
-    "cli": 5, "__main__": 5, "data.__main__": 5,
+    "cli": 5, "__main__": 5, "data.__main__": 5, "estimate": 5,
 }
 LAYER_NAMES = ["config", "data", "models", "training", "serving", "commands"]
 MAX_FUNCTION_LINES = 60

@@ -54,6 +54,12 @@ def test_tensorboard_has_per_step_train_scalars_and_val(tiny_run):
     losses = [float(train["loss"][s]) for s in range(1, 61)]
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3  # the loss falls
     assert "tokens_per_second" in train
+    # MFU against this CPU's measured peak, and the cost so far, logged with tokens/s
+    assert 0 < float(list(train["mfu"].values())[-1]) < 1
+    assert float(list(train["cost_usd"].values())[-1]) > 0
+    assert 0 < summary["mfu"] < 1 and summary["cost_usd"] > 0
+    assert summary["model_flops_per_token"] > 6 * summary["params"] - 6 * 32 * 32
+    assert summary["device"].startswith("CPU") and summary["precision"] == "float32"
     val = read_scalars(run_dir / "logs" / "val")
     assert sorted(val["loss"]) == [20, 40, 60]
     samples = val["sample"]

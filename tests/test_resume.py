@@ -15,8 +15,10 @@ from test_fit import read_scalars
 
 
 def resume_raw(tmp_path, **train):
+    # gradient accumulation on (2 micro-batches of 8): resume stays bitwise with it
     return tiny_raw(tmp_path, train={"steps": 60, "checkpoint_every": 10, "deterministic": True,
-                                     "steps_per_execution": 2, **train},
+                                     "steps_per_execution": 2, "grad_accumulation_steps": 2,
+                                     **train},
                     eval={"every": 20}, export={"enabled": False})
 
 

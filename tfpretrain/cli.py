@@ -15,6 +15,7 @@ COMMANDS = {
     "tune": ("tfpretrain.tune", "KerasTuner search over config keys"),
     "runs": ("tfpretrain.runs", "compare run folders (table, plot)"),
     "data": ("tfpretrain.data.__main__", "prepare the token cache of a config"),
+    "estimate": ("tfpretrain.estimate", "FLOPs, hours and dollars of a run or search"),
     "bench": ("tfpretrain.bench", "throughput benchmarks (fit, generate, data)"),
 }
 

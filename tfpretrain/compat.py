@@ -76,8 +76,9 @@ def check() -> list[str]:
 
 def learning_rate_schedule(optimizer):
     """The schedule object the optimizer was built with (``optimizer._learning_rate``; the
-    public ``optimizer.learning_rate`` is the current value, not the schedule)."""
-    return optimizer._learning_rate
+    public ``optimizer.learning_rate`` is the current value, not the schedule); a
+    LossScaleOptimizer's is its inner optimizer's."""
+    return getattr(optimizer, "inner_optimizer", optimizer)._learning_rate
 
 
 @contextlib.contextmanager
@@ -189,3 +190,14 @@ def fix_llama_preset_config(preset_dir, tie_embeddings: bool) -> None:
     task = json.loads(task_path.read_text())
     task["config"]["backbone"]["config"]["tie_word_embeddings"] = bool(tie_embeddings)
     task_path.write_text(json.dumps(task, indent=4))
+
+
+def float32_output_head(backbone) -> None:
+    """Logits in float32 under a mixed-precision policy: keras_hub's ReversibleEmbedding
+    takes ``reverse_dtype`` only as a constructor argument, which the backbones do not
+    pass through; its ``call(reverse=True)`` casts the hidden state and the kernel to it."""
+    embedding = backbone.token_embedding
+    if not hasattr(embedding, "reverse_dtype"):
+        raise RuntimeError("keras_hub's ReversibleEmbedding has no `reverse_dtype` any more; "
+                           "update tfpretrain.compat.float32_output_head")
+    embedding.reverse_dtype = "float32"

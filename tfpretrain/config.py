@@ -50,6 +50,7 @@ def _f(default, help: str = "", choices=None, min=None, max=None, min_exclusive=
 TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpiece",
                    "bytelevel_bpe", "char", "byte")
 ARCHS = ("gpt2", "llama", "bert")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # Which architectures each objective trains (tfpretrain.objectives has one class per key)
 OBJECTIVE_ARCHS = {"causal": ("gpt2", "llama"), "mlm": ("bert",)}
 # Objectives that predict masked tokens: their tokenizer needs [MASK] in its text form, and
@@ -171,6 +172,20 @@ class TrainConfig:
     jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on for CPU "
                                      "and GPU).")
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
+    precision: str = _f("auto", "Compute precision (Keras mixed-precision policy; weights, "
+                        "checkpoints and exports stay float32; logits, loss, norms' statistics "
+                        "and the guard in float32). auto = mixed_bfloat16 on GPUs with bf16 "
+                        "(Ampere and newer) and TPUs, mixed_float16 on older GPUs, float32 on "
+                        "CPU (measured fastest with XLA here). mixed_float16 uses Keras's "
+                        "LossScaleOptimizer.", choices=PRECISIONS)
+    grad_accumulation_steps: int = _f(1, "Split each batch into this many micro-batches whose "
+                                      "gradients are summed into one optimizer step "
+                                      "(batch_size stays the global batch and must divide "
+                                      "evenly; steps, schedule, guard and checkpoints count "
+                                      "optimizer steps).", min=1)
+    price_per_hour: float = _f(0.0, "US$ per device-hour for the cost figures (0 = the "
+                               "detected device's typical price; see `tfpretrain.estimate "
+                               "--help`).", min=0.0)
     checkpoint_every: int = _f(0, "Commit a checkpoint every this many steps (0 = at each "
                                "evaluation, i.e. eval.every). Also at the end and on "
                                "SIGTERM/SIGINT.", min=0)
@@ -525,6 +540,10 @@ def _schedule_checks(c: Config) -> list[str]:
         p.append(f"`optimizer.min_learning_rate` must be <= `optimizer.learning_rate`. "
                  f"Received: min_learning_rate={o.min_learning_rate}, "
                  f"learning_rate={o.learning_rate}")
+    if t.batch_size % t.grad_accumulation_steps:
+        p.append("`train.batch_size` (the global batch) must be divisible by "
+                 "`train.grad_accumulation_steps`. Received: "
+                 f"batch_size={t.batch_size}, grad_accumulation_steps={t.grad_accumulation_steps}")
     if t.steps_per_execution:
         for key, value in (("eval.every", c.eval.every), ("train.steps", t.steps),
                            ("train.checkpoint_every", t.checkpoint_every)):

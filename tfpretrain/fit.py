@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    help="resume even if resume-critical settings (model, tokenizer, data, "
                         "batch size, seed) differ from the run's config.yaml")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameter count and token budget; "
+                   help="print the resolved config, parameter count, token budget and "
+                        "the cost estimate per device (python -m tfpretrain.estimate); "
                         "do not train")
     return p
 
@@ -57,7 +58,10 @@ def dry_run(cfg) -> dict:
     print(f"# parameters: {info['params']:,} (vocabulary_size {vocab}"
           f"{'' if exact else ', an upper bound until the tokenizer is trained'})")
     print(f"# tokens per step: {tokens_per_step:,}; planned tokens: {info['planned_tokens']:,}")
-    return info
+    from tfpretrain.estimate import estimate, parser as estimate_parser
+
+    projected = estimate(cfg, estimate_parser().parse_args(["--params", str(info["params"])]))
+    return {**info, **projected}
 
 
 def export_after_training(model, tokenizer, cfg, run_dir, log) -> dict:

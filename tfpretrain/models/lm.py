@@ -41,7 +41,8 @@ class CausalLM(keras.Model):
                  clipnorm: float | None = None,
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
                  spike_threshold: float = 6.0, spike_steps=(0, 1), z_loss: float = 0.0,
-                 document_mask: bool = False, rebaseline_after: int = 0, **kwargs):
+                 document_mask: bool = False, rebaseline_after: int = 0,
+                 grad_accumulation_steps: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.sequence_length = sequence_length  # the context length
@@ -52,6 +53,7 @@ class CausalLM(keras.Model):
         self.spike_window = spike_window
         self.rebaseline_after = rebaseline_after
         self.spike_steps, self.z_loss = spike_steps, z_loss
+        self.accumulation = max(1, grad_accumulation_steps)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Guard state (tracked, so it is checkpointed and survives a resume): recent
         # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
@@ -129,26 +131,61 @@ class CausalLM(keras.Model):
         return stability.is_spike(self.guard_history, self.guard_accepted, loss, grad_norm,
                                   self.spike_window, self.spike_threshold)
 
+    def _micro_batches(self, x, y, sample_weight):
+        """The batch as ``grad_accumulation_steps`` equal slices (the batch itself if 1)."""
+        k = self.accumulation
+        if k == 1:
+            return [(x, y, sample_weight)]
+        size = tf.shape(y)[0] // k
+        cut = lambda t, i: t[i * size:(i + 1) * size]  # noqa: E731
+        return [tf.nest.map_structure(lambda t: cut(t, i), (x, y, sample_weight))
+                for i in range(k)]
+
+    def _loss_and_gradients(self, x, y, sample_weight, variables):
+        """(loss, unscaled gradients) of the whole batch, summed over its micro-batches:
+        each contributes its share of the mean over the batch's real tokens, so the sum
+        is the unaccumulated batch's loss and gradient (up to float rounding). Micro-batch
+        i+1 starts after i's gradients exist, so only one micro-batch's activations live
+        at a time. With a LossScaleOptimizer (mixed_float16) the loss is scaled for the
+        backward pass and the gradients unscaled again."""
+        total = tf.reduce_sum(tf.cast(sample_weight, tf.float32))
+        scale = self.optimizer.dynamic_scale if self.loss_scaled else None
+        loss, objective, summed = tf.constant(0.0), tf.constant(0.0), None
+        for mx, my, mw in self._micro_batches(x, y, sample_weight):
+            deps = [] if summed is None else [g for g in summed if g is not None]
+            with tf.control_dependencies(deps), tf.GradientTape() as tape:
+                logits = self(mx, training=True)
+                part = stability.weighted_share(self.token_losses(my, logits), mw, total)
+                part_objective = part
+                if self.z_loss:
+                    part_objective += self.z_loss * stability.weighted_share(
+                        stability.z_values(logits), mw, total)
+                scaled = part_objective * scale if scale is not None else part_objective
+            grads = tape.gradient(scaled, variables)
+            if self.accumulation > 1:  # sparse embedding gradients become dense to add up
+                grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+            summed = grads if summed is None else [
+                a if b is None else a + b for a, b in zip(summed, grads)]
+            loss, objective = loss + part, objective + part_objective
+        if scale is not None:
+            summed = [None if g is None else g / scale for g in summed]
+        return loss, summed
+
     def train_step(self, data):
         x, y, sample_weight = data
         iterations = self.optimizer.iterations
         step = iterations + 1  # 1-based number of the step being taken
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
         slot = tf.cast(iterations % self.log_size, tf.int32)
-        with tf.GradientTape() as tape:
-            logits = self(x, training=True)
-            loss = self._mean_loss(y, logits, sample_weight)
-            objective = loss
-            if self.z_loss:
-                objective = loss + self.z_loss * stability.z_loss(logits, sample_weight)
-            first, count = self.spike_steps
-            if first:  # fault injection (tfpretrain.faults)
-                scale = tf.where((step >= first) & (step < first + count), 1000.0, 1.0)
-                objective, loss = objective * scale, loss * scale
         # variables outside the loss's graph (BERT's unused pooler in masked-LM) get no
         # gradient and are left out, not fed to the optimizer as None
         variables = self.trainable_variables
-        grads = tape.gradient(objective, variables)
+        loss, grads = self._loss_and_gradients(x, y, sample_weight, variables)
+        first, count = self.spike_steps
+        if first:  # fault injection (tfpretrain.faults): the step's loss and gradient x1000
+            scale = tf.where((step >= first) & (step < first + count), 1000.0, 1.0)
+            loss = loss * scale
+            grads = [None if g is None else g * scale for g in grads]
         used = [i for i, g in enumerate(grads) if g is not None]
         variables, grads = [variables[i] for i in used], [grads[i] for i in used]
         grad_norm = stability.global_norm(grads)
@@ -165,7 +202,7 @@ class CausalLM(keras.Model):
                                             self.guard_accepted))
 
         def apply():
-            self.optimizer.apply_gradients(zip(grads, variables))
+            self._apply(grads, variables)
             row = tf.cast(self.guard_accepted % self.spike_window, tf.int32)
             self.guard_history.assign(tf.tensor_scatter_nd_update(
                 self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
@@ -177,6 +214,8 @@ class CausalLM(keras.Model):
             iterations.assign_add(1)
             self.skipped_steps.assign_add(1)
             self.consecutive_skips.assign_add(1)
+            if self.loss_scaled:  # an overflow: halve the loss scale, as Keras's LSO does
+                self._lower_loss_scale(finite)
             return tf.constant(1.0)
 
         skipped = tf.cond(accept, apply, skip)
@@ -184,6 +223,25 @@ class CausalLM(keras.Model):
                                        sample_weight=tf.cast(finite, tf.float32))
         self.step_log.scatter_nd_update([[slot]], [tf.stack([loss, grad_norm, lr, skipped])])
         return {"loss": self.loss_tracker.result(), "lr": lr}
+
+    @property
+    def loss_scaled(self) -> bool:
+        return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def _apply(self, grads, variables):
+        """One optimizer update with finite, clipped, unscaled gradients (re-scaled by the
+        power-of-two loss scale for a LossScaleOptimizer, which unscales them and keeps its
+        own growth counter)."""
+        if self.loss_scaled:
+            scale = self.optimizer.dynamic_scale
+            grads = [g * scale for g in grads]
+        self.optimizer.apply_gradients(zip(grads, variables))
+
+    def _lower_loss_scale(self, finite):
+        lso = self.optimizer
+        lso.dynamic_scale.assign(tf.where(finite, lso.dynamic_scale, lso.dynamic_scale * 0.5))
+        lso.step_counter.assign(tf.where(finite, lso.step_counter,
+                                         tf.zeros_like(lso.step_counter)))
 
     def test_step(self, data):
         x, y, sample_weight = data

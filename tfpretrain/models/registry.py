@@ -12,17 +12,17 @@ from tfpretrain.config import ModelConfig
 from tfpretrain.errors import UserError
 
 
-def _gpt2(cfg: ModelConfig, vocabulary_size: int):
+def _gpt2(cfg: ModelConfig, vocabulary_size: int, dtype=None):
     import keras_hub
 
     return keras_hub.models.GPT2Backbone(
         vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
         intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
-        max_sequence_length=cfg.sequence_length)
+        max_sequence_length=cfg.sequence_length, dtype=dtype)
 
 
-def _llama(cfg: ModelConfig, vocabulary_size: int):
+def _llama(cfg: ModelConfig, vocabulary_size: int, dtype=None):
     import keras_hub
 
     return keras_hub.models.LlamaBackbone(
@@ -30,23 +30,23 @@ def _llama(cfg: ModelConfig, vocabulary_size: int):
         num_query_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
         intermediate_dim=cfg.intermediate_dim,
         num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
-        dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings)
+        dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype)
 
 
-def _bert(cfg: ModelConfig, vocabulary_size: int):
+def _bert(cfg: ModelConfig, vocabulary_size: int, dtype=None):
     import keras_hub
 
     return keras_hub.models.BertBackbone(
         vocabulary_size=vocabulary_size, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
         intermediate_dim=cfg.intermediate_dim, dropout=cfg.dropout,
-        max_sequence_length=cfg.sequence_length)
+        max_sequence_length=cfg.sequence_length, dtype=dtype)
 
 
 @dataclass(frozen=True)
 class Arch:
     name: str
-    build_backbone: Callable[[ModelConfig, int], object]
+    build_backbone: Callable[..., object]
     backbone: str             # keras_hub.models class name of the backbone
     task: str                 # keras_hub.models class name of the matching task
     hf_key: str | None        # keras_hub transformers-exporter key (None: no HF export)
@@ -89,9 +89,16 @@ def arch_of(backbone) -> Arch:
     raise KeyError(f"{name} is not a registered backbone")
 
 
-def build_backbone(cfg: ModelConfig, vocabulary_size: int):
-    """A from-scratch keras_hub backbone of ``cfg.arch``; no preset is downloaded."""
-    return get_arch(cfg.arch).build_backbone(cfg, vocabulary_size)
+def build_backbone(cfg: ModelConfig, vocabulary_size: int, precision: str = "float32"):
+    """A from-scratch keras_hub backbone of ``cfg.arch``; no preset is downloaded.
+    ``precision``: a Keras dtype policy name (``mixed_bfloat16``: float32 weights, bfloat16
+    compute); the output head computes its logits in float32 whatever the policy."""
+    from tfpretrain import compat
+
+    backbone = get_arch(cfg.arch).build_backbone(cfg, vocabulary_size, precision)
+    if precision != "float32":
+        compat.float32_output_head(backbone)
+    return backbone
 
 
 def flops_per_token(cfg: ModelConfig, params: int, vocabulary_size: int) -> int:

@@ -22,10 +22,22 @@ def weighted_mean(values, weight):
     return ops.sum(values * w) / ops.maximum(ops.sum(w), 1.0)
 
 
+def weighted_share(values, weight, total_weight):
+    """sum(values * weight) / max(total_weight, 1): one micro-batch's share of the mean over
+    a whole batch whose weights sum to ``total_weight`` (the shares of all micro-batches
+    add up to :func:`weighted_mean` of the batch)."""
+    w = ops.cast(weight, values.dtype)
+    return ops.sum(values * w) / ops.maximum(ops.cast(total_weight, values.dtype), 1.0)
+
+
 def z_loss(logits, weight):
     """PaLM's z-loss term: the weighted mean of logsumexp(logits)^2."""
-    z = ops.logsumexp(ops.cast(logits, "float32"), axis=-1)
-    return weighted_mean(ops.square(z), weight)
+    return weighted_mean(z_values(logits), weight)
+
+
+def z_values(logits):
+    """logsumexp(logits)^2 per position (float32)."""
+    return ops.square(ops.logsumexp(ops.cast(logits, "float32"), axis=-1))
 
 
 def correct(y, logits):

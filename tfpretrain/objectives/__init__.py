@@ -40,9 +40,22 @@ def row_format(cfg: Config):
     return get_objective(cfg).row_format(cfg.model.sequence_length, cfg.data.packing)
 
 
-def build_model(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1):
-    """The model of a full config: ``get_objective(cfg).build_model(...)``."""
-    return get_objective(cfg).build_model(cfg, vocabulary_size, steps_per_execution)
+def build_model(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
+                precision: str = "float32"):
+    """The model of a full config: ``get_objective(cfg).build_model(...)``; ``precision``
+    is a resolved ``train.precision`` (a Keras dtype policy name, never ``auto``)."""
+    return get_objective(cfg).build_model(cfg, vocabulary_size, steps_per_execution,
+                                          precision)
+
+
+def float32_copy(model, cfg: Config, vocabulary_size: int):
+    """``model`` itself if it computes in float32, else a float32 model with its weights
+    (what evaluation, sampling and exports use after a mixed-precision run)."""
+    if model.network.dtype_policy.name == "float32":
+        return model
+    copy = build_model(cfg, vocabulary_size)
+    copy.network.set_weights(model.network.get_weights())
+    return copy
 
 
 def count_params(cfg: Config, vocabulary_size: int) -> int:

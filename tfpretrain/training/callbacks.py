@@ -9,6 +9,45 @@ import keras
 from tfpretrain.models.lm import LOG_FIELDS
 
 
+class Meter:
+    """A run's FLOPs, device peak and price: turns tokens/s and elapsed seconds into MFU,
+    ETA and dollars (``training.budget`` holds the convention)."""
+
+    def __init__(self, device, flops_per_token: int, peak_flops, price_per_hour: float,
+                 total_steps: int):
+        self.device, self.flops_per_token = device, flops_per_token
+        self.peak_flops, self.price_per_hour = peak_flops, price_per_hour
+        self.total_steps = total_steps
+
+    def mfu(self, tokens_per_second: float):
+        from tfpretrain.hardware import mfu
+
+        return mfu(tokens_per_second, self.flops_per_token, self.peak_flops)
+
+    def cost(self, seconds: float) -> float:
+        return seconds / 3600 * self.price_per_hour
+
+    def progress(self, step: int, tokens_per_second: float, tokens_per_step: int,
+                 elapsed: float) -> str:
+        """One log line: step, tokens/s, MFU, elapsed, ETA, cost so far."""
+        from tfpretrain.training.budget import format_duration
+
+        left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
+        u = self.mfu(tokens_per_second)
+        return (f"step {step:,}/{self.total_steps:,}: {tokens_per_second:,.0f} tok/s, MFU "
+                f"{'n/a' if u is None else f'{100 * u:.1f}%'}, elapsed "
+                f"{format_duration(elapsed)}, ETA {format_duration(left)}, cost so far "
+                f"${self.cost(elapsed):,.4f}")
+
+    def summary(self, tokens_per_second: float, seconds: float) -> dict:
+        u = self.mfu(tokens_per_second)
+        return {"device": self.device.label, "model_flops_per_token": self.flops_per_token,
+                "peak_tflops": None if not self.peak_flops else round(self.peak_flops / 1e12, 4),
+                "mfu": None if u is None else round(u, 4),
+                "price_per_hour": self.price_per_hour,
+                "cost_usd": round(self.cost(seconds), 6)}
+
+
 class StepLogger(keras.callbacks.Callback):
     """Sends train/{loss,grad_norm,learning_rate,skipped} for *every* step (the model keeps
     a per-step buffer, so this holds with steps_per_execution > 1), train/tokens_per_second,
@@ -16,8 +55,10 @@ class StepLogger(keras.callbacks.Callback):
     (TensorBoard, and MLflow / W&B when enabled; see training.tracking)."""
 
     def __init__(self, sinks, tokens_per_step: int, sampler=None, sample_kwargs=None,
-                 prompt: str = ""):
+                 prompt: str = "", meter: Meter | None = None):
         super().__init__()
+        self.meter = meter
+        self.started = time.time()
         self.sinks = sinks
         self.tokens_per_step = tokens_per_step
         self.sampler, self.sample_kwargs, self.prompt = sampler, sample_kwargs or {}, prompt
@@ -53,14 +94,33 @@ class StepLogger(keras.callbacks.Callback):
             row = values[(s - 1) % size]
             scalars = {f"train/{name}": float(v) for name, v in zip(LOG_FIELDS, row)}
             if s == step and elapsed > 0 and n > 0:
-                scalars["train/tokens_per_second"] = n * self.tokens_per_step / elapsed
+                scalars.update(self._speed(n * self.tokens_per_step / elapsed, logs))
             for sink in self.sinks:
                 sink.scalars(s, scalars)
         self._t0, self._last_step = time.perf_counter(), step
 
+    def _speed(self, tokens_per_second: float, logs) -> dict:
+        """tokens/s, MFU and cost so far: TensorBoard scalars, and (through ``logs``) the
+        progress bar."""
+        out = {"train/tokens_per_second": tokens_per_second}
+        if logs is not None:
+            logs["tok/s"] = tokens_per_second
+        if self.meter is not None:
+            out["train/cost_usd"] = self.meter.cost(time.time() - self.started)
+            u = self.meter.mfu(tokens_per_second)
+            if u is not None:
+                out["train/mfu"] = u
+                if logs is not None:
+                    logs["mfu"] = u
+        return out
+
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
-        logs = logs or {}
+        logs = logs if logs is not None else {}
+        if self.meter is not None and self.train_seconds > 0:
+            print("[tfpretrain] " + self.meter.progress(
+                step, self.tokens_per_second, self.tokens_per_step,
+                time.time() - self.started), flush=True)
         if "val_loss" in logs:  # every val_* metric the objective's model reports
             scalars = {f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
             scalars["val/perplexity"] = math.exp(min(scalars["val/loss"], 50.0))

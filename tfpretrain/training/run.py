@@ -122,11 +122,13 @@ class Run:
         from tfpretrain import faults
         from tfpretrain.training.checkpoints import CheckpointManager
         from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
-                                                 jit_compile)
+                                                 jit_compile, resolve_precision)
 
         cfg = self.cfg
         self.spe = choose_steps_per_execution(cfg)
-        self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe)
+        self.precision = resolve_precision(cfg)
+        self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
+                                       precision=self.precision)
         self.optimizer = self.model.optimizer
         self.params = int(self.model.network.count_params())
         self.tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
@@ -136,7 +138,27 @@ class Run:
         log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
             f"tokens/step, {cfg.train.steps:,} steps = "
             f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
-            f"jit_compile={jit_compile(cfg)}, steps_per_execution={self.spe}")
+            f"jit_compile={jit_compile(cfg)}, steps_per_execution={self.spe}, "
+            f"precision={self.precision}, "
+            f"grad_accumulation_steps={cfg.train.grad_accumulation_steps}")
+        self.meter = self._meter()
+
+    def _meter(self):
+        """FLOPs, the device's peak and price: MFU, ETA and cost in the log and summary."""
+        from tfpretrain.hardware import detect
+        from tfpretrain.training.budget import model_flops_per_token, run_price
+        from tfpretrain.training.callbacks import Meter
+
+        device = detect()
+        flops = model_flops_per_token(self.cfg, self.params, self.tokenizer.vocabulary_size)
+        meter = Meter(device, flops, device.peak(self.precision),
+                      run_price(self.cfg, device), self.cfg.train.steps)
+        peak = meter.peak_flops
+        log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
+            if peak else f"device: {device.label}; peak unknown for {self.precision}")
+        log(f"flops: {flops:,} per token (6N + 12LHT); price ${meter.price_per_hour:.2f}/h "
+            "(train.price_per_hour)")
+        return meter
 
     def restore(self, path: Path, guard: dict | None) -> None:
         from tfpretrain.training.guard import set_lr_scale
@@ -170,7 +192,7 @@ class Run:
         for sink in sinks:
             sink.start(cfg)
         self.logger = StepLogger(sinks, self.tokens_per_step, self.sampler,
-                                 self.sample_kwargs, self.prompt)
+                                 self.sample_kwargs, self.prompt, meter=self.meter)
 
     def train_loop(self) -> None:
         """model.fit, one evaluation interval per "epoch"; a run resumed mid-interval first
@@ -207,17 +229,21 @@ class Run:
 
     def finish(self, finish=None) -> dict:
         """Final evaluation and sample, the caller's finish hook (export), summary.json."""
-        from tfpretrain.models.lm import weights_sha256
         from tfpretrain.files import write_atomic
+        from tfpretrain.models.lm import weights_sha256
+        from tfpretrain.objectives import float32_copy
         from tfpretrain.training.evaluation import evaluate_split, rounded
 
         cfg, t0 = self.cfg, time.time()
-        metrics = evaluate_split(cfg, self.model, self.tokenizer, self.packed.val_rows,
+        # evaluated, sampled and exported in float32 whatever the training precision
+        final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size)
+        metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
                                  self.packed.unigram_counts, cfg.eval.final_steps)
-        sample = self.sampler(self.prompt, **self.sample_kwargs)
+        sample = self.objective.sampler(final, self.tokenizer)(self.prompt,
+                                                               **self.sample_kwargs)
         log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
         log(f"sample: {sample!r}")
-        extra = finish(self.model, self.tokenizer, cfg, self.run_dir, log) if finish else {}
+        extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
         steps, model, logger = self.step, self.model, self.logger
         summary = {
             "run_dir": str(self.run_dir), **extra,
@@ -229,6 +255,9 @@ class Run:
             "train_seconds": round(logger.train_seconds, 2),
             "tokens_per_second": round(logger.tokens_per_second, 1),
             "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
+            **self.meter.summary(logger.tokens_per_second, time.time() - self.t_start),
+            "precision": self.precision,
+            "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
             "skipped_steps": self.skipped_total(),

@@ -180,9 +180,11 @@ def _check_resume_config(cfg, run_dir, old_cfg_path, allow_config_change, log) -
 
 
 def load_run(run_dir: Path):
-    """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint."""
+    """(cfg, tokenizer, model) of a run folder, from its latest valid checkpoint; the model
+    computes in float32 whatever the run trained in (``train.precision``)."""
     from tfpretrain.data.tokenizers import load_tokenizer
     from tfpretrain.training.checkpoints import CheckpointManager
+    from tfpretrain.objectives import float32_copy
     from tfpretrain.training.runtime import build_and_compile
 
     run_dir = Path(run_dir)
@@ -198,4 +200,4 @@ def load_run(run_dir: Path):
     if found is None:
         raise UserError(f"--run-dir: {run_dir} has no valid checkpoint to load")
     manager.restore(found[0])
-    return cfg, tokenizer, model
+    return cfg, tokenizer, float32_copy(model, cfg, tokenizer.vocabulary_size)

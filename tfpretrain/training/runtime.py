@@ -44,10 +44,13 @@ def estimated_params(cfg: Config, vocabulary_size: int) -> int:
     from tfpretrain.models.registry import get_arch
 
     m = cfg.model
+    arch = get_arch(m.arch)
     tables = vocabulary_size * m.hidden_dim * (1 if m.tie_embeddings else 2)
-    ffn = get_arch(m.arch).ffn_matrices * m.hidden_dim * m.intermediate_dim
-    return tables + m.sequence_length * m.hidden_dim + m.num_layers * (
-        4 * m.hidden_dim ** 2 + ffn)
+    ffn = arch.ffn_matrices * m.hidden_dim * m.intermediate_dim
+    kv = (m.num_key_value_heads or m.num_heads) / m.num_heads  # grouped-query attention
+    attention = int((2 + 2 * kv) * m.hidden_dim ** 2)
+    positions = m.sequence_length * m.hidden_dim if arch.learned_positions else 0
+    return tables + positions + m.num_layers * (attention + ffn)
 
 
 def check_memory(cfg: Config, vocabulary_size: int) -> None:
@@ -71,17 +74,78 @@ def check_memory(cfg: Config, vocabulary_size: int) -> None:
             "`train.batch_size`")
 
 
+def resolve_precision(cfg: Config) -> str:
+    """``train.precision``, with ``auto`` resolved for this machine: mixed_bfloat16 on a
+    TPU or a GPU with bf16 (Ampere and newer), mixed_float16 on older GPUs, float32 on CPU
+    (bf16 without XLA beat float32 with XLA only at >= 10M parameters here, and lost at the
+    quickstart's size: docs/benchmarks.md)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    import tensorflow as tf
+
+    from tfpretrain.hardware import gpu_supports_bf16
+
+    if gpu_supports_bf16():
+        return "mixed_bfloat16"
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "float32"
+
+
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
-                      jit: bool | None = None):
+                      jit: bool | None = None, precision: str | None = None):
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
-    fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints."""
+    fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints.
+    ``precision``: a Keras dtype policy name (default: ``resolve_precision(cfg)``);
+    mixed_float16 wraps the optimizer in Keras's LossScaleOptimizer."""
+    import keras
+
     from tfpretrain.objectives import build_model
     from tfpretrain.training.optimizers import build_optimizer
 
     check_memory(cfg, vocabulary_size)
-    model = build_model(cfg, vocabulary_size, steps_per_execution)
+    precision = precision or resolve_precision(cfg)
+    model = build_model(cfg, vocabulary_size, steps_per_execution, precision)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer, jit_compile=jit_compile(cfg) if jit is None else jit,
                   steps_per_execution=steps_per_execution)
     return model
+
+
+class _Vocabulary:
+    """What a batcher needs of a tokenizer, for timing runs on random ids."""
+
+    def __init__(self, vocabulary_size: int):
+        self.vocabulary_size = vocabulary_size
+
+    def word_starts(self):
+        return None
+
+
+def measure_tokens_per_second(cfg: Config, steps: int = 32, warmup: int = 16) -> float:
+    """Training tokens/s of the config's model and train step on this machine (random ids
+    of ``tokenizer.vocabulary_size``, the run's precision, XLA and steps_per_execution),
+    after ``warmup`` steps of compilation."""
+    import time
+
+    import numpy as np
+
+    from tfpretrain.data.pipeline import train_dataset
+    from tfpretrain.objectives import get_objective, row_format
+
+    configure_tensorflow(cfg)
+    vocab, batch = cfg.tokenizer.vocabulary_size, cfg.train.batch_size
+    spe = min(choose_steps_per_execution(cfg), warmup, steps)
+    model = build_and_compile(cfg, vocab, spe)
+    rows = np.random.default_rng(0).integers(
+        4, vocab, size=(max(4 * batch, 64), row_format(cfg).width), dtype=np.int32)
+    batcher = get_objective(cfg).batcher(cfg, _Vocabulary(vocab))
+    ds = train_dataset(rows, batch, cfg.train.seed, to_batch=batcher)
+    model.fit(ds, steps_per_epoch=warmup // spe * spe, epochs=1, verbose=0, shuffle=False)
+    t0 = time.perf_counter()
+    n = max(spe, steps // spe * spe)
+    model.fit(ds, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
+    return n * batch * cfg.model.sequence_length / (time.perf_counter() - t0)

@@ -1,0 +1,156 @@
+"""FLOPs, MFU and cost; the estimate command; mixed precision; gradient accumulation."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, last_json_line, run_cli, tiny_config
+
+
+def test_flops_per_token_hand_counts_llama_gqa_and_bert():
+    """N counted by hand from the layer shapes; FLOPs = 6 N (N without a learned position
+    table) + 12 L H T. GQA shrinks k/v projections (so N) but not the attention matmuls."""
+    from tfpretrain.config import ModelConfig
+    from tfpretrain.models.registry import build_backbone, flops_per_token
+
+    V, L, H, I, T = 100, 2, 32, 64, 16
+    llama = ModelConfig(arch="llama", num_layers=L, num_heads=4, num_key_value_heads=2,
+                        hidden_dim=H, intermediate_dim=I, sequence_length=T)
+    kv = 2 * (H // 4)  # 2 kv heads of width 8
+    per_layer = H * H + 2 * H * kv + H * H + 3 * H * I + 2 * H  # q, k, v, o, SwiGLU, 2 norms
+    n_llama = V * H + L * per_layer + H                          # tied table, final norm
+    assert build_backbone(llama, V).count_params() == n_llama
+    assert flops_per_token(llama, n_llama, V) == 6 * n_llama + 12 * L * H * T
+
+    bert = ModelConfig(arch="bert", num_layers=L, num_heads=4, hidden_dim=H,
+                       intermediate_dim=I, sequence_length=T)
+    per_layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H
+    n_bert = V * H + T * H + 2 * H + 2 * H + L * per_layer + H * H + H  # + pooler
+    assert build_backbone(bert, V).count_params() == n_bert
+    assert flops_per_token(bert, n_bert, V) == 6 * (n_bert - T * H) + 12 * L * H * T
+
+
+def test_estimated_params_within_two_percent_of_the_built_model():
+    from tfpretrain.config import load_config
+    from tfpretrain.objectives import count_params
+    from tfpretrain.training.runtime import estimated_params
+
+    for name, sets in (("default", []), ("tinystories-27m", ["model.num_key_value_heads=2"])):
+        cfg = load_config(name, sets + ["model.num_layers=2"])
+        vocab = cfg.tokenizer.vocabulary_size
+        assert estimated_params(cfg, vocab) == pytest.approx(count_params(cfg, vocab), rel=0.02)
+
+
+def estimate_json(*args):
+    """The estimate command in a fresh process; TensorFlow must not be imported."""
+    code = ("import sys, json; from tfpretrain.estimate import main; rc = main(sys.argv[1:]); "
+            "print(json.dumps({'rc': rc, 'tf': 'tensorflow' in sys.modules}))")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stdout.strip().splitlines()
+    return r, (__import__("json").loads(lines[-2]) if len(lines) > 1 else None), \
+        last_json_line(r.stdout)
+
+
+def test_estimate_reproduces_smolgpts_18_5_hours_and_13_dollars():
+    r, result, status = estimate_json("--config", "tinystories-27m", "--params", "27.5M",
+                                      "--tokens", "4B", "--device", "l4",
+                                      "--tokens-per-second", "60000",
+                                      "--tune", "configs/tune.yaml")
+    assert status == {"rc": 0, "tf": False}, r.stderr[-2000:]
+    assert result["hours"] == pytest.approx(18.5, rel=0.10)
+    assert result["cost_usd"] == pytest.approx(13.0, rel=0.10)
+    assert result["chinchilla_tokens"] == 20 * 27_500_000
+    assert result["flops"] == pytest.approx(result["flops_per_token"] * 4e9)
+    l4 = next(row for row in result["rows"] if row["device"] == "l4")
+    # MFU derived from the measured speed: 60k tok/s x FLOPs/token / L4's 121 TFLOP/s bf16
+    assert l4["mfu"] == pytest.approx(60_000 * result["flops_per_token"] / 121e12, rel=1e-3)
+    h100 = next(row for row in result["rows"] if row["device"] == "h100")
+    assert h100["mfu"] == pytest.approx(0.30) and h100["hours"] < l4["hours"]
+    # the search: 8 trials x 150 steps x 32 x 128 tokens, at the L4's MFU
+    assert result["search"]["tokens"] == 8 * 150 * 32 * 128
+    assert 0 < result["search_cost_usd"] < result["cost_usd"]
+    assert result["total_cost_usd"] == pytest.approx(result["cost_usd"]
+                                                     + result["search_cost_usd"])
+
+
+def test_estimate_refuses_bad_input_with_one_message():
+    r = run_cli("tfpretrain.estimate", "--device", "k80")
+    assert r.returncode == 2 and "unknown device 'k80'" in r.stderr and "l4" in r.stderr
+    r = run_cli("tfpretrain.estimate", "--mfu", "1.5")
+    assert r.returncode == 2 and "--mfu" in r.stderr
+    r = run_cli("tfpretrain.estimate", "--tokens-per-second", "1000")
+    assert r.returncode == 2 and "--device" in r.stderr
+    r = run_cli("tfpretrain.estimate", "--params", "lots")
+    assert r.returncode == 2 and "27.5M" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _train_steps(cfg, batches, vocab=320):
+    import keras
+    import tensorflow as tf
+
+    from tfpretrain.training.runtime import build_and_compile
+
+    keras.utils.set_random_seed(7)
+    model = build_and_compile(cfg, vocab, 1, jit=False)
+    x, y, w = batches
+    ds = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(cfg.train.batch_size)
+    losses = []
+    for batch in ds:
+        model.train_on_batch(*batch)
+        losses.append(float(model.step_log.numpy()[0][0]))
+    return model, losses
+
+
+def test_accumulation_4x4_matches_batch_16_and_steps_the_schedule_once(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 320, size=(48, 33)).astype("int32")
+    weights = np.ones((48, 32), "float32")
+    weights[::3, 20:] = 0.0  # uneven real-token counts across micro-batches
+    batches = (tokens[:, :-1], tokens[:, 1:], weights)
+    results = {}
+    for k in (1, 4):
+        cfg = tiny_config(tmp_path, train={"batch_size": 16, "grad_accumulation_steps": k},
+                          optimizer={"warmup_steps": 2})
+        results[k] = _train_steps(cfg, batches)
+    (full, full_losses), (acc, acc_losses) = results[1], results[4]
+    assert np.allclose(full_losses, acc_losses, rtol=1e-5, atol=1e-6), (full_losses, acc_losses)
+    assert int(acc.optimizer.iterations.numpy()) == 3  # 3 optimizer steps, not 12
+    for a, b in zip(full.network.get_weights(), acc.network.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_must_divide_the_global_batch(tmp_path):
+    from tfpretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible by `train.grad_accumulation_steps`"):
+        tiny_config(tmp_path, train={"batch_size": 16, "grad_accumulation_steps": 3})
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_fit_learns_and_exports_float32(tmp_path, precision):
+    """bf16 (exported and validated in a fresh process) and fp16 with Keras's loss scaling:
+    the loss falls, weights stay float32, the exported/evaluated model computes in float32."""
+    import tensorflow as tf
+
+    from tfpretrain.fit import fit
+    from tfpretrain.training.runfolder import load_run
+
+    export = precision == "mixed_bfloat16"
+    cfg = tiny_config(tmp_path, train={"steps": 60, "precision": precision},
+                      eval={"every": 20}, export={"enabled": export})
+    summary = fit(cfg, tmp_path / "run")
+    assert summary["precision"] == precision
+    assert summary["val_loss"] < summary["unigram_val_loss"]
+    assert summary["skipped_steps"] <= 5  # fp16: only a few loss-scale overflows
+    if export:
+        assert summary["saved_model"] and "export_error" not in summary
+        reader = tf.train.load_checkpoint(f"{summary['saved_model']}/variables/variables")
+        dtypes = {d for name, d in reader.get_variable_to_dtype_map().items()
+                  if "OBJECT_GRAPH" not in name}
+        assert tf.float32 in dtypes and not dtypes & {tf.bfloat16, tf.float16}
+    _, _, model = load_run(tmp_path / "run")
+    assert model.network.dtype_policy.name == "float32"
+    assert all(w.dtype == "float32" for w in model.network.weights)

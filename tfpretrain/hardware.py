@@ -1,0 +1,204 @@
+"""Devices: datasheet peaks and typical prices, which device this process trains on, the
+CPU's measured matmul peak, and MFU.
+
+Peaks are dense (no structured sparsity) TFLOP/s per chip from the vendors' datasheets.
+``fp32`` is what a float32 matmul gets by default in TensorFlow and JAX: TF32 tensor cores
+on Ampere and newer NVIDIA GPUs (TensorFlow enables TF32 by default), plain FP32 before.
+Prices are typical on-demand US$ per device-hour (late 2026; L4 is smolGPT's $13 / 18.5 h);
+set ``train.price_per_hour`` (or ``estimate --price-per-hour``) to your own.
+A CPU's peak is not in any table: it is measured by a short matmul benchmark (cached).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tfpretrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str                   # the key users type (--device l4)
+    label: str                  # what it is
+    bf16: Optional[float]       # peak TFLOP/s in bfloat16 (None: not supported)
+    fp32: Optional[float]       # peak TFLOP/s of a float32 matmul (TF32 where default)
+    fp16: Optional[float]       # peak TFLOP/s in float16
+    price_per_hour: float       # typical on-demand US$ per device-hour
+    match: tuple = ()           # substrings of the driver's device name
+
+    def peak(self, precision: str) -> Optional[float]:
+        """Peak FLOP/s (not TFLOP/s) for a ``train.precision`` value."""
+        by_precision = {"mixed_bfloat16": self.bf16, "mixed_float16": self.fp16}
+        tf = by_precision.get(precision, self.fp32)
+        return None if tf is None else tf * 1e12
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.name == "cpu"
+
+
+DEVICES = {d.name: d for d in (
+    Device("h200", "NVIDIA H200 (SXM)", 989.0, 494.5, 989.0, 3.50, ("H200",)),
+    Device("h100", "NVIDIA H100 (SXM)", 989.0, 494.5, 989.0, 2.49, ("H100",)),
+    Device("a100", "NVIDIA A100 (40/80 GB)", 312.0, 156.0, 312.0, 1.29, ("A100",)),
+    Device("l4", "NVIDIA L4", 121.0, 60.0, 121.0, 0.70, ("L4",)),
+    Device("a10g", "NVIDIA A10G (AWS)", 70.0, 35.0, 70.0, 1.01, ("A10G",)),
+    Device("t4", "NVIDIA T4", None, 8.1, 65.0, 0.35, ("T4",)),
+    Device("v100", "NVIDIA V100", None, 15.7, 125.0, 2.48, ("V100",)),
+    Device("tpu-v4", "Google TPU v4 (per chip)", 275.0, None, None, 3.22, ("TPU v4",)),
+    Device("tpu-v5e", "Google TPU v5e (per chip)", 197.0, None, None, 1.20,
+           ("TPU v5 lite", "TPU v5e")),
+)}
+CPU_PRICE_PER_CORE_HOUR = 0.03  # typical on-demand vCPU-hour (general-purpose VMs)
+
+
+def get_device(name: str) -> Device:
+    key = name.strip().lower()
+    if key == "cpu":
+        return cpu_device(measure=False)
+    if key not in DEVICES:
+        raise UserError(f"unknown device {name!r}; choose one of: "
+                        f"{', '.join(list(DEVICES) + ['cpu'])}")
+    return DEVICES[key]
+
+
+def match_device(driver_name: str) -> Optional[Device]:
+    """The table's entry for a driver's device name ("NVIDIA H100 80GB HBM3", ...)."""
+    for device in DEVICES.values():
+        if any(m.lower() in driver_name.lower() for m in device.match):
+            return device
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 matmul instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_device(measure: bool = True) -> Device:
+    """This machine's CPU, its peaks measured (``measure``) or unknown (None)."""
+    cores = os.cpu_count() or 1
+    fp32 = bf16 = None
+    if measure:
+        fp32, bf16 = measured_cpu_peak("float32"), measured_cpu_peak("bfloat16")
+    return Device("cpu", f"CPU: {_cpu_model()}, {cores} cores",
+                  bf16 / 1e12 if bf16 else None, fp32 / 1e12 if fp32 else None, None,
+                  round(CPU_PRICE_PER_CORE_HOUR * cores, 4))
+
+
+def _peak_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tfpretrain" / "cpu_peak.json"
+
+
+def measured_cpu_peak(dtype: str = "float32") -> Optional[float]:
+    """FLOP/s of a 1024x1024 matmul on this CPU with the active Keras backend, best of a
+    few timed repeats (~1 s once; cached per CPU model, core count, backend and dtype)."""
+    import keras
+
+    key = f"{_cpu_model()}|{os.cpu_count()}|{keras.backend.backend()}|{dtype}"
+    path = _peak_cache()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    value = _time_matmul(dtype)
+    cached[key] = value
+    try:
+        from tfpretrain.files import write_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(cached, indent=1))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return value
+
+
+def _time_matmul(dtype: str, n: int = 1024, repeats: int = 5) -> Optional[float]:
+    import keras
+    from keras import ops
+
+    if dtype == "bfloat16" and not cpu_has_bf16():
+        return None
+    a = ops.cast(keras.random.normal((n, n), seed=1), dtype)
+    b = ops.cast(keras.random.normal((n, n), seed=2), dtype)
+    ops.convert_to_numpy(ops.cast(ops.matmul(a, b)[0, 0], "float32"))  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            c = ops.matmul(a, b)
+        ops.convert_to_numpy(ops.cast(c[0, 0], "float32"))
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n ** 3 / best
+
+
+def detect(measure_cpu: bool = True) -> Device:
+    """The device this process trains on: the first accelerator of the active Keras
+    backend, matched against the table (an unknown GPU keeps its name, peaks unknown),
+    else the CPU with its measured peaks."""
+    name = _accelerator_name()
+    if name is None:
+        return cpu_device(measure=measure_cpu)
+    return match_device(name) or Device(name.lower().replace(" ", "-"), name, None, None,
+                                        None, 0.0)
+
+
+def _accelerator_name() -> Optional[str]:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        dev = jax.devices()[0]
+        return None if dev.platform == "cpu" else dev.device_kind
+    import tensorflow as tf
+
+    for kind in ("TPU", "GPU"):
+        found = tf.config.list_physical_devices(kind)
+        if found:
+            details = tf.config.experimental.get_device_details(found[0])
+            return details.get("device_name", kind)
+    return None
+
+
+def gpu_supports_bf16() -> bool:
+    """An NVIDIA GPU of compute capability 8.0 (Ampere) or newer, or a TPU."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("TPU"):
+        return True
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if cc and tuple(cc) >= (8, 0):
+            return True
+    return False
+
+
+def mfu(tokens_per_second: float, flops_per_token: float,
+        peak_flops: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilization: achieved model FLOP/s over the device's peak."""
+    if not peak_flops or tokens_per_second <= 0:
+        return None
+    return tokens_per_second * flops_per_token / peak_flops
