@@ -1,7 +1,7 @@
 """Benchmarks: speed targets live here, never in timed tests.
 
     python -m tfpretrain.bench fit [--config PATH] [--set KEY=VALUE ...] [--data FILE]
-                                   [--steps N] [--warmup N]
+                                   [--steps N] [--warmup N] [--no-plain]
 
     python -m tfpretrain.bench generate --run-dir DIR [--saved-model PATH] [--new-tokens N]
 
@@ -9,8 +9,9 @@
 prints tokens/s for each and their ratio:
 - ``keras_hub_plain``: keras_hub's own task (GPT2CausalLM / LlamaCausalLM, no preprocessor)
   compiled the plain way (AdamW, sparse cross-entropy, no XLA), ``model.fit``;
-- ``tfpretrain``: our model and train step with the settings ``fit`` uses (XLA,
-  steps_per_execution, global-norm clipping, per-step logging buffer).
+- ``tfpretrain``: our model and train step with the settings ``fit`` uses (precision, XLA,
+  steps_per_execution, global-norm clipping, per-step logging buffer), with its MFU against
+  this device's peak for that precision (``--no-plain``: this one only).
 Both see the same packed rows, batch size and sequence length; the first ``--warmup``
 steps (tracing/compilation) are excluded.
 
@@ -50,53 +51,74 @@ def _timed_fit(model, ds, steps: int, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_fit(cfg, steps: int, warmup: int) -> dict:
+def bench_fit(cfg, steps: int, warmup: int, plain: bool = True) -> dict:
     import keras
-    import tensorflow as tf
 
-    from tfpretrain.data.pipeline import pack_corpus, train_dataset
+    from tfpretrain.data.pipeline import pack_corpus
     from tfpretrain.data.sources import load_corpus
     from tfpretrain.data.tokenizers import train_from_config
-    from tfpretrain.models.registry import build_backbone, get_arch
     from tfpretrain.objectives import row_format
-    from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
-                                             configure_tensorflow, jit_compile)
+    from tfpretrain.training.runtime import configure_tensorflow
 
     configure_tensorflow(cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     corpus = load_corpus(cfg.data, cfg.train.seed)
     tok = train_from_config(cfg, corpus.train)
     packed = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
-    B, L = cfg.train.batch_size, cfg.model.sequence_length
-    total = steps + warmup
-    tokens = steps * B * L
-    results = {"config": cfg.name, "arch": cfg.model.arch, "batch_size": B,
-               "sequence_length": L, "steps": steps}
+    results = {"config": cfg.name, "arch": cfg.model.arch, "batch_size": cfg.train.batch_size,
+               "sequence_length": cfg.model.sequence_length, "steps": steps}
+    if plain:
+        results["keras_hub_plain_tokens_per_second"] = _plain_keras_hub(
+            cfg, packed, tok.vocabulary_size, steps, warmup)
+    results.update(_ours(cfg, packed, tok.vocabulary_size, steps, warmup))
+    if plain:
+        results["ratio"] = round(results["tfpretrain_tokens_per_second"]
+                                 / results["keras_hub_plain_tokens_per_second"], 3)
+    return results
 
-    # keras_hub's task, plain compile, no XLA
+
+def _plain_keras_hub(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> float:
+    """keras_hub's task, plain compile (AdamW, sparse cross-entropy), no XLA."""
+    import keras
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import train_dataset
+    from tfpretrain.models.registry import build_backbone, get_arch
+
+    B, L = cfg.train.batch_size, cfg.model.sequence_length
     task = get_arch(cfg.model.arch).task_class()(
-        backbone=build_backbone(cfg.model, tok.vocabulary_size), preprocessor=None)
+        backbone=build_backbone(cfg.model, vocabulary_size), preprocessor=None)
     task.compile(optimizer=keras.optimizers.AdamW(cfg.optimizer.learning_rate),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                  jit_compile=False)
-    plain_ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0, total).map(
+    plain_ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0, steps + warmup).map(
         lambda x, y, w: ({"token_ids": x, "padding_mask": tf.ones_like(x, tf.bool)}, y))
     seconds = _timed_fit(task, plain_ds.repeat(), steps, warmup)
-    results["keras_hub_plain_tokens_per_second"] = round(tokens / seconds, 1)
+    return round(steps * B * L / seconds, 1)
 
-    # tfpretrain's path
+
+def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
+    """Our model and train step with fit's settings; tokens/s and MFU."""
+    from tfpretrain.data.pipeline import train_dataset
+    from tfpretrain.hardware import detect, mfu
+    from tfpretrain.training.budget import model_flops_per_token
+    from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
+                                             jit_compile, resolve_precision)
+
+    B, L = cfg.train.batch_size, cfg.model.sequence_length
     spe = choose_steps_per_execution(cfg)
-    warmup = max(spe, warmup // spe * spe)
-    steps = max(spe, steps // spe * spe)
-    jit = jit_compile(cfg)
-    model = build_and_compile(cfg, tok.vocabulary_size, spe)
+    warmup, steps = max(spe, warmup // spe * spe), max(spe, steps // spe * spe)
+    precision = resolve_precision(cfg)
+    model = build_and_compile(cfg, vocabulary_size, spe, precision=precision)
     ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0)
-    seconds = _timed_fit(model, ds, steps, warmup)
-    results["tfpretrain_tokens_per_second"] = round(steps * B * L / seconds, 1)
-    results["tfpretrain_jit_compile"], results["steps_per_execution"] = jit, spe
-    results["ratio"] = round(results["tfpretrain_tokens_per_second"]
-                             / results["keras_hub_plain_tokens_per_second"], 3)
-    return results
+    tokens_per_second = steps * B * L / _timed_fit(model, ds, steps, warmup)
+    params = int(model.network.count_params())
+    flops = model_flops_per_token(cfg, params, vocabulary_size)
+    u = mfu(tokens_per_second, flops, detect().peak(precision))
+    return {"tfpretrain_tokens_per_second": round(tokens_per_second, 1),
+            "tfpretrain_jit_compile": jit_compile(cfg), "steps_per_execution": spe,
+            "precision": precision, "params": params, "model_flops_per_token": flops,
+            "mfu": None if u is None else round(u, 4)}
 
 
 def bench_generate(run_dir, saved_model=None, new_tokens: int = 64, repeats: int = 3) -> dict:
@@ -300,6 +322,8 @@ def main(argv=None) -> int:
     f.add_argument("--data", help="shortcut for --set data.path=FILE")
     f.add_argument("--steps", type=int, default=200)
     f.add_argument("--warmup", type=int, default=32)
+    f.add_argument("--no-plain", action="store_true",
+                   help="only time tfpretrain's path (skip plain keras_hub)")
     g = sub.add_parser("generate", help="greedy tokens/s: SavedModel vs keras_hub generate()")
     g.add_argument("--run-dir", required=True)
     g.add_argument("--saved-model", help="default: export the run to a temporary folder")
@@ -336,7 +360,7 @@ def main(argv=None) -> int:
 
     overrides = args.overrides + ([f"data.path={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
-    result = bench_fit(cfg, args.steps, args.warmup)
+    result = bench_fit(cfg, args.steps, args.warmup, plain=not args.no_plain)
     for k, v in result.items():
         print(f"{k:>36}: {v}")
     print(json.dumps(result))
