@@ -154,3 +154,23 @@ def test_mixed_precision_fit_learns_and_exports_float32(tmp_path, precision):
     _, _, model = load_run(tmp_path / "run")
     assert model.network.dtype_policy.name == "float32"
     assert all(w.dtype == "float32" for w in model.network.weights)
+
+
+def test_auto_precision_on_this_cpu_follows_the_work_per_step(tmp_path):
+    """CPU: float32 + XLA for small steps (the quickstart); bf16 without XLA for big ones,
+    only where the CPU has native bf16 (measured faster there: docs/benchmarks.md)."""
+    from tfpretrain.config import load_config
+    from tfpretrain.hardware import cpu_has_bf16
+    from tfpretrain.training.runtime import jit_compile, resolve_precision
+
+    small = load_config("default")
+    assert resolve_precision(small, 2048) == "float32" and jit_compile(small, "float32")
+    big = load_config("default", ["model.num_layers=6", "model.num_heads=6",
+                                  "model.hidden_dim=384", "model.intermediate_dim=1536",
+                                  "model.sequence_length=256", "train.batch_size=16"])
+    expected = "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    assert resolve_precision(big, 2048) == expected
+    assert jit_compile(big, "mixed_bfloat16") is False
+    assert jit_compile(load_config("default", ["train.jit_compile=true"]), "mixed_bfloat16")
+    assert resolve_precision(load_config("default", ["train.precision=mixed_float16"]),
+                             2048) == "mixed_float16"

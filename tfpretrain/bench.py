@@ -44,11 +44,22 @@ from tfpretrain.errors import cli_main, quiet_tensorflow
 
 
 def _timed_fit(model, ds, steps: int, warmup: int) -> float:
-    """Tokens/s of model.fit over ``steps`` steps after ``warmup`` steps."""
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
-    t0 = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return time.perf_counter() - t0
+    """Seconds of ``steps`` steps of one model.fit call, after its first ``warmup`` steps
+    (tracing, XLA compilation): timed between batch ends inside the same fit, so no second
+    fit() call can slip a retrace into the measurement."""
+    import keras
+
+    marks = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            marks.append((int(self.model.optimizer.iterations.numpy()), time.perf_counter()))
+
+    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[Clock()])
+    start = next((step, t) for step, t in marks if step >= warmup)
+    (end_step, end), (start_step, t0) = marks[-1], start
+    return (end - t0) * steps / max(end_step - start_step, 1)
 
 
 def bench_fit(cfg, steps: int, warmup: int, plain: bool = True) -> dict:
@@ -108,7 +119,7 @@ def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     B, L = cfg.train.batch_size, cfg.model.sequence_length
     spe = choose_steps_per_execution(cfg)
     warmup, steps = max(spe, warmup // spe * spe), max(spe, steps // spe * spe)
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg, vocabulary_size)
     model = build_and_compile(cfg, vocabulary_size, spe, precision=precision)
     ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0)
     tokens_per_second = steps * B * L / _timed_fit(model, ds, steps, warmup)
@@ -116,7 +127,7 @@ def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     flops = model_flops_per_token(cfg, params, vocabulary_size)
     u = mfu(tokens_per_second, flops, detect().peak(precision))
     return {"tfpretrain_tokens_per_second": round(tokens_per_second, 1),
-            "tfpretrain_jit_compile": jit_compile(cfg), "steps_per_execution": spe,
+            "tfpretrain_jit_compile": jit_compile(cfg, precision), "steps_per_execution": spe,
             "precision": precision, "params": params, "model_flops_per_token": flops,
             "mfu": None if u is None else round(u, 4)}
 

@@ -169,15 +169,16 @@ class TrainConfig:
     steps_per_execution: int = _f(0, "Steps run per tf.function call (0 = auto: the "
                                   "largest of 16, 8, 4, 2, 1 that divides eval.every, "
                                   "checkpoint_every and steps).", min=0)
-    jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on for CPU "
-                                     "and GPU).")
+    jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on, except "
+                                     "bfloat16 on a CPU, where XLA measured slower).")
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
     precision: str = _f("auto", "Compute precision (Keras mixed-precision policy; weights, "
                         "checkpoints and exports stay float32; logits, loss, norms' statistics "
                         "and the guard in float32). auto = mixed_bfloat16 on GPUs with bf16 "
-                        "(Ampere and newer) and TPUs, mixed_float16 on older GPUs, float32 on "
-                        "CPU (measured fastest with XLA here). mixed_float16 uses Keras's "
-                        "LossScaleOptimizer.", choices=PRECISIONS)
+                        "(Ampere and newer) and TPUs, mixed_float16 on older GPUs; on CPU "
+                        "mixed_bfloat16 when the CPU has native bf16 and a step is >= 1e11 "
+                        "model FLOPs (measured faster there), else float32. mixed_float16 "
+                        "uses Keras's LossScaleOptimizer.", choices=PRECISIONS)
     grad_accumulation_steps: int = _f(1, "Split each batch into this many micro-batches whose "
                                       "gradients are summed into one optimizer step "
                                       "(batch_size stays the global batch and must divide "

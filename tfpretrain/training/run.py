@@ -126,7 +126,7 @@ class Run:
 
         cfg = self.cfg
         self.spe = choose_steps_per_execution(cfg)
-        self.precision = resolve_precision(cfg)
+        self.precision = resolve_precision(cfg, self.tokenizer.vocabulary_size)
         self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
                                        precision=self.precision)
         self.optimizer = self.model.optimizer
@@ -138,7 +138,7 @@ class Run:
         log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
             f"tokens/step, {cfg.train.steps:,} steps = "
             f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
-            f"jit_compile={jit_compile(cfg)}, steps_per_execution={self.spe}, "
+            f"jit_compile={jit_compile(cfg, self.precision)}, steps_per_execution={self.spe}, "
             f"precision={self.precision}, "
             f"grad_accumulation_steps={cfg.train.grad_accumulation_steps}")
         self.meter = self._meter()

@@ -32,10 +32,18 @@ def choose_steps_per_execution(cfg: Config) -> int:
     return 1
 
 
-def jit_compile(cfg: Config) -> bool:
-    """``train.jit_compile``, unset = XLA on (measured faster on CPU; keras' "auto" is off
-    on CPU)."""
-    return cfg.train.jit_compile if cfg.train.jit_compile is not None else True
+def jit_compile(cfg: Config, precision: str = "float32") -> bool:
+    """``train.jit_compile``; unset = XLA on, except for bfloat16 on a CPU, where oneDNN's
+    bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md)."""
+    if cfg.train.jit_compile is not None:
+        return cfg.train.jit_compile
+    return not (precision == "mixed_bfloat16" and not _accelerators())
+
+
+def _accelerators() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
 
 
 def estimated_params(cfg: Config, vocabulary_size: int) -> int:
@@ -74,22 +82,40 @@ def check_memory(cfg: Config, vocabulary_size: int) -> None:
             "`train.batch_size`")
 
 
-def resolve_precision(cfg: Config) -> str:
+# On a CPU with native bf16 (AVX512-BF16/AMX), bf16 without XLA beat float32 with XLA by
+# 1.57x at 292 GFLOPs per step (10.7M parameters, 4096 tokens) and tied at 29 GFLOPs (the
+# quickstart): below this much work per step, float32 keeps its exact numerics.
+BF16_CPU_MIN_STEP_FLOPS = 1e11
+
+
+def resolve_precision(cfg: Config, vocabulary_size: int | None = None) -> str:
     """``train.precision``, with ``auto`` resolved for this machine: mixed_bfloat16 on a
-    TPU or a GPU with bf16 (Ampere and newer), mixed_float16 on older GPUs, float32 on CPU
-    (bf16 without XLA beat float32 with XLA only at >= 10M parameters here, and lost at the
-    quickstart's size: docs/benchmarks.md)."""
+    TPU or a GPU with bf16 (Ampere and newer), mixed_float16 on older GPUs; on a CPU,
+    mixed_bfloat16 when it has native bf16 and a step is at least
+    BF16_CPU_MIN_STEP_FLOPS of model FLOPs, else float32."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
     import tensorflow as tf
 
-    from tfpretrain.hardware import gpu_supports_bf16
+    from tfpretrain.hardware import cpu_has_bf16, gpu_supports_bf16
 
     if gpu_supports_bf16():
         return "mixed_bfloat16"
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
+    if vocabulary_size and cpu_has_bf16() and step_flops(cfg, vocabulary_size) >= \
+            BF16_CPU_MIN_STEP_FLOPS:
+        return "mixed_bfloat16"
     return "float32"
+
+
+def step_flops(cfg: Config, vocabulary_size: int) -> float:
+    """Model FLOPs of one optimizer step (estimated parameters, no model built)."""
+    from tfpretrain.models.registry import flops_per_token
+
+    per_token = flops_per_token(cfg.model, estimated_params(cfg, vocabulary_size),
+                                vocabulary_size)
+    return float(per_token) * cfg.train.batch_size * cfg.model.sequence_length
 
 
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
@@ -104,13 +130,14 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     from tfpretrain.training.optimizers import build_optimizer
 
     check_memory(cfg, vocabulary_size)
-    precision = precision or resolve_precision(cfg)
+    precision = precision or resolve_precision(cfg, vocabulary_size)
     model = build_model(cfg, vocabulary_size, steps_per_execution, precision)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer, jit_compile=jit_compile(cfg) if jit is None else jit,
+    model.compile(optimizer=optimizer,
+                  jit_compile=jit_compile(cfg, precision) if jit is None else jit,
                   steps_per_execution=steps_per_execution)
     return model
 
