@@ -10,7 +10,10 @@ it proves the model loads where only TF Serving's ops exist. It:
 - calls the ``logits`` signature on REQUEST["token_ids"] (saved to OUT_DIR/logits.npy) and
   the ``generate`` signature (masked LMs: ``fill_mask``) on REQUEST["prompts"] (token ids
   to OUT_DIR/generate.npy);
-- prints one JSON line: signatures and their input names, op count, forbidden ops.
+- reads the `serve` MetaGraphDef's SignatureDefs from saved_model.pb (what TF Serving and
+  ``saved_model_cli show`` see);
+- prints one JSON line: signatures and their input names, SignatureDef keys, op count,
+  forbidden ops.
 """
 import json
 import sys
@@ -23,12 +26,26 @@ FORBIDDEN = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "ReadFile", "WriteFile"
              "ImmutableConst", "MatchingFiles"}
 
 
-def graph_ops(path):
+def read_saved_model(path):
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
     with open(f"{path}/saved_model.pb", "rb") as fh:
         sm.ParseFromString(fh.read())
+    return sm
+
+
+def serving_signature_defs(path):
+    """The SignatureDef keys of the `serve` MetaGraphDef: what TF Serving and
+    `saved_model_cli show --all` read, independently of the Python loader."""
+    for mg in read_saved_model(path).meta_graphs:
+        if "serve" in mg.meta_info_def.tags:
+            return sorted(k for k in mg.signature_def.keys() if not k.startswith("__"))
+    return []
+
+
+def graph_ops(path):
+    sm = read_saved_model(path)
     ops = set()
     for mg in sm.meta_graphs:
         ops.update(n.op for n in mg.graph_def.node)
@@ -71,7 +88,8 @@ def main(path, request_path, out_dir):
     # keras_hub (the model must be self-contained)
     ours = ("keras_hub", "keras_nlp", "tfpretrain")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ours)
-    print(json.dumps({"signatures": sigs, "num_ops": len(ops), "forbidden_ops": sorted(bad),
+    print(json.dumps({"signatures": sigs, "signature_defs": serving_signature_defs(path),
+                      "num_ops": len(ops), "forbidden_ops": sorted(bad),
                       "text": [t.decode("utf-8", "replace") for t in gen["text"].numpy()],
                       "unexpected_modules": loaded[:5]}))
 
