@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from tfpretrain.errors import cli_main, quiet_tensorflow
+from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 
 
 def _timed_fit(model, ds, steps: int, warmup: int) -> float:
@@ -321,9 +321,105 @@ def _consumption(cfg, packed, vocabulary_size: int, steps: int) -> float:
     return steps * cfg.train.batch_size * cfg.model.sequence_length / seconds
 
 
-@cli_main
-def main(argv=None) -> int:
-    quiet_tensorflow()
+def bench_fit_jax(cfg, steps: int, warmup: int, rows_path=None, guard=True) -> dict:
+    """Our model, loss, optimizer, schedule, clipping and guard on Keras's JAX backend
+    (training.stateless), fed numpy batches; no TensorFlow import anywhere on this path."""
+    import numpy as np
+
+    from tfpretrain.hardware import detect, mfu
+    from tfpretrain.training.budget import model_flops_per_token
+
+    trainer, precision = _jax_trainer(cfg, guard)
+    B, L = cfg.train.batch_size, cfg.model.sequence_length
+    rows = _bench_rows(cfg, rows_path)
+    rng = np.random.default_rng(cfg.train.seed)
+
+    def batch():
+        r = np.asarray(rows[np.sort(rng.choice(len(rows), B, replace=False))], np.int32)
+        return r[:, :L], r[:, 1:L + 1], np.ones((B, L), np.float32)
+
+    state = trainer.initial_state()
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        state, logs = trainer.step(state, *batch())
+    logs["loss"].block_until_ready()
+    compile_seconds = time.perf_counter() - t0
+    data = [batch() for _ in range(min(steps, 64))]  # host work off the timed path
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, logs = trainer.step(state, *data[i % len(data)])
+    logs["loss"].block_until_ready()
+    seconds = time.perf_counter() - t0
+    params = int(sum(np.prod(v.shape) for v in trainer.model.network.weights))
+    flops = model_flops_per_token(cfg, params, cfg.tokenizer.vocabulary_size)
+    device = detect(measure_cpu=True)
+    tokens_per_second = steps * B * L / seconds
+    out = {"backend": "jax", "device": device.label, "precision": precision,
+           "guard": guard, "params": params, "model_flops_per_token": flops,
+           "batch_size": B, "sequence_length": L, "steps": steps,
+           "rows": str(rows_path) if rows_path else "random ids",
+           "tokens_per_second": round(tokens_per_second, 1),
+           "step_ms": round(1000 * seconds / steps, 2),
+           "compile_seconds": round(compile_seconds, 1),
+           "loss": float(logs["loss"]), "skipped_steps": int(state[3]["skipped"]),
+           "peak_memory_bytes": _peak_device_memory()}
+    for name in ("mixed_bfloat16", "float32"):
+        u = mfu(tokens_per_second, flops, device.peak(name))
+        out[f"mfu_vs_{'bf16' if name != 'float32' else 'fp32'}_peak"] = (
+            None if u is None else round(u, 4))
+    return out
+
+
+def _jax_trainer(cfg, guard: bool):
+    """The model (DecoderNet over the configured backbone) and a StatelessTrainer."""
+    import jax
+
+    from tfpretrain.models.network import DecoderNet
+    from tfpretrain.models.registry import build_backbone
+    from tfpretrain.training.optimizers import build_optimizer
+    from tfpretrain.training.stateless import StatelessTrainer, StepSettings
+
+    precision = cfg.train.precision
+    if precision == "auto":  # XLA's CPU backend gains nothing from bf16 (docs/cost.md)
+        precision = "float32" if jax.devices()[0].platform == "cpu" else "mixed_bfloat16"
+    if precision == "mixed_float16":
+        raise UserError("bench fit --backend jax: mixed_float16 (loss scaling) is "
+                        "TensorFlow-only here; use mixed_bfloat16 or float32")
+    backbone = build_backbone(cfg.model, cfg.tokenizer.vocabulary_size, precision)
+    model = DecoderNet(backbone, cfg.model.sequence_length,
+                       document_mask=cfg.data.document_mask)
+    model(model.example_input())
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    return StatelessTrainer(model, optimizer, StepSettings.from_config(cfg, guard)), precision
+
+
+def _bench_rows(cfg, rows_path):
+    import numpy as np
+
+    from tfpretrain.data.cache import packed_rows
+
+    L, B = cfg.model.sequence_length, cfg.train.batch_size
+    if rows_path is None:
+        return np.random.default_rng(0).integers(
+            5, cfg.tokenizer.vocabulary_size, size=(max(64, 4 * B), L + 1), dtype=np.int32)
+    rows = packed_rows(rows_path)
+    if rows.shape[1] < L + 1 or len(rows) < B:
+        raise UserError(f"--rows: {rows_path} holds {len(rows)} rows of {rows.shape[1]} ids; "
+                        f"need >= {B} rows of >= model.sequence_length + 1 = {L + 1}")
+    if int(rows[: 4 * B].max()) >= cfg.tokenizer.vocabulary_size:
+        raise UserError(f"--rows: {rows_path} has ids >= tokenizer.vocabulary_size="
+                        f"{cfg.tokenizer.vocabulary_size}; set it to the rows' vocabulary")
+    return rows
+
+
+def _peak_device_memory():
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tfpretrain.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -335,6 +431,13 @@ def main(argv=None) -> int:
     f.add_argument("--warmup", type=int, default=32)
     f.add_argument("--no-plain", action="store_true",
                    help="only time tfpretrain's path (skip plain keras_hub)")
+    f.add_argument("--backend", choices=("tensorflow", "jax"), default="tensorflow",
+                   help="jax: Keras's JAX backend, no TensorFlow imported (GPU figures)")
+    f.add_argument("--rows", help="--backend jax: packed rows, an .npy file [rows, "
+                                  "sequence_length + 1] or a token-cache entry folder "
+                                  "(default: random ids)")
+    f.add_argument("--no-guard", action="store_true",
+                   help="--backend jax: train without the stability guard (its cost)")
     g = sub.add_parser("generate", help="greedy tokens/s: SavedModel vs keras_hub generate()")
     g.add_argument("--run-dir", required=True)
     g.add_argument("--saved-model", help="default: export the run to a temporary folder")
@@ -349,7 +452,38 @@ def main(argv=None) -> int:
                    help="MB of the corpus the per-kind cold rates are measured on")
     d.add_argument("--read-batches", type=int, default=2000)
     d.add_argument("--train-steps", type=int, default=64)
-    args = p.parse_args(argv)
+    return p
+
+
+def _select_backend(backend: str) -> None:
+    """KERAS_BACKEND before keras is imported; refuse a process where it already is."""
+    import os
+
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise UserError(f"--backend {backend}: keras is already loaded with the "
+                            f"{keras.backend.backend()} backend in this process")
+    os.environ["KERAS_BACKEND"] = backend
+
+
+def _fit(args) -> dict:
+    from tfpretrain.config import load_config
+
+    overrides = args.overrides + ([f"data.path={args.data}"] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    if args.backend == "jax":
+        return bench_fit_jax(cfg, args.steps, args.warmup, args.rows, guard=not args.no_guard)
+    return bench_fit(cfg, args.steps, args.warmup, plain=not args.no_plain)
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.what == "fit":
+        _select_backend(args.backend)
+    quiet_tensorflow()
     if args.what == "data":
         from tfpretrain.config import load_config
 
@@ -357,21 +491,10 @@ def main(argv=None) -> int:
         result = bench_data(cfg, args.mb, [k for k in args.kinds.split(",") if k],
                             args.read_batches, args.train_steps, args.cold_mb, args.config,
                             args.overrides)
-        for k, v in result.items():
-            print(f"{k:>36}: {v}")
-        print(json.dumps(result))
-        return 0
-    if args.what == "generate":
+    elif args.what == "generate":
         result = bench_generate(Path(args.run_dir), args.saved_model, args.new_tokens)
-        for k, v in result.items():
-            print(f"{k:>36}: {v}")
-        print(json.dumps(result))
-        return 0
-    from tfpretrain.config import load_config
-
-    overrides = args.overrides + ([f"data.path={args.data}"] if args.data else [])
-    cfg = load_config(args.config, overrides)
-    result = bench_fit(cfg, args.steps, args.warmup, plain=not args.no_plain)
+    else:
+        result = _fit(args)
     for k, v in result.items():
         print(f"{k:>36}: {v}")
     print(json.dumps(result))

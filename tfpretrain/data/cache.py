@@ -235,6 +235,23 @@ def load_rows(directory: Path, meta: dict):
                       np.load(Path(directory) / "counts.npy"))
 
 
+def packed_rows(path) -> np.ndarray:
+    """Training rows [N, width] int32 from a ``.npy`` file or a token-cache entry folder
+    (its ``meta.json`` + ``train.rows``), memory-mapped; no TensorFlow needed."""
+    from tfpretrain.errors import UserError
+
+    path = Path(path)
+    if path.is_dir() and (path / "meta.json").is_file():
+        meta = json.loads((path / "meta.json").read_text())
+        return read_rows(path, "train", meta["train_rows"], meta["row_width"])
+    if path.suffix == ".npy" and path.is_file():
+        rows = np.load(path, mmap_mode="r")
+        if rows.ndim == 2 and np.issubdtype(rows.dtype, np.integer):
+            return rows
+    raise UserError(f"--rows: {path} is neither an .npy file of packed rows [rows, "
+                    "sequence_length + 1] nor a token-cache entry folder (with meta.json)")
+
+
 class TokenCache:
     """Find or write the cache entry of a config."""
 

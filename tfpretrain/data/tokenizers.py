@@ -34,10 +34,10 @@ from typing import Iterable
 import numpy as np
 import tensorflow as tf
 
+from tfpretrain.data.special_ids import (BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL,  # noqa: F401
+                                         PAD_ID, UNK_ID)
 from tfpretrain.errors import UserError
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
-NUM_SPECIAL = 5
 SPECIAL_TOKENS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": MASK_ID}
 MASK_TOKEN = "[MASK]"
 BYTE_VOCABULARY_SIZE = NUM_SPECIAL + 256  # the byte tokenizer's fixed vocabulary

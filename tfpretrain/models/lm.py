@@ -14,14 +14,14 @@ import keras_hub
 import tensorflow as tf
 from keras import ops
 
-from tfpretrain import compat
 from tfpretrain.models import stability
-from tfpretrain.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+from tfpretrain.models.network import DecoderNet
+from tfpretrain.data.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
 
 
-class CausalLM(keras.Model):
+class CausalLM(DecoderNet):
     """token_ids [batch, seq] -> logits [batch, seq, vocab] over a keras_hub backbone.
 
     The train step is where the stability guard lives: a step whose loss or global gradient
@@ -43,10 +43,7 @@ class CausalLM(keras.Model):
                  spike_threshold: float = 6.0, spike_steps=(0, 1), z_loss: float = 0.0,
                  document_mask: bool = False, rebaseline_after: int = 0,
                  grad_accumulation_steps: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone = backbone
-        self.sequence_length = sequence_length  # the context length
-        self.document_mask = document_mask
+        super().__init__(backbone, sequence_length, document_mask=document_mask, **kwargs)
         self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
         self.guard, self.spike_threshold = guard, spike_threshold
@@ -72,47 +69,6 @@ class CausalLM(keras.Model):
         # tracked: it is not model state and its shape depends on steps_per_execution.
         object.__setattr__(self, "step_log", tf.Variable(
             tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log"))
-
-    @property
-    def network(self) -> keras.Model:
-        """The weights that define the model (hashed, counted, exported)."""
-        return self.backbone
-
-    def example_input(self):
-        """A one-row input that builds every weight."""
-        return ops.zeros([1, self.sequence_length], "int32")
-
-    def call(self, token_ids, training=False):
-        token_ids = ops.convert_to_tensor(token_ids)
-        if self.document_mask:
-            hidden = self._document_forward(token_ids, training)
-        else:
-            hidden = self.backbone(
-                {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, "bool")},
-                training=training)
-        logits = self.backbone.token_embedding(hidden, reverse=True)
-        return ops.cast(logits, "float32")
-
-    def _document_forward(self, token_ids, training):
-        """The backbone's own layers, with attention kept inside each document of a packed
-        row (``data.document_mask``): an ``eos`` starts a new document (it is what the
-        model predicts a document's first token from, as in generation); GPT-2's learned
-        positions restart at every document, Llama's RoPE is relative and needs only the
-        mask. The decoder layers add the causal mask themselves."""
-        bb = compat.backbone_parts(self.backbone)
-        doc = ops.cumsum(ops.cast(ops.equal(token_ids, EOS_ID), "int32"), axis=1)  # [B, T]
-        same = ops.equal(doc[:, :, None], doc[:, None, :])                         # [B, T, T]
-        x = bb["token_embedding"](token_ids)
-        if "position_embedding" in bb:  # GPT-2's learned positions restart per document
-            # position within the document = tokens of the same row before it in that doc
-            before = ops.tril(ops.cast(same, "int32"))
-            positions = ops.sum(before, axis=2) - 1
-            table = bb["position_embedding"].position_embeddings
-            x = bb["embeddings_add"]((x, ops.take(table, positions, axis=0)))
-            x = bb["embeddings_dropout"](x, training=training)
-        for layer in bb["transformer_layers"]:
-            x = layer(x, decoder_attention_mask=ops.cast(same, "int32"), training=training)
-        return bb["layer_norm"](x)
 
     @property
     def metrics(self):
