@@ -140,7 +140,7 @@ def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_hf_export_files_and_transformers_parity(arch, tmp_path):
     import json as _json
 

@@ -119,3 +119,20 @@ def test_jax_step_matches_tensorflow_step_for_20_steps_and_skips_the_poisoned_on
         if step != 10:
             assert a == pytest.approx(b, abs=1e-3), (step, a, b)
     assert tf_["losses"][-1] < tf_["losses"][0] - 1.0  # it learned: the match is not trivial
+
+
+def test_gpu_table_projects_smolgpts_run_from_the_fastest_bf16_row():
+    from tfpretrain.bench import gpu_table
+
+    row = {"shape": "smolgpt-27m", "precision": "mixed_bfloat16", "guard": True,
+           "step_ms": 10.0, "mfu_vs_bf16_peak": 0.4, "mfu_vs_fp32_peak": 0.8,
+           "peak_memory_bytes": 2e9, "compile_seconds": 30.0,
+           "model_flops_per_token": 189_582_336}
+    results = [dict(row, batch_size=64, tokens_per_second=500_000.0),
+               dict(row, batch_size=128, tokens_per_second=1_000_000.0),
+               dict(row, batch_size=256, error="XlaRuntimeError: RESOURCE_EXHAUSTED")]
+    table = gpu_table(results)
+    assert "| smolgpt-27m | mixed_bfloat16 | 128 | True | 1,000,000 |" in table
+    assert "RESOURCE_EXHAUSTED" in table
+    # 4e9 tokens / 1e6 tokens/s = 4000 s = 1.11 h
+    assert "smolGPT's 4B tokens at 1,000,000 tokens/s" in table and ": 1.11 h," in table

@@ -73,7 +73,7 @@ def test_two_deterministic_runs_are_identical(unbroken, tmp_path):
     assert_same_run(tmp_path / "b", run_dir, again, reference)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_kill_9_at_a_random_step_then_resume_matches_unbroken_run(unbroken, tmp_path, seed):
     cfg_path, unbroken_dir, reference = unbroken
     raw = resume_raw(tmp_path)

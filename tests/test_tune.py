@@ -47,6 +47,7 @@ def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(tmp_path):
     assert "_hparams_/experiment" in read_scalars(run / "trials")
 
 
+@pytest.mark.slow  # the random search and the resumed search cover the tuner path by default
 def test_grid_search_enumerates_exactly_the_grid(tmp_path):
     raw = tune_raw(tmp_path, tuner="grid", max_trials=50, steps_per_trial=8,
                    space={"optimizer.warmup_steps": [0, 2], "model.hidden_dim": [16, 32]})

@@ -3,6 +3,11 @@
     python -m tfpretrain.bench fit [--config PATH] [--set KEY=VALUE ...] [--data FILE]
                                    [--steps N] [--warmup N] [--no-plain]
 
+    python -m tfpretrain.bench fit --backend jax [--rows ROWS.npy|CACHE_ENTRY] [--no-guard]
+
+    python -m tfpretrain.bench gpu [--shapes ...] [--precisions ...] [--batches 64,256]
+                                   [--steps N] [--warmup N] [--out table.md]
+
     python -m tfpretrain.bench generate --run-dir DIR [--saved-model PATH] [--new-tokens N]
 
 ``fit`` trains the configured model on the configured data two ways in one process and
@@ -14,6 +19,10 @@ prints tokens/s for each and their ratio:
   this device's peak for that precision (``--no-plain``: this one only).
 Both see the same packed rows, batch size and sequence length; the first ``--warmup``
 steps (tracing/compilation) are excluded.
+
+``fit --backend jax`` runs the same model, loss, optimizer, schedule, clipping and guard on
+Keras's JAX backend (``training.stateless``), importing no TensorFlow; ``gpu`` runs its
+matrix of shapes, precisions and batch sizes for a GPU machine (docs/jax.md).
 
 ``data`` writes a generated story corpus of ``--mb`` MB (default 100; a folder of ~100 MB
 .txt shards) and prints, per tokenizer kind, the cold tokenize+pack rate on the first
@@ -419,6 +428,87 @@ def _peak_device_memory():
     return stats.get("peak_bytes_in_use")
 
 
+# bench gpu: (label, config, overrides) of the shapes measured on a GPU through JAX
+GPU_SHAPES = {
+    "smolgpt-27m": ("tinystories-27m", ["train.grad_accumulation_steps=1"]),
+    "gpt-10.7m": ("char-cpu", ["model.num_layers=6", "model.num_heads=6",
+                               "model.hidden_dim=384", "model.intermediate_dim=1536",
+                               "model.sequence_length=256", "tokenizer.vocabulary_size=65"]),
+    "tiny": ("default", ["model.num_layers=1", "model.hidden_dim=32", "model.num_heads=2",
+                         "model.intermediate_dim=64", "model.sequence_length=32",
+                         "tokenizer.vocabulary_size=64"]),
+}
+
+
+def bench_gpu(shapes: list[str], precisions: list[str], batches: list[int], steps: int,
+              warmup: int) -> list[dict]:
+    """The JAX-backend matrix: each shape x precision x batch size (stopping at the first
+    batch that does not fit), then the fastest batch of the first precision again without
+    the guard (what the guard costs)."""
+    from tfpretrain.config import load_config
+
+    results = []
+    for shape in shapes:
+        name, sets = GPU_SHAPES[shape]
+        best = None
+        for precision in precisions:
+            for batch in batches:
+                cfg = load_config(name, sets + [f"train.precision={precision}",
+                                                f"train.batch_size={batch}"])
+                row = _gpu_row(shape, cfg, steps, warmup, guard=True)
+                results.append(row)
+                if row.get("error"):
+                    break
+                faster = best is None or row["tokens_per_second"] > best[1]["tokens_per_second"]
+                if precision == precisions[0] and faster:
+                    best = (cfg, row)
+        if best is not None:
+            results.append(_gpu_row(shape, best[0], steps, warmup, guard=False))
+    return results
+
+
+def _gpu_row(shape: str, cfg, steps: int, warmup: int, guard: bool) -> dict:
+    row = {"shape": shape, "precision": cfg.train.precision,
+           "batch_size": cfg.train.batch_size, "guard": guard}
+    try:
+        row.update(bench_fit_jax(cfg, steps, warmup, guard=guard))
+    except Exception as exc:  # out of device memory ends this precision's batch sweep
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gpu_table(results: list[dict]) -> str:
+    """The matrix as a markdown table, with smolGPT's 4B-token run projected from the
+    fastest 27M bf16 row (hours and dollars on this device at the measured speed)."""
+    from tfpretrain.hardware import detect
+    from tfpretrain.training.budget import project
+
+    lines = ["| shape | precision | batch | guard | tokens/s | step ms | MFU (bf16 peak) | "
+             "MFU (fp32 peak) | peak memory GB | compile s |", "|" + "---|" * 10]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"| {r['shape']} | {r['precision']} | {r['batch_size']} | "
+                         f"{r['guard']} | {r['error']} |||||")
+            continue
+        mem = r["peak_memory_bytes"]
+        lines.append(f"| {r['shape']} | {r['precision']} | {r['batch_size']} | {r['guard']} | "
+                     f"{r['tokens_per_second']:,.0f} | {r['step_ms']} | "
+                     f"{r['mfu_vs_bf16_peak']} | {r['mfu_vs_fp32_peak']} | "
+                     f"{'n/a' if mem is None else round(mem / 1e9, 2)} | "
+                     f"{r['compile_seconds']} |")
+    smol = [r for r in results if r["shape"] == "smolgpt-27m" and not r.get("error")
+            and r["precision"] == "mixed_bfloat16" and r["guard"]]
+    if smol:
+        top = max(smol, key=lambda r: r["tokens_per_second"])
+        row = project(detect(measure_cpu=False), "mixed_bfloat16", 4e9,
+                      top["model_flops_per_token"], tokens_per_second=top["tokens_per_second"])
+        lines.append(f"\nsmolGPT's 4B tokens at {top['tokens_per_second']:,.0f} tokens/s on "
+                     f"{row.device}: {row.hours:.2f} h, ${row.cost_usd:.2f} at "
+                     f"${row.price_per_hour}/h (smolGPT: ~18.5 h, ~$13 on an L4).")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tfpretrain.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,6 +528,15 @@ def parser() -> argparse.ArgumentParser:
                                   "(default: random ids)")
     f.add_argument("--no-guard", action="store_true",
                    help="--backend jax: train without the stability guard (its cost)")
+    u = sub.add_parser("gpu", help="the JAX-backend GPU matrix (docs/benchmarks.md)")
+    u.add_argument("--shapes", default="smolgpt-27m,gpt-10.7m",
+                   help=f"comma-separated, of: {', '.join(GPU_SHAPES)}")
+    u.add_argument("--precisions", default="mixed_bfloat16,float32")
+    u.add_argument("--batches", default="64,256",
+                   help="batch sizes tried in order until one does not fit")
+    u.add_argument("--steps", type=int, default=50)
+    u.add_argument("--warmup", type=int, default=3)
+    u.add_argument("--out", help="also write the markdown table to this file")
     g = sub.add_parser("generate", help="greedy tokens/s: SavedModel vs keras_hub generate()")
     g.add_argument("--run-dir", required=True)
     g.add_argument("--saved-model", help="default: export the run to a temporary folder")
@@ -478,12 +577,29 @@ def _fit(args) -> dict:
     return bench_fit(cfg, args.steps, args.warmup, plain=not args.no_plain)
 
 
+def _gpu(args) -> int:
+    shapes = [x for x in args.shapes.split(",") if x]
+    unknown = [x for x in shapes if x not in GPU_SHAPES]
+    if unknown:
+        raise UserError(f"--shapes: unknown {unknown}; choose from {', '.join(GPU_SHAPES)}")
+    results = bench_gpu(shapes, [x for x in args.precisions.split(",") if x],
+                        [int(x) for x in args.batches.split(",") if x], args.steps, args.warmup)
+    table = gpu_table(results)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    print(json.dumps(results))
+    return 0
+
+
 @cli_main
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.what == "fit":
-        _select_backend(args.backend)
+    if args.what in ("fit", "gpu"):
+        _select_backend("jax" if args.what == "gpu" else args.backend)
     quiet_tensorflow()
+    if args.what == "gpu":
+        return _gpu(args)
     if args.what == "data":
         from tfpretrain.config import load_config
 
