@@ -111,13 +111,14 @@ def measured_row(cfg, info: dict, precision: str):
     """This machine, at the tokens/s of a short timed run of the config."""
     from tfpretrain.hardware import detect
     from tfpretrain.training.budget import project, run_price
-    from tfpretrain.training.runtime import measure_tokens_per_second
+    from tfpretrain.training.runtime import measure_tokens_per_second, resolve_precision
 
     tokens_per_second = measure_tokens_per_second(cfg)
     device = detect()
-    return project(device, precision if precision != "auto" else "float32", info["tokens"],
-                   info["flops_per_token"], tokens_per_second=tokens_per_second,
-                   price_per_hour=run_price(cfg, device))
+    if precision == "auto":  # what the timed run used on this machine
+        precision = resolve_precision(cfg, cfg.tokenizer.vocabulary_size)
+    return project(device, precision, info["tokens"], info["flops_per_token"],
+                   tokens_per_second=tokens_per_second, price_per_hour=run_price(cfg, device))
 
 
 def search_cost(path: str, args) -> tuple[dict, list]:
@@ -165,7 +166,7 @@ def estimate(cfg, args) -> dict:
     precision = args.precision or _table_precision(cfg.train.precision)
     table = rows(info, precision, args)
     if args.measure:
-        table.append(measured_row(cfg, info, args.precision or cfg.train.precision))
+        table.append(measured_row(cfg, info, cfg.train.precision))  # as it would train
     print(render(info, table, f"# {cfg.name}: training"))
     mfu_note = ("measured" if args.tokens_per_second else
                 f"MFU {args.mfu}" if args.mfu is not None else "MFU 0.30 assumed")
