@@ -51,6 +51,7 @@ TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpi
                    "bytelevel_bpe", "char", "byte")
 ARCHS = ("gpt2", "llama", "bert")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
 # Which architectures each objective trains (tfpretrain.objectives has one class per key)
 OBJECTIVE_ARCHS = {"causal": ("gpt2", "llama"), "mlm": ("bert",)}
 # Objectives that predict masked tokens: their tokenizer needs [MASK] in its text form, and
@@ -149,8 +150,19 @@ class ModelConfig:
 class OptimizerConfig:
     learning_rate: float = _f(3e-3, "Peak learning rate (after warmup).", min=0.0,
                               min_exclusive=True)
-    min_learning_rate: float = _f(3e-4, "Learning rate at the end of the cosine decay.", min=0.0)
+    min_learning_rate: float = _f(3e-4, "Learning rate at the end of the decay (cosine, "
+                                  "linear, wsd; the floor of inverse_sqrt).", min=0.0)
     warmup_steps: int = _f(100, "Linear warmup steps from 0 to learning_rate.", min=0)
+    schedule: str = _f("cosine", "After warmup: `cosine` to min_learning_rate at train.steps; "
+                       "`linear` to it; `constant`; `inverse_sqrt` (lr * sqrt(warmup / step), "
+                       "floored at min_learning_rate); `wsd` warmup-stable-decay: constant, "
+                       "then the last decay_fraction of train.steps cools down to "
+                       "min_learning_rate (raise train.steps on resume to extend the stable "
+                       "phase).", choices=SCHEDULES)
+    decay_fraction: float = _f(0.2, "wsd: fraction of train.steps spent cooling down.",
+                               min=0.0, max=1.0, min_exclusive=True)
+    cooldown: str = _f("linear", "wsd: cooldown shape, `linear` or `1-sqrt` (MiniCPM / "
+                       "Hägele et al.).", choices=("linear", "1-sqrt"))
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to biases, "
                              "norms and embeddings).", min=0.0)
     beta_1: float = _f(0.9, "AdamW beta_1.", min=0.0, max=1.0)

@@ -1,4 +1,5 @@
-"""AdamW + linear warmup + cosine decay, as pretraining recipes (nanoGPT, litgpt) set it."""
+"""AdamW + linear warmup + a decay schedule (cosine by default, as nanoGPT and litgpt set it;
+linear, constant, inverse-sqrt or warmup-stable-decay)."""
 from __future__ import annotations
 
 import keras
@@ -11,13 +12,61 @@ NO_DECAY = ["bias", "gamma", "beta", "scale", "embeddings"]
 
 
 def build_schedule(cfg: OptimizerConfig, total_steps: int):
-    """0 -> learning_rate over warmup_steps, then cosine to min_learning_rate at total_steps."""
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        decay_steps=max(1, total_steps - cfg.warmup_steps),
-        alpha=cfg.min_learning_rate / cfg.learning_rate,
-        warmup_target=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps)
+    """0 -> learning_rate over warmup_steps, then ``cfg.schedule`` (cosine: Keras's
+    CosineDecay to min_learning_rate at total_steps; the others: :class:`WarmupDecay`)."""
+    if cfg.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=max(1, total_steps - cfg.warmup_steps),
+            alpha=cfg.min_learning_rate / cfg.learning_rate,
+            warmup_target=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps)
+    return WarmupDecay(cfg.schedule, cfg.learning_rate, cfg.min_learning_rate,
+                       cfg.warmup_steps, total_steps, cfg.decay_fraction, cfg.cooldown)
+
+
+@keras.saving.register_keras_serializable(package="tfpretrain")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup 0 -> peak over ``warmup`` steps, then ``kind``: ``linear`` (to
+    ``minimum`` at ``total``), ``constant``, ``inverse_sqrt`` (peak * sqrt(warmup / step),
+    floored at ``minimum``) or ``wsd`` (peak until the last ``decay_fraction`` of ``total``,
+    then a ``linear`` or ``1-sqrt`` cooldown to ``minimum``). Step = optimizer steps done."""
+
+    def __init__(self, kind: str, peak: float, minimum: float, warmup: int, total: int,
+                 decay_fraction: float = 0.2, cooldown: str = "linear"):
+        self.kind, self.peak, self.minimum = kind, float(peak), float(minimum)
+        self.warmup, self.total = int(warmup), int(total)
+        self.decay_fraction, self.cooldown = float(decay_fraction), cooldown
+
+    def __call__(self, step):
+        from keras import ops
+
+        step = ops.cast(step, "float32")
+        warm = self.peak * step / max(self.warmup, 1)
+        return ops.where(step < self.warmup, warm, self._after_warmup(step))
+
+    def _after_warmup(self, step):
+        from keras import ops
+
+        peak, low = self.peak, self.minimum
+        if self.kind == "constant":
+            return ops.full_like(step, peak)
+        if self.kind == "inverse_sqrt":
+            return ops.maximum(peak * ops.sqrt(max(self.warmup, 1) / ops.maximum(step, 1.0)),
+                               low)
+        if self.kind == "linear":
+            start, length = self.warmup, self.total - self.warmup
+        else:  # wsd: stable, then the cooldown over the last decay_fraction of the run
+            length = max(1, round(self.decay_fraction * self.total))
+            start = max(self.warmup, self.total - length)
+        u = ops.clip((step - start) / max(self.total - start, 1), 0.0, 1.0)
+        shape = ops.sqrt(u) if self.kind == "wsd" and self.cooldown == "1-sqrt" else u
+        return peak + (low - peak) * shape
+
+    def get_config(self):
+        return {"kind": self.kind, "peak": self.peak, "minimum": self.minimum,
+                "warmup": self.warmup, "total": self.total,
+                "decay_fraction": self.decay_fraction, "cooldown": self.cooldown}
 
 
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):

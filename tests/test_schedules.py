@@ -1,0 +1,46 @@
+"""optimizer.schedule: each shape against its formula; WSD extends its stable phase."""
+import math
+
+import pytest
+
+from conftest import tiny_config
+
+
+def lr_at(tmp_path, steps, schedule, at, **optimizer):
+    from tfpretrain.training.optimizers import build_schedule
+
+    cfg = tiny_config(tmp_path, train={"steps": steps},
+                      optimizer={"learning_rate": 1e-2, "min_learning_rate": 1e-3,
+                                 "warmup_steps": 10, "schedule": schedule, **optimizer})
+    schedule = build_schedule(cfg.optimizer, cfg.train.steps)
+    return [float(schedule(s)) for s in at]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "inverse_sqrt", "wsd"])
+def test_warmup_is_linear_from_zero_for_every_schedule(tmp_path, schedule):
+    assert lr_at(tmp_path, 100, schedule, [0, 5, 10]) == pytest.approx([0.0, 5e-3, 1e-2])
+
+
+def test_each_schedule_matches_its_formula(tmp_path):
+    peak, low = 1e-2, 1e-3
+    # cosine (Keras's CosineDecay): halfway through the decay = midpoint
+    assert lr_at(tmp_path, 110, "cosine", [60, 110]) == pytest.approx([(peak + low) / 2, low])
+    assert lr_at(tmp_path, 110, "linear", [35, 60, 110]) == pytest.approx(
+        [peak + (low - peak) * 0.25, (peak + low) / 2, low])
+    assert lr_at(tmp_path, 110, "constant", [50, 109]) == pytest.approx([peak, peak])
+    inv = [peak * math.sqrt(10 / 40), peak * math.sqrt(10 / 250), low]  # floored at low
+    assert lr_at(tmp_path, 5000, "inverse_sqrt", [40, 250, 4000]) == pytest.approx(inv)
+    # wsd: 100 steps, decay_fraction 0.2 -> stable to step 80, then cool down to low at 100
+    wsd = lr_at(tmp_path, 100, "wsd", [50, 80, 90, 100])
+    assert wsd == pytest.approx([peak, peak, (peak + low) / 2, low])
+    root = lr_at(tmp_path, 100, "wsd", [85, 100], cooldown="1-sqrt")
+    assert root == pytest.approx([peak + (low - peak) * math.sqrt(0.25), low])
+
+
+def test_wsd_resumed_with_more_steps_stays_in_the_stable_phase(tmp_path):
+    """A WSD run planned for 1000 steps and resumed with train.steps=2000 before its
+    cooldown (step 800) sees the same learning rates up to there, and stays stable longer."""
+    short = lr_at(tmp_path, 1000, "wsd", [10, 400, 799, 900, 1600])
+    longer = lr_at(tmp_path, 2000, "wsd", [10, 400, 799, 900, 1600])
+    assert short[:3] == longer[:3] == pytest.approx([1e-2] * 3)
+    assert short[3] < 1e-2 and longer[3] == pytest.approx(1e-2) and longer[4] == pytest.approx(1e-2)
