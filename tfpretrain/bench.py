@@ -52,25 +52,6 @@ from pathlib import Path
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 
 
-def _timed_fit(model, ds, steps: int, warmup: int) -> float:
-    """Seconds of ``steps`` steps of one model.fit call, after its first ``warmup`` steps
-    (tracing, XLA compilation): timed between batch ends inside the same fit, so no second
-    fit() call can slip a retrace into the measurement."""
-    import keras
-
-    marks = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            marks.append((int(self.model.optimizer.iterations.numpy()), time.perf_counter()))
-
-    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
-              callbacks=[Clock()])
-    start = next((step, t) for step, t in marks if step >= warmup)
-    (end_step, end), (start_step, t0) = marks[-1], start
-    return (end - t0) * steps / max(end_step - start_step, 1)
-
-
 def bench_fit(cfg, steps: int, warmup: int, plain: bool = True) -> dict:
     import keras
 
@@ -104,6 +85,7 @@ def _plain_keras_hub(cfg, packed, vocabulary_size: int, steps: int, warmup: int)
 
     from tfpretrain.data.pipeline import train_dataset
     from tfpretrain.models.registry import build_backbone, get_arch
+    from tfpretrain.training.runtime import timed_fit
 
     B, L = cfg.train.batch_size, cfg.model.sequence_length
     task = get_arch(cfg.model.arch).task_class()(
@@ -113,7 +95,7 @@ def _plain_keras_hub(cfg, packed, vocabulary_size: int, steps: int, warmup: int)
                  jit_compile=False)
     plain_ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0, steps + warmup).map(
         lambda x, y, w: ({"token_ids": x, "padding_mask": tf.ones_like(x, tf.bool)}, y))
-    seconds = _timed_fit(task, plain_ds.repeat(), steps, warmup)
+    seconds = timed_fit(task, plain_ds.repeat(), steps, warmup)
     return round(steps * B * L / seconds, 1)
 
 
@@ -123,7 +105,7 @@ def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     from tfpretrain.hardware import detect, mfu
     from tfpretrain.training.budget import model_flops_per_token
     from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
-                                             jit_compile, resolve_precision)
+                                             jit_compile, resolve_precision, timed_fit)
 
     B, L = cfg.train.batch_size, cfg.model.sequence_length
     spe = choose_steps_per_execution(cfg)
@@ -131,7 +113,7 @@ def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     precision = resolve_precision(cfg, vocabulary_size)
     model = build_and_compile(cfg, vocabulary_size, spe, precision=precision)
     ds = train_dataset(packed.train_rows, B, cfg.train.seed, 0)
-    tokens_per_second = steps * B * L / _timed_fit(model, ds, steps, warmup)
+    tokens_per_second = steps * B * L / timed_fit(model, ds, steps, warmup)
     params = int(model.network.count_params())
     flops = model_flops_per_token(cfg, params, vocabulary_size)
     u = mfu(tokens_per_second, flops, detect().peak(precision))
@@ -321,12 +303,13 @@ def _cached_read(cfg, folder: Path, cache_dir: Path, read_batches: int,
 
 def _consumption(cfg, packed, vocabulary_size: int, steps: int) -> float:
     from tfpretrain.data.pipeline import train_dataset
-    from tfpretrain.training.runtime import build_and_compile, choose_steps_per_execution
+    from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
+                                             timed_fit)
 
     spe = min(choose_steps_per_execution(cfg), steps)
     model = build_and_compile(cfg, vocabulary_size, spe, jit=True)
     ds = train_dataset(packed.train_rows[:50_000], cfg.train.batch_size, cfg.train.seed)
-    seconds = _timed_fit(model, ds, steps, spe * 2)
+    seconds = timed_fit(model, ds, steps, spe * 2)
     return steps * cfg.train.batch_size * cfg.model.sequence_length / seconds
 
 

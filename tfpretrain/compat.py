@@ -114,21 +114,17 @@ def atomic_keras_tuner_saves() -> None:
     that the resumed search cannot load. Replace it, once per process, with write to a
     temporary sibling + fsync + rename (local paths; the files stay keras_tuner's format)."""
     import json
-    import os
 
     from keras_tuner.src import utils
+
+    from tfpretrain.files import write_atomic
 
     if getattr(utils.save_json, "tfpretrain_atomic", False):
         return
 
     def save_json(path, obj):
         text = json.dumps(obj)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, str(path))
+        write_atomic(path, text)
         return text
 
     save_json.tfpretrain_atomic = True

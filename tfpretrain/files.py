@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """tfpretrain's cache folder: $XDG_CACHE_HOME/tfpretrain, else ~/.cache/tfpretrain."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfpretrain"
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a folder, so a rename inside it survives a crash (no-op where unsupported)."""
     try:

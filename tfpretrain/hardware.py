@@ -106,8 +106,9 @@ def cpu_device(measure: bool = True) -> Device:
 
 
 def _peak_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tfpretrain" / "cpu_peak.json"
+    from tfpretrain.files import cache_root
+
+    return cache_root() / "cpu_peak.json"
 
 
 def measured_cpu_peak(dtype: str = "float32") -> Optional[float]:

@@ -32,15 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
-from tfpretrain.files import sha256_file
+from tfpretrain.files import cache_root, sha256_file
 
 CACHE_VERSION = 3  # 3: row format in the key, sizes and SHA-256 of every file in meta.json
 ENTRY_FILES = ("train.rows", "val.rows", "counts.npy")
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tfpretrain" / "tokens"
+    return cache_root() / "tokens"
 
 
 def _sources(spec, key: str = "data.path") -> list:

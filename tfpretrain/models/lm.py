@@ -106,7 +106,7 @@ class CausalLM(DecoderNet):
         backward pass and the gradients unscaled again."""
         total = tf.reduce_sum(tf.cast(sample_weight, tf.float32))
         scale = self.optimizer.dynamic_scale if self.loss_scaled else None
-        loss, objective, summed = tf.constant(0.0), tf.constant(0.0), None
+        loss, summed = tf.constant(0.0), None
         for mx, my, mw in self._micro_batches(x, y, sample_weight):
             deps = [] if summed is None else [g for g in summed if g is not None]
             with tf.control_dependencies(deps), tf.GradientTape() as tape:
@@ -122,7 +122,7 @@ class CausalLM(DecoderNet):
                 grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
             summed = grads if summed is None else [
                 a if b is None else a + b for a, b in zip(summed, grads)]
-            loss, objective = loss + part, objective + part_objective
+            loss = loss + part
         if scale is not None:
             summed = [None if g is None else g / scale for g in summed]
         return loss, summed

@@ -239,8 +239,9 @@ class Run:
         final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size)
         metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
                                  self.packed.unigram_counts, cfg.eval.final_steps)
-        sample = self.objective.sampler(final, self.tokenizer)(self.prompt,
-                                                               **self.sample_kwargs)
+        sampler = (self.sampler if final is self.model
+                   else self.objective.sampler(final, self.tokenizer))
+        sample = sampler(self.prompt, **self.sample_kwargs)
         log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
         log(f"sample: {sample!r}")
         extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}

@@ -156,8 +156,6 @@ def measure_tokens_per_second(cfg: Config, steps: int = 32, warmup: int = 16) ->
     """Training tokens/s of the config's model and train step on this machine (random ids
     of ``tokenizer.vocabulary_size``, the run's precision, XLA and steps_per_execution),
     after ``warmup`` steps of compilation."""
-    import time
-
     import numpy as np
 
     from tfpretrain.data.pipeline import train_dataset
@@ -171,8 +169,27 @@ def measure_tokens_per_second(cfg: Config, steps: int = 32, warmup: int = 16) ->
         4, vocab, size=(max(4 * batch, 64), row_format(cfg).width), dtype=np.int32)
     batcher = get_objective(cfg).batcher(cfg, _Vocabulary(vocab))
     ds = train_dataset(rows, batch, cfg.train.seed, to_batch=batcher)
-    model.fit(ds, steps_per_epoch=warmup // spe * spe, epochs=1, verbose=0, shuffle=False)
-    t0 = time.perf_counter()
     n = max(spe, steps // spe * spe)
-    model.fit(ds, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
-    return n * batch * cfg.model.sequence_length / (time.perf_counter() - t0)
+    seconds = timed_fit(model, ds, n, max(spe, warmup // spe * spe))
+    return n * batch * cfg.model.sequence_length / seconds
+
+
+def timed_fit(model, ds, steps: int, warmup: int) -> float:
+    """Seconds of ``steps`` steps of one model.fit call, after its first ``warmup`` steps
+    (tracing, XLA compilation): timed between batch ends inside the same fit, so no second
+    fit() call can slip a retrace into the measurement."""
+    import time
+
+    import keras
+
+    marks = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            marks.append((int(self.model.optimizer.iterations.numpy()), time.perf_counter()))
+
+    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[Clock()])
+    (start_step, t0) = next((step, t) for step, t in marks if step >= warmup)
+    end_step, end = marks[-1]
+    return (end - t0) * steps / max(end_step - start_step, 1)
