@@ -162,7 +162,7 @@ def test_second_process_on_a_run_folder_gets_a_lock_error(unbroken, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
+def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None, optimizer=None):
     """Train a tiny model in-process with steps_per_execution=1, recording weights and Adam
     moments after every step."""
     import keras
@@ -175,13 +175,13 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
     from tfpretrain.training.optimizers import build_optimizer
 
     cfg = tiny_config(tmp_path, debug=debug or {}, train={"steps": 30, **(train or {})},
-                      model=model or {})
+                      model=model or {}, optimizer=optimizer or {})
     keras.utils.set_random_seed(0)
     corpus = load_corpus(cfg.data, 0)
     tok = train_tokenizer("byte", corpus.train, 0)
     packed = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
     model = build_model(cfg, tok.vocabulary_size, 1)
-    opt = build_optimizer(cfg.optimizer, 30)
+    opt = build_optimizer(cfg.optimizer, cfg.train.steps)
     opt.build(model.trainable_variables)
     model.compile(optimizer=opt, jit_compile=True, steps_per_execution=1)
     snaps = {}
@@ -194,7 +194,7 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None):
                            model.step_log.numpy()[0].copy())
 
     model.fit(train_dataset(packed.train_rows, 16, 0, poison=poisoned_positions(cfg)),
-              steps_per_epoch=30, epochs=1,
+              steps_per_epoch=cfg.train.steps, epochs=1,
               callbacks=[Snap()], verbose=0)
     return model, snaps
 

@@ -30,6 +30,9 @@ PRIVATE_SYMBOLS = (
     ("keras_hub CausalLM cache builder", "keras_hub.models.LlamaCausalLM", "_build_cache"),
     ("keras_hub CausalLM cached call", "keras_hub.models.GPT2CausalLM", "call_with_cache"),
     ("keras_hub CausalLM cached call", "keras_hub.models.LlamaCausalLM", "call_with_cache"),
+    ("keras Muon's AdamW-or-Muon choice (widened to 3-D kernels)", "keras.optimizers.Muon",
+     "_should_use_adamw"),
+    ("keras optimizers' variable index", "keras.optimizers.Optimizer", "_get_variable_index"),
 )
 # Backbone attributes the document-masked forward pass walks (public names, but internals
 # of the backbone's layer stack rather than documented API).
@@ -104,6 +107,84 @@ def pure_tf_slice_update():
         yield
     finally:
         core.slice_update = original
+
+
+def matrix_shape(shape) -> tuple:
+    """The 2-D matrix a weight of ``shape`` is for Muon: 2-D as is; a 3-D keras_hub
+    attention kernel ((hidden, heads, head_dim) for query/key/value, (heads, head_dim,
+    hidden) for the output) with its two adjacent axes merged the way that gives the
+    squarer matrix, (hidden, heads * head_dim) or (heads * head_dim, hidden): the
+    projection's own matrix, as Muon's authors orthogonalize it."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 2:
+        return shape
+    a, b, c = shape
+    first, last = (a * b, c), (a, b * c)
+    squareness = lambda m: max(m) / min(m)  # noqa: E731
+    return first if squareness(first) < squareness(last) else last
+
+
+_MUON = None
+
+
+def muon(muon_scale: float = 1.0, **kwargs):
+    """keras.optimizers.Muon with two changes: Muon also updates 3-D attention kernels
+    (keras sends every non-2-D weight to its AdamW branch, ``_should_use_adamw``; keras_hub's
+    attention kernels are 3-D), as the 2-D matrix of :func:`matrix_shape`; and Muon's matrices
+    use ``learning_rate * muon_scale`` while the AdamW part uses ``learning_rate``, so the
+    logged learning rate is the AdamW one (``_get_variable_index``, ``adam_velocities``)."""
+    global _MUON
+    if _MUON is None:
+        import re
+
+        import keras
+        from keras import ops
+
+        class MatrixMuon(keras.optimizers.Muon):
+            def __init__(self, muon_scale=1.0, **kw):
+                super().__init__(**kw)
+                self.muon_scale = float(muon_scale)
+
+            def _should_use_adamw(self, variable):
+                if len(variable.shape) not in (2, 3):
+                    return True
+                if self.exclude_embeddings and "embedding" in variable.path.lower():
+                    return True
+                return any(re.search(k, variable.path) for k in self.exclude_layers)
+
+            def update_step(self, gradient, variable, learning_rate):
+                if self.adam_velocities[self._get_variable_index(variable)] is None:
+                    learning_rate = learning_rate * self.muon_scale
+                super().update_step(gradient, variable, learning_rate)
+
+            def zeropower_via_newtonschulz5(self, x, steps):
+                as_matrix = ops.reshape(x, matrix_shape(x.shape))
+                return ops.reshape(super().zeropower_via_newtonschulz5(as_matrix, steps),
+                                   x.shape)
+
+            def lr_adjust(self, x):
+                return ops.reshape(super().lr_adjust(ops.reshape(x, matrix_shape(x.shape))),
+                                   x.shape)
+
+            def uses_muon(self, variable) -> bool:
+                return not self._should_use_adamw(variable)
+
+            def get_config(self):
+                return {**super().get_config(), "muon_scale": self.muon_scale}
+
+        _MUON = MatrixMuon
+    return _MUON(muon_scale=muon_scale, **kwargs)
+
+
+def schedule_free_average(optimizer, variable):
+    """Schedule-free AdamW trains at y = (1 - beta_1) z + beta_1 x, where z is keras's
+    ``_momentums`` slot and x the average to evaluate: x = (y - (1 - beta_1) z) / beta_1."""
+    from keras import ops
+
+    opt = getattr(optimizer, "inner_optimizer", optimizer)
+    z = opt._momentums[opt._get_variable_index(variable)]
+    beta_1 = float(opt.beta_1)
+    return ops.divide(ops.subtract(variable, ops.multiply(1.0 - beta_1, z)), beta_1)
 
 
 # --- keras_tuner -----------------------------------------------------------------------

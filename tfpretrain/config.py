@@ -52,6 +52,20 @@ TOKENIZER_KINDS = ("auto", "sentencepiece_bpe", "sentencepiece_unigram", "wordpi
 ARCHS = ("gpt2", "llama", "bert")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
+# Each optimizer's own keys and their defaults (None: decided elsewhere, e.g.
+# muon_learning_rate = learning_rate); a key set for an optimizer that has none is an error.
+_ADAM = {"beta_1": 0.9, "beta_2": 0.95, "epsilon": 1e-8}
+OPTIMIZER_DEFAULTS = {
+    "adamw": _ADAM,
+    "muon": {**_ADAM, "momentum": 0.95, "nesterov": True, "muon_learning_rate": None,
+             "ns_steps": 5},
+    "lion": {"beta_1": 0.9, "beta_2": 0.99},
+    "adafactor": {},
+    "schedule_free_adamw": {**_ADAM, "beta_2": 0.999},
+    "sgd": {"momentum": 0.9, "nesterov": False},
+}
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
+OPTIMIZER_KEYS = sorted({k for keys in OPTIMIZER_DEFAULTS.values() for k in keys})
 # Which architectures each objective trains (tfpretrain.objectives has one class per key)
 OBJECTIVE_ARCHS = {"causal": ("gpt2", "llama"), "mlm": ("bert",)}
 # Objectives that predict masked tokens: their tokenizer needs [MASK] in its text form, and
@@ -148,28 +162,61 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    learning_rate: float = _f(3e-3, "Peak learning rate (after warmup).", min=0.0,
-                              min_exclusive=True)
+    name: str = _f("adamw", "Keras's optimizer: `adamw`; `muon` (Newton-Schulz orthogonalized "
+                   "momentum on the hidden weight matrices, AdamW on embeddings, norms, "
+                   "biases and the output head); `lion`; `adafactor` (factored second "
+                   "moments, updates relative to each weight's RMS: its learning_rate is "
+                   "larger, ~0.1-0.3 on the tiny models we tested; lr_find tells); `schedule_free_adamw` (no decay schedule: "
+                   "`schedule` stays `constant`, evaluation and export use the averaged "
+                   "weights); `sgd`.", choices=OPTIMIZERS)
+    learning_rate: float = _f(3e-3, "Peak learning rate (after warmup); for `muon` the AdamW "
+                              "part's.", min=0.0, min_exclusive=True)
     min_learning_rate: float = _f(3e-4, "Learning rate at the end of the decay (cosine, "
                                   "linear, wsd; the floor of inverse_sqrt).", min=0.0)
     warmup_steps: int = _f(100, "Linear warmup steps from 0 to learning_rate.", min=0)
-    schedule: str = _f("cosine", "After warmup: `cosine` to min_learning_rate at train.steps; "
-                       "`linear` to it; `constant`; `inverse_sqrt` (lr * sqrt(warmup / step), "
-                       "floored at min_learning_rate); `wsd` warmup-stable-decay: constant, "
-                       "then the last decay_fraction of train.steps cools down to "
-                       "min_learning_rate (raise train.steps on resume to extend the stable "
-                       "phase).", choices=SCHEDULES)
+    schedule: Optional[str] = _f(None, "After warmup (unset = `cosine`; `constant` for "
+                                 "schedule_free_adamw, the only one it takes): `cosine` to "
+                                 "min_learning_rate at train.steps; `linear` to it; "
+                                 "`constant`; `inverse_sqrt` (lr * sqrt(warmup / step), "
+                                 "floored at min_learning_rate); `wsd` warmup-stable-decay: "
+                                 "constant, then the last decay_fraction of train.steps cools "
+                                 "down to min_learning_rate (raise train.steps on resume to "
+                                 "extend the stable phase).", choices=SCHEDULES)
     decay_fraction: float = _f(0.2, "wsd: fraction of train.steps spent cooling down.",
                                min=0.0, max=1.0, min_exclusive=True)
     cooldown: str = _f("linear", "wsd: cooldown shape, `linear` or `1-sqrt` (MiniCPM / "
                        "Hägele et al.).", choices=("linear", "1-sqrt"))
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to biases, "
-                             "norms and embeddings).", min=0.0)
-    beta_1: float = _f(0.9, "AdamW beta_1.", min=0.0, max=1.0)
-    beta_2: float = _f(0.95, "AdamW beta_2.", min=0.0, max=1.0)
-    epsilon: float = _f(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
+    weight_decay: float = _f(0.1, "Decoupled weight decay, times the learning rate (not "
+                             "applied to biases, norms and embeddings).", min=0.0)
+    beta_1: Optional[float] = _f(None, "First-moment decay (adamw, muon's AdamW part, lion, "
+                                 "schedule_free_adamw; unset = 0.9).", min=0.0, max=1.0)
+    beta_2: Optional[float] = _f(None, "Second-moment decay (adamw, muon's AdamW part, "
+                                 "schedule_free_adamw; lion's momentum decay; unset = 0.95, "
+                                 "lion 0.99, schedule_free_adamw 0.999).", min=0.0, max=1.0)
+    epsilon: Optional[float] = _f(None, "Adam epsilon (adamw, muon's AdamW part, "
+                                  "schedule_free_adamw; unset = 1e-8).", min=0.0,
+                                  min_exclusive=True)
+    momentum: Optional[float] = _f(None, "Momentum (sgd, muon; unset = sgd 0.9, muon 0.95).",
+                                   min=0.0, max=1.0)
+    nesterov: Optional[bool] = _f(None, "Nesterov momentum (sgd, muon; unset = sgd false, "
+                                  "muon true).")
+    muon_learning_rate: Optional[float] = _f(
+        None, "muon: peak learning rate of the Muon-updated matrices, on the same schedule "
+        "(unset = learning_rate: Keras scales each Muon update to AdamW's RMS, "
+        "0.2 * sqrt(max(rows, cols)), Moonlight's rule).", min=0.0, min_exclusive=True)
+    ns_steps: Optional[int] = _f(None, "muon: Newton-Schulz iterations (unset = 5).", min=1)
     clipnorm: Optional[float] = _f(1.0, "Clip the global gradient norm to this (unset or 0: "
                                    "no clipping).", min=0.0)
+
+    def setting(self, key: str):
+        """The value ``key`` takes for this optimizer: the config's, or the optimizer's
+        default (see OPTIMIZER_DEFAULTS) when unset."""
+        value = getattr(self, key)
+        return OPTIMIZER_DEFAULTS[self.name].get(key) if value is None else value
+
+    @property
+    def resolved_schedule(self) -> str:
+        return self.schedule or ("constant" if self.name == "schedule_free_adamw" else "cosine")
 
 
 @dataclass
@@ -493,7 +540,8 @@ def _check_plain_name(key: str, value) -> list[str]:
 
 def _cross_checks(c: Config) -> list[str]:
     """Problems that involve more than one key, section by section."""
-    return (_model_checks(c) + _objective_checks(c) + _schedule_checks(c)
+    return (_model_checks(c) + _objective_checks(c) + _optimizer_checks(c)
+            + _schedule_checks(c)
             + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
             + _check_plain_name("export.name", c.export.name))
 
@@ -541,6 +589,22 @@ def _objective_checks(c: Config) -> list[str]:
         p.append("`data.document_mask: true` is for causal `concat` rows (pad rows and "
                  f"masked-LM rows hold one document already or attend both ways). Received: "
                  f"objective={m.objective}, packing={c.data.packing}")
+    return p
+
+
+def _optimizer_checks(c: Config) -> list[str]:
+    """A key of another optimizer, set for this one, is a mistake worth naming."""
+    p, o = [], c.optimizer
+    own = OPTIMIZER_DEFAULTS[o.name]
+    for key in OPTIMIZER_KEYS:
+        if getattr(o, key) is not None and key not in own:
+            users = ", ".join(n for n, keys in OPTIMIZER_DEFAULTS.items() if key in keys)
+            p.append(f"`optimizer.{key}` does not apply to `optimizer.name: {o.name}` (it is "
+                     f"used by: {users}). Remove it, or choose one of those optimizers")
+    if o.name == "schedule_free_adamw" and o.resolved_schedule != "constant":
+        p.append("`optimizer.name: schedule_free_adamw` needs no decay schedule: leave "
+                 "`optimizer.schedule` unset or `constant` (warmup_steps still applies). "
+                 f"Received: schedule={o.schedule}")
     return p
 
 

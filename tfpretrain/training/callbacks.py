@@ -230,3 +230,32 @@ class RollbackMonitor(keras.callbacks.Callback):
         if self.after and int(self.model.consecutive_skips.numpy()) >= self.after:
             self.requested = True
             self.model.stop_training = True
+
+
+class EvaluationWeights(keras.callbacks.Callback):
+    """Validation and the eval-time sample on the weights to evaluate
+    (``optimizers.evaluation_weights``: schedule-free AdamW's average); the training weights
+    are back before the next step. Goes last, so the other callbacks' on_epoch_end (the
+    sample) still sees the evaluation weights."""
+
+    def __init__(self):
+        super().__init__()
+        self._inside = None
+
+    def on_test_begin(self, logs=None):
+        from tfpretrain.training.optimizers import evaluation_weights
+
+        if self._inside is None:
+            self._inside = evaluation_weights(self.model)
+            self._inside.__enter__()
+
+    def _leave(self):
+        if self._inside is not None:
+            inside, self._inside = self._inside, None
+            inside.__exit__(None, None, None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._leave()
+
+    def on_train_end(self, logs=None):
+        self._leave()

@@ -1,6 +1,9 @@
-"""AdamW + linear warmup + a decay schedule (cosine by default, as nanoGPT and litgpt set it;
-linear, constant, inverse-sqrt or warmup-stable-decay)."""
+"""The optimizer (Keras's AdamW by default; Muon, Lion, Adafactor, schedule-free AdamW, SGD)
++ linear warmup + a decay schedule (cosine by default, as nanoGPT and litgpt set it; linear,
+constant, inverse-sqrt or warmup-stable-decay)."""
 from __future__ import annotations
+
+import contextlib
 
 import keras
 
@@ -14,14 +17,14 @@ NO_DECAY = ["bias", "gamma", "beta", "scale", "embeddings"]
 def build_schedule(cfg: OptimizerConfig, total_steps: int):
     """0 -> learning_rate over warmup_steps, then ``cfg.schedule`` (cosine: Keras's
     CosineDecay to min_learning_rate at total_steps; the others: :class:`WarmupDecay`)."""
-    if cfg.schedule == "cosine":
+    if cfg.resolved_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0,
             decay_steps=max(1, total_steps - cfg.warmup_steps),
             alpha=cfg.min_learning_rate / cfg.learning_rate,
             warmup_target=cfg.learning_rate,
             warmup_steps=cfg.warmup_steps)
-    return WarmupDecay(cfg.schedule, cfg.learning_rate, cfg.min_learning_rate,
+    return WarmupDecay(cfg.resolved_schedule, cfg.learning_rate, cfg.min_learning_rate,
                        cfg.warmup_steps, total_steps, cfg.decay_fraction, cfg.cooldown)
 
 
@@ -84,11 +87,80 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "scale": float(self.scale.numpy())}
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> keras.optimizers.AdamW:
-    """Clipping is done by the model's train_step on the global norm it also logs."""
-    opt = keras.optimizers.AdamW(
-        learning_rate=ScaledSchedule(build_schedule(cfg, total_steps)),
-        weight_decay=cfg.weight_decay,
-        beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon)
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, schedule=None):
+    """``cfg.name``'s Keras optimizer on ``schedule`` (default: :func:`build_schedule`),
+    wrapped in a :class:`ScaledSchedule` for rollbacks; no weight decay on NO_DECAY weights.
+    Clipping is done by the model's train_step on the global norm it also logs."""
+    lr = ScaledSchedule(schedule or build_schedule(cfg, total_steps))
+    opt = _constructors()[cfg.name](cfg, lr)
     opt.exclude_from_weight_decay(var_names=NO_DECAY)  # must precede opt.build()
     return opt
+
+
+def _constructors() -> dict:
+    """optimizer.name -> (cfg, learning rate) -> the Keras optimizer."""
+    opt = keras.optimizers
+    s = OptimizerConfig.setting
+    wd = lambda c: c.weight_decay or None  # noqa: E731
+    return {
+        "adamw": lambda c, lr: opt.AdamW(lr, weight_decay=c.weight_decay, beta_1=s(c, "beta_1"),
+                                         beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon")),
+        "muon": _muon,
+        "lion": lambda c, lr: opt.Lion(lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
+                                       weight_decay=wd(c)),
+        "adafactor": lambda c, lr: opt.Adafactor(lr, weight_decay=wd(c)),
+        "schedule_free_adamw": lambda c, lr: opt.ScheduleFreeAdamW(
+            lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon"),
+            weight_decay=wd(c)),
+        "sgd": lambda c, lr: opt.SGD(lr, momentum=s(c, "momentum"),
+                                     nesterov=s(c, "nesterov"), weight_decay=wd(c)),
+    }
+
+
+def _muon(cfg: OptimizerConfig, lr):
+    """Muon on the hidden weight matrices (attention and MLP kernels), AdamW (Keras's Muon
+    keeps one) on embeddings, the (tied or reverse-embedding) output head, norms and biases;
+    the matrices' peak rate is muon_learning_rate on the same schedule."""
+    from tfpretrain.compat import muon
+
+    s = cfg.setting
+    scale = (s("muon_learning_rate") or cfg.learning_rate) / cfg.learning_rate
+    return muon(muon_scale=scale, learning_rate=lr, adam_beta_1=s("beta_1"),
+                adam_beta_2=s("beta_2"), epsilon=s("epsilon"), weight_decay=cfg.weight_decay,
+                adam_weight_decay=cfg.weight_decay, momentum=s("momentum"),
+                nesterov=s("nesterov"), ns_steps=s("ns_steps"), exclude_embeddings=True,
+                adam_lr_ratio=1.0)
+
+
+def is_schedule_free(optimizer) -> bool:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return isinstance(inner, keras.optimizers.ScheduleFreeAdamW)
+
+
+def to_evaluation_weights(model):
+    """Give the model the weights to evaluate, sample and export. For schedule-free AdamW
+    that is the average x, not the point y it trains at (Defazio et al.); returns y's
+    values to put back (None: another optimizer, nothing changed)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not is_schedule_free(optimizer):
+        return None
+    from tfpretrain.compat import schedule_free_average
+
+    variables = list(model.trainable_variables)
+    kept = [v.numpy() for v in variables]
+    for v in variables:
+        v.assign(schedule_free_average(optimizer, v))
+    return kept
+
+
+@contextlib.contextmanager
+def evaluation_weights(model):
+    """Inside, the model holds :func:`to_evaluation_weights`; the training weights are put
+    back bit for bit on exit, so training and checkpoints go on unchanged."""
+    kept = to_evaluation_weights(model)
+    try:
+        yield model
+    finally:
+        if kept is not None:
+            for v, value in zip(model.trainable_variables, kept):
+                v.assign(value)

@@ -233,18 +233,20 @@ class Run:
         from tfpretrain.models.lm import weights_sha256
         from tfpretrain.objectives import float32_copy
         from tfpretrain.training.evaluation import evaluate_split, rounded
+        from tfpretrain.training.optimizers import evaluation_weights
 
         cfg, t0 = self.cfg, time.time()
-        # evaluated, sampled and exported in float32 whatever the training precision
-        final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size)
-        metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
-                                 self.packed.unigram_counts, cfg.eval.final_steps)
-        sampler = (self.sampler if final is self.model
-                   else self.objective.sampler(final, self.tokenizer))
-        sample = sampler(self.prompt, **self.sample_kwargs)
-        log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
-        log(f"sample: {sample!r}")
-        extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
+        with evaluation_weights(self.model):  # schedule-free AdamW: its average
+            # evaluated, sampled and exported in float32 whatever the training precision
+            final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size)
+            metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
+                                     self.packed.unigram_counts, cfg.eval.final_steps)
+            sampler = (self.sampler if final is self.model
+                       else self.objective.sampler(final, self.tokenizer))
+            sample = sampler(self.prompt, **self.sample_kwargs)
+            log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
+            log(f"sample: {sample!r}")
+            extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
         steps, model, logger = self.step, self.model, self.logger
         summary = {
             "run_dir": str(self.run_dir), **extra,
@@ -297,8 +299,10 @@ class Run:
             sink.flush()
 
     def _callbacks(self):
-        from tfpretrain.training.callbacks import (CheckpointEvery, PreemptionCheckpoint,
-                                                   RollbackMonitor, StopAtStep)
+        from tfpretrain.training.callbacks import (CheckpointEvery, EvaluationWeights,
+                                                   PreemptionCheckpoint, RollbackMonitor,
+                                                   StopAtStep)
+        from tfpretrain.training.optimizers import is_schedule_free
 
         cfg = self.cfg
         rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
@@ -308,6 +312,8 @@ class Run:
         callbacks = [self.logger, StopAtStep(cfg.train.steps), rollback, saver,
                      PreemptionCheckpoint(self.manager, self._checkpoint_state,
                                           self.preemption)]
+        if is_schedule_free(self.optimizer):
+            callbacks.append(EvaluationWeights())
         return callbacks, rollback, saver
 
     def _train_data(self, step: int, batcher):

@@ -185,6 +185,7 @@ def load_run(run_dir: Path):
     from tfpretrain.data.tokenizers import load_tokenizer
     from tfpretrain.training.checkpoints import CheckpointManager
     from tfpretrain.objectives import float32_copy
+    from tfpretrain.training.optimizers import to_evaluation_weights
     from tfpretrain.training.runtime import build_and_compile
 
     run_dir = Path(run_dir)
@@ -200,4 +201,5 @@ def load_run(run_dir: Path):
     if found is None:
         raise UserError(f"--run-dir: {run_dir} has no valid checkpoint to load")
     manager.restore(found[0])
+    to_evaluation_weights(model)  # schedule-free AdamW: its average is the model
     return cfg, tokenizer, float32_copy(model, cfg, tokenizer.vocabulary_size)

@@ -1,0 +1,188 @@
+"""optimizer.name: each Keras optimizer trains, decays only what it should, validates its
+keys, survives the guard and resumes bit for bit; schedule-free AdamW evaluates its average."""
+import numpy as np
+import pytest
+
+from conftest import last_json_line, run_cli, tiny_config
+
+from tfpretrain.config import OPTIMIZERS
+
+# a learning rate each optimizer trains the tiny model with (adafactor's is relative to each
+# weight's RMS; sgd has no per-weight normalization)
+LEARNING_RATES = {"adamw": 1e-2, "muon": 1e-2, "lion": 3e-3, "adafactor": 3e-1,
+                  "schedule_free_adamw": 1e-2, "sgd": 3e-1}
+
+
+def fixed_batch():
+    """16 rows of 32 next-token pairs with a pattern to learn (odd tokens = even + 1)."""
+    x = np.random.RandomState(0).randint(5, 60, size=(16, 33))
+    x[:, 1::2] = x[:, ::2][:, :16] + 1
+    return x[:, :-1], x[:, 1:], np.ones((16, 32), "float32")
+
+
+def compiled(tmp_path, name, arch="gpt2", **optimizer):
+    import keras
+
+    from tfpretrain.training.runtime import build_and_compile
+
+    lr = LEARNING_RATES[name]
+    cfg = tiny_config(tmp_path, model={"arch": arch}, train={"steps": 30},
+                      optimizer={"name": name, "learning_rate": lr,
+                                 "min_learning_rate": lr / 10, **optimizer})
+    keras.utils.set_random_seed(0)
+    return build_and_compile(cfg, 320, 1)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_lowers_the_training_loss(tmp_path, name):
+    model = compiled(tmp_path, name, arch="llama" if name == "muon" else "gpt2")
+    batch = fixed_batch()
+    losses = [float(model.train_on_batch(*batch)[0]) for _ in range(30)]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_decay_spares_norms_biases_and_embeddings(tmp_path, name):
+    """Updates with zero gradients move a weight only by decay: every kernel shrinks
+    (by lr * weight_decay = 0.5% a step), every bias, norm and embedding stays (to float
+    rounding: schedule-free AdamW's interpolation rounds). Two steps: schedule-free AdamW's
+    first average is its starting point, which undoes the first step's decay."""
+    import keras
+
+    model = compiled(tmp_path, name, warmup_steps=0, weight_decay=0.5)
+    variables = model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    for _ in range(2):
+        model.optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in variables])
+    for v, old in zip(variables, before):
+        exempt = any(part in v.path.split("/")[-1] for part in
+                     ("bias", "gamma", "beta", "scale", "embeddings"))
+        if exempt:
+            np.testing.assert_allclose(v.numpy(), old, rtol=1e-6, atol=0, err_msg=v.path)
+        elif v.path.endswith("kernel"):
+            assert np.abs(v.numpy()).sum() < 0.999 * np.abs(old).sum(), (name, v.path)
+
+
+def test_muon_updates_every_hidden_matrix_and_adamw_the_rest(tmp_path):
+    from tfpretrain.compat import matrix_shape
+
+    model = compiled(tmp_path, "muon", arch="llama")
+    opt = model.optimizer
+    muon = {v.path for v in model.trainable_variables if opt.uses_muon(v)}
+    kernels = {v.path for v in model.trainable_variables if v.path.endswith("kernel")}
+    assert muon == kernels and len(kernels) == 14       # q, k, v, o (3-D) and 3 MLP, x 2 layers
+    assert not any("embedding" in p or "norm" in p for p in muon)
+    # a 3-D attention kernel is orthogonalized as the projection's own matrix
+    assert matrix_shape((512, 8, 64)) == (512, 512)      # query: hidden x (heads * head_dim)
+    assert matrix_shape((8, 64, 512)) == (512, 512)      # output: (heads * head_dim) x hidden
+    assert matrix_shape((512, 2, 64)) == (512, 128)      # GQA key
+    assert matrix_shape((64, 256)) == (64, 256)
+
+
+def test_muon_learning_rate_scales_only_the_muon_matrices(tmp_path):
+    """Twice the muon rate: the first update of a Muon matrix doubles, an AdamW weight's
+    does not change."""
+    import keras
+
+    moves = []
+    for muon_lr in (1e-2, 2e-2):
+        model = compiled(tmp_path, "muon", warmup_steps=0, weight_decay=0.0,
+                         muon_learning_rate=muon_lr)
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        keras.utils.set_random_seed(1)
+        grads = [keras.random.normal(v.shape) for v in model.trainable_variables]
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        moves.append({v.path: np.abs(v.numpy() - b).max()
+                      for v, b in zip(model.trainable_variables, before)})
+        muon_path = next(v.path for v in model.trainable_variables
+                         if model.optimizer.uses_muon(v))
+    assert moves[1][muon_path] == pytest.approx(2 * moves[0][muon_path], rel=1e-4)
+    embedding = next(p for p in moves[0] if p.endswith("token_embedding/embeddings"))
+    assert moves[1][embedding] == pytest.approx(moves[0][embedding], rel=1e-6)
+
+
+def test_schedule_free_evaluates_its_average_and_trains_on_unchanged(tmp_path):
+    from tfpretrain.training.optimizers import evaluation_weights
+
+    model = compiled(tmp_path, "schedule_free_adamw")
+    batch = fixed_batch()
+    for _ in range(10):
+        model.train_on_batch(*batch)
+    y = [v.numpy().copy() for v in model.trainable_variables]
+    z = [v.numpy() for v in model.optimizer._momentums]
+    with evaluation_weights(model):
+        x = [v.numpy().copy() for v in model.trainable_variables]
+    after = [v.numpy() for v in model.trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(y, after))      # y back bit for bit
+    beta_1 = 0.9
+    for xi, yi, zi in zip(x, y, z):                                 # y = (1-b) z + b x
+        np.testing.assert_allclose((1 - beta_1) * zi + beta_1 * xi, yi, atol=1e-6)
+    assert not all(np.array_equal(a, b) for a, b in zip(x, y))
+
+
+def test_guard_skips_a_nan_step_with_muon_weights_and_moments_unchanged(tmp_path):
+    from test_resume import _fit_with_weights_per_step, _same
+
+    model, snaps = _fit_with_weights_per_step(
+        tmp_path, debug={"nan_at_step": 8}, train={"steps": 12},
+        optimizer={"name": "muon"})
+    assert _same(snaps[7][0], snaps[8][0]) and _same(snaps[7][1][1:], snaps[8][1][1:])
+    assert snaps[8][2][3] == 1.0 and not _same(snaps[8][0], snaps[9][0])
+
+
+def extended_run(tmp_path, name, steps, run_dir, spe=2):
+    from tfpretrain.fit import fit
+
+    cfg = tiny_config(tmp_path, optimizer={"name": name, "schedule": "constant",
+                                           "warmup_steps": 4},
+                      train={"steps": steps, "checkpoint_every": 10, "deterministic": True,
+                             "steps_per_execution": spe},
+                      eval={"every": 10, "final_steps": 2}, export={"enabled": False})
+    return fit(cfg, run_dir)
+
+
+@pytest.mark.parametrize("name", [
+    "muon", "schedule_free_adamw",
+    *[pytest.param(n, marks=pytest.mark.slow) for n in ("adamw", "lion", "adafactor", "sgd")]])
+def test_resume_with_more_steps_is_bitwise_the_unbroken_run(tmp_path, name):
+    """20 steps, then resumed to 40 (constant schedule), equals 40 steps in one go:
+    weights, optimizer state (hence the next updates) and the final val loss."""
+    unbroken = extended_run(tmp_path, name, 40, tmp_path / "a")
+    extended_run(tmp_path, name, 20, tmp_path / "b")
+    resumed = extended_run(tmp_path, name, 40, tmp_path / "b")
+    assert resumed["steps"] == unbroken["steps"] == 40
+    assert resumed["weights_sha256"] == unbroken["weights_sha256"]
+    assert resumed["val_loss"] == unbroken["val_loss"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optimizer.momentum=0.9", "`optimizer.momentum` does not apply to `optimizer.name: adamw`"),
+    ("optimizer.name=sgd", None),
+    ("optimizer.muon_learning_rate=0.02", "`optimizer.muon_learning_rate` does not apply"),
+])
+def test_a_key_of_another_optimizer_is_named_in_the_error(tmp_path, override, named):
+    from tfpretrain.config import ConfigError, build_config
+
+    name, value = override.split("=")
+    section, key = name.split(".")
+    raw = {"optimizer": {key: value if key == "name" else float(value)}}
+    if named is None:
+        assert build_config(raw).optimizer.setting("momentum") == 0.9
+        return
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    assert named in str(err.value)
+
+
+def test_wrong_optimizer_key_and_schedule_free_schedule_exit_2_on_the_command_line():
+    r = run_cli("tfpretrain.fit", "--dry-run", "--set", "optimizer.name=lion",
+                "--set", "optimizer.epsilon=1e-6", "--set", "optimizer.name=lion")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "`optimizer.epsilon` does not apply to `optimizer.name: lion`" in r.stderr
+    r = run_cli("tfpretrain.fit", "--dry-run", "--set", "optimizer.name=schedule_free_adamw",
+                "--set", "optimizer.schedule=cosine")
+    assert r.returncode == 2 and "leave `optimizer.schedule` unset or `constant`" in r.stderr
+    r = run_cli("tfpretrain.fit", "--dry-run", "--set", "optimizer.name=schedule_free_adamw")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert last_json_line(r.stdout)
