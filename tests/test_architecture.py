@@ -22,7 +22,8 @@ LAYERS = {
     "training": 3,
     "serving": 4,
     "fit": 5, "generate": 5, "export": 5, "evaluate": 5, "tune": 5, "runs": 5, "bench": 5,
-    "cli": 5, "__main__": 5, "data.__main__": 5, "estimate": 5,
+    "cli": 5, "__main__": 5, "data.__main__": 5, "estimate": 5, "lr_find": 5, "schedule": 5,
+    "plots": 0,
 }
 LAYER_NAMES = ["config", "data", "models", "training", "serving", "commands"]
 MAX_FUNCTION_LINES = 60

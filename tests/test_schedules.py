@@ -44,3 +44,39 @@ def test_wsd_resumed_with_more_steps_stays_in_the_stable_phase(tmp_path):
     longer = lr_at(tmp_path, 2000, "wsd", [10, 400, 799, 900, 1600])
     assert short[:3] == longer[:3] == pytest.approx([1e-2] * 3)
     assert short[3] < 1e-2 and longer[3] == pytest.approx(1e-2) and longer[4] == pytest.approx(1e-2)
+
+
+def test_schedule_command_prints_the_run_s_rates_and_plots_them(tmp_path):
+    from conftest import last_json_line, run_cli
+
+    png = tmp_path / "wsd.png"
+    r = run_cli("tfpretrain.schedule", "--set", "optimizer.schedule=wsd", "--set",
+                "train.steps=1000", "--set", "optimizer.warmup_steps=100", "--points", "5",
+                "--png", str(png))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = last_json_line(r.stdout)
+    assert out["steps"] == [1, 101, 251, 501, 750, 1000]   # evenly spaced, and the warmup end
+    lr = dict(zip(out["steps"], out["learning_rates"]))
+    assert lr[1] == 0.0 and lr[101] == lr[501] == lr[750] == pytest.approx(3e-3)
+    assert lr[1000] == pytest.approx(3e-4 + 2.7e-3 / 200)   # last step of the cooldown
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_lr_find_on_a_tiny_model_suggests_a_finite_rate_and_writes_the_plot(tmp_path):
+    from conftest import last_json_line, run_cli, tiny_raw, write_yaml
+
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_raw(tmp_path))
+    png = tmp_path / "out" / "lr.png"
+    r = run_cli("tfpretrain.lr_find", "--config", str(cfg), "--steps", "40", "--min", "1e-4",
+                "--max", "10", "--png", str(png))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json_line(r.stdout)
+    assert 1e-4 <= out["suggested_learning_rate"] <= out["min_loss_learning_rate"] <= 10
+    assert math.isfinite(out["min_smoothed_loss"])
+    assert out["diverged_at_step"] is not None and out["steps_run"] <= 40   # lr 10 blows up
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (png.with_suffix(".csv")).read_text().splitlines()
+    assert rows[0] == "step,learning_rate,loss,smoothed_loss" and len(rows) == out["steps_run"] + 1
+    assert float(rows[1].split(",")[1]) == pytest.approx(1e-4, rel=1e-3)
+    bad = run_cli("tfpretrain.lr_find", "--min", "1", "--max", "0.1")
+    assert bad.returncode == 2 and "--min and --max" in bad.stderr

@@ -16,6 +16,8 @@ COMMANDS = {
     "runs": ("tfpretrain.runs", "compare run folders (table, plot)"),
     "data": ("tfpretrain.data.__main__", "prepare the token cache of a config"),
     "estimate": ("tfpretrain.estimate", "FLOPs, hours and dollars of a run or search"),
+    "lr_find": ("tfpretrain.lr_find", "learning-rate range test: a suggested peak rate"),
+    "schedule": ("tfpretrain.schedule", "the learning rate of every step (table, PNG)"),
     "bench": ("tfpretrain.bench", "throughput benchmarks (fit, generate, data)"),
 }
 

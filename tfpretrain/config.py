@@ -166,7 +166,8 @@ class OptimizerConfig:
                    "momentum on the hidden weight matrices, AdamW on embeddings, norms, "
                    "biases and the output head); `lion`; `adafactor` (factored second "
                    "moments, updates relative to each weight's RMS: its learning_rate is "
-                   "larger, ~0.1-0.3 on the tiny models we tested; lr_find tells); `schedule_free_adamw` (no decay schedule: "
+                   "larger, ~0.1-0.3 on the tiny models we tested; lr_find tells); "
+                   "`schedule_free_adamw` (no decay schedule: "
                    "`schedule` stays `constant`, evaluation and export use the averaged "
                    "weights); `sgd`.", choices=OPTIMIZERS)
     learning_rate: float = _f(3e-3, "Peak learning rate (after warmup); for `muon` the AdamW "

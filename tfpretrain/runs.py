@@ -75,10 +75,9 @@ def val_curve(run: Path) -> tuple[list[int], list[float]]:
 
 
 def plot(rows: list[dict], root: Path, path: Path) -> Path:
-    import matplotlib
+    from tfpretrain.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:

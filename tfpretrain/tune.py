@@ -225,10 +225,9 @@ def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None
 
 def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) -> None:
     """One scatter per tuned key: the objective of each finished trial against its value."""
-    import matplotlib
+    from tfpretrain.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(space)
     done = [r for r in rows if r["objective"] is not None]

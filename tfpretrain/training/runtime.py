@@ -119,11 +119,12 @@ def step_flops(cfg: Config, vocabulary_size: int) -> float:
 
 
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
-                      jit: bool | None = None, precision: str | None = None):
+                      jit: bool | None = None, precision: str | None = None, schedule=None):
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
     fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints.
     ``precision``: a Keras dtype policy name (default: ``resolve_precision(cfg)``);
-    mixed_float16 wraps the optimizer in Keras's LossScaleOptimizer."""
+    mixed_float16 wraps the optimizer in Keras's LossScaleOptimizer. ``schedule``: a
+    learning-rate schedule instead of the config's (the range test's sweep)."""
     import keras
 
     from tfpretrain.objectives import build_model
@@ -132,7 +133,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     check_memory(cfg, vocabulary_size)
     precision = precision or resolve_precision(cfg, vocabulary_size)
     model = build_model(cfg, vocabulary_size, steps_per_execution, precision)
-    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps, schedule)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
