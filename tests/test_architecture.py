@@ -23,6 +23,7 @@ LAYERS = {
     "serving": 4,
     "fit": 5, "generate": 5, "export": 5, "evaluate": 5, "tune": 5, "runs": 5, "bench": 5,
     "cli": 5, "__main__": 5, "data.__main__": 5, "estimate": 5, "lr_find": 5, "schedule": 5,
+    "bench_optim": 5,
     "plots": 0,
 }
 LAYER_NAMES = ["config", "data", "models", "training", "serving", "commands"]

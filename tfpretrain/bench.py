@@ -10,6 +10,10 @@
 
     python -m tfpretrain.bench generate --run-dir DIR [--saved-model PATH] [--new-tokens N]
 
+    python -m tfpretrain.bench optim [--config PATH] [--set KEY=VALUE ...]
+                                     [--variant NAME:KEY=VALUE,... ...] [--seeds 1337,1338]
+                                     [--eval-every N] [--out table.md]
+
 ``fit`` trains the configured model on the configured data two ways in one process and
 prints tokens/s for each and their ratio:
 - ``keras_hub_plain``: keras_hub's own task (GPT2CausalLM / LlamaCausalLM, no preprocessor)
@@ -38,6 +42,10 @@ keras_hub's own ``CausalLM.generate()`` on the run's weights as keras_hub config
 default (``compile()``'s ``jit_compile="auto"``: XLA only when a GPU is visible), forced
 with XLA and forced without, and the exported SavedModel's ``sample`` signature at
 temperature 0 (KV-cached, no Xla ops), after one warm-up call each.
+
+``optim`` trains each optimizer/schedule variant with ``fit`` for the config's steps and
+seeds and tables final val loss, steps to reach the first variant's final val loss,
+tokens/s and peak memory (``tfpretrain.bench_optim``).
 
 The last line of each is a JSON object.
 """
@@ -534,7 +542,33 @@ def parser() -> argparse.ArgumentParser:
                    help="MB of the corpus the per-kind cold rates are measured on")
     d.add_argument("--read-batches", type=int, default=2000)
     d.add_argument("--train-steps", type=int, default=64)
+    o = sub.add_parser("optim", help="optimizers/schedules: val loss, steps to AdamW's, tok/s")
+    o.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    o.add_argument("--set", dest="overrides", action="append", default=[])
+    o.add_argument("--variant", dest="variants", action="append",
+                   help="NAME:KEY=VALUE,... (repeatable; the first is the baseline; default: "
+                        "adamw, muon, muon-lr1e-2, adamw-wsd, schedule_free_adamw, lion, "
+                        "adafactor, sgd)")
+    o.add_argument("--seeds", default="1337,1338", help="comma-separated train.seed values")
+    o.add_argument("--eval-every", type=int, default=50,
+                   help="validation interval, the resolution of 'reaches baseline at'")
+    o.add_argument("--out", help="also write the markdown table to this file")
     return p
+
+
+def _optim(args) -> int:
+    from tfpretrain.bench_optim import DEFAULT_VARIANTS, bench_optim, optim_table
+
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    base = args.overrides + [f"eval.every={args.eval_every}", "export.enabled=false"]
+    result = bench_optim(args.config, base, args.variants or list(DEFAULT_VARIANTS), seeds,
+                         log=lambda m: print(f"[tfpretrain] {m}", flush=True))
+    table = optim_table(result)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    print(json.dumps(result))
+    return 0
 
 
 def _select_backend(backend: str) -> None:
@@ -583,6 +617,8 @@ def main(argv=None) -> int:
     quiet_tensorflow()
     if args.what == "gpu":
         return _gpu(args)
+    if args.what == "optim":
+        return _optim(args)
     if args.what == "data":
         from tfpretrain.config import load_config
 
