@@ -5,8 +5,9 @@ the config) is trained by the real ``python -m tfpretrain.fit`` in its own proce
 the same steps, once per seed, with validation every ``--eval-every`` steps. The table:
 final val loss (``eval.final_steps`` batches; mean over seeds, and each seed), the first
 validation step at which the variant reaches the baseline's (first variant's) last
-validation loss of the same seed, and that as a fraction of the baseline's steps, tokens/s, peak RSS of the process, seconds. Variants run
-alternating (seed by seed), so machine noise spreads over all of them.
+validation loss of the same seed, and that as a fraction of the baseline's steps,
+tokens/s, peak RSS of the process, seconds. Variants run alternating (seed by seed), so
+machine noise spreads over all of them.
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE`` (config keys without their ``optimizer.``
 prefix are read as optimizer keys), e.g. ``muon-2x:name=muon,muon_learning_rate=6e-3``.
