@@ -820,7 +820,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def markdown_reference() -> str:
-    """The README's config reference tables, generated from the field metadata."""
+    """docs/config.md's reference tables, generated from the field metadata."""
     out = []
     for sec, cls in _section_classes().items():
         out += [f"**`{sec}`**", "", "| key | default | meaning |", "|---|---|---|"]
