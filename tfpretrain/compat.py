@@ -33,6 +33,8 @@ PRIVATE_SYMBOLS = (
     ("keras Muon's AdamW-or-Muon choice (widened to 3-D kernels)", "keras.optimizers.Muon",
      "_should_use_adamw"),
     ("keras optimizers' variable index", "keras.optimizers.Optimizer", "_get_variable_index"),
+    ("keras TF optimizer's gradient all-reduce (skipped: the train step sums gradients)",
+     "keras.src.backend.tensorflow.optimizer.TFOptimizer", "_all_reduce_sum_gradients"),
 )
 # Backbone attributes the document-masked forward pass walks (public names, but internals
 # of the backbone's layer stack rather than documented API).
@@ -107,6 +109,17 @@ def pure_tf_slice_update():
         yield
     finally:
         core.slice_update = original
+
+
+def gradients_arrive_summed(optimizer) -> None:
+    """The train step all-reduces the gradients itself (the guard and clipping need the
+    global batch's); keras's TF optimizer would sum them over the replicas again in
+    ``_all_reduce_sum_gradients`` (Keras 2 had ``experimental_aggregate_gradients=False``
+    for this). Make it pass them through, on this optimizer (or a LossScaleOptimizer's inner
+    one)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if hasattr(inner, "_all_reduce_sum_gradients"):  # the TensorFlow backend's optimizer
+        inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
 
 
 def matrix_shape(shape) -> tuple:

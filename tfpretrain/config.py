@@ -232,6 +232,15 @@ class TrainConfig:
     jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on, except "
                                      "bfloat16 on a CPU, where XLA measured slower).")
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
+    strategy: str = _f("auto", "tf.distribute placement: `one_device`; `mirrored` "
+                       "(MirroredStrategy: data parallel over this host's GPUs, or over "
+                       "`logical_cpu_devices`); `auto` = mirrored when several GPUs or logical "
+                       "CPU devices are visible, else one_device. train.batch_size stays the "
+                       "global batch. Multi-worker and TPU are not supported yet "
+                       "(docs/distributed.md).", choices=("auto", "one_device", "mirrored"))
+    logical_cpu_devices: int = _f(0, "Split the CPU into this many logical devices (0 = "
+                                  "no split), so `mirrored` runs without GPUs (tests, "
+                                  "trying a multi-device setup).", min=0)
     precision: str = _f("auto", "Compute precision (Keras mixed-precision policy; weights, "
                         "checkpoints and exports stay float32; logits, loss, norms' statistics "
                         "and the guard in float32). auto = mixed_bfloat16 on GPUs with bf16 "

@@ -21,6 +21,20 @@ from tfpretrain.data.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 LOG_FIELDS = ("loss", "grad_norm", "learning_rate", "skipped")
 
 
+def replicas_sum(value):
+    """Sum a tensor (or list of gradients) over the replicas of a tf.distribute strategy
+    (itself on one device). Sparse embedding gradients are made dense first."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    if isinstance(value, list):
+        dense = [None if g is None else tf.convert_to_tensor(g) for g in value]
+        kept = [g for g in dense if g is not None]
+        summed = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, kept))
+        return [None if g is None else next(summed) for g in dense]
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 class CausalLM(DecoderNet):
     """token_ids [batch, seq] -> logits [batch, seq, vocab] over a keras_hub backbone.
 
@@ -54,21 +68,25 @@ class CausalLM(DecoderNet):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Guard state (tracked, so it is checkpointed and survives a resume): recent
         # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
-        self.guard_history = self.add_weight(shape=(spike_window, 2), initializer="zeros",
-                                             trainable=False, name="guard_history")
-        self.guard_accepted = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                              trainable=False, name="guard_accepted")
-        self.skipped_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                             trainable=False, name="skipped_steps")
-        self.clipped_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                             trainable=False, name="clipped_steps")
-        self.consecutive_skips = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                                 trainable=False, name="consecutive_skips")
+        # Every replica computes the same values (from all-reduced gradients), so under a
+        # tf.distribute strategy the first replica's write stands for all.
+        state = dict(initializer="zeros", trainable=False, aggregation="only_first_replica")
+        self.guard_history = self.add_weight(shape=(spike_window, 2), name="guard_history",
+                                             **state)
+        self.guard_accepted = self.add_weight(shape=(), dtype="int64", name="guard_accepted",
+                                              **state)
+        self.skipped_steps = self.add_weight(shape=(), dtype="int64", name="skipped_steps",
+                                             **state)
+        self.clipped_steps = self.add_weight(shape=(), dtype="int64", name="clipped_steps",
+                                             **state)
+        self.consecutive_skips = self.add_weight(shape=(), dtype="int64",
+                                                 name="consecutive_skips", **state)
         # Per-step log for the last `log_size` steps; read by the TensorBoard callback after
         # each execution so every step is logged. Set with object.__setattr__ so it is not
         # tracked: it is not model state and its shape depends on steps_per_execution.
         object.__setattr__(self, "step_log", tf.Variable(
-            tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log"))
+            tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
 
     @property
     def metrics(self):
@@ -104,7 +122,7 @@ class CausalLM(DecoderNet):
         i+1 starts after i's gradients exist, so only one micro-batch's activations live
         at a time. With a LossScaleOptimizer (mixed_float16) the loss is scaled for the
         backward pass and the gradients unscaled again."""
-        total = tf.reduce_sum(tf.cast(sample_weight, tf.float32))
+        total = replicas_sum(tf.reduce_sum(tf.cast(sample_weight, tf.float32)))
         scale = self.optimizer.dynamic_scale if self.loss_scaled else None
         loss, summed = tf.constant(0.0), None
         for mx, my, mw in self._micro_batches(x, y, sample_weight):
@@ -137,6 +155,7 @@ class CausalLM(DecoderNet):
         # gradient and are left out, not fed to the optimizer as None
         variables = self.trainable_variables
         loss, grads = self._loss_and_gradients(x, y, sample_weight, variables)
+        loss, grads = replicas_sum(loss), replicas_sum(grads)  # the global batch's
         first, count = self.spike_steps
         if first:  # fault injection (tfpretrain.faults): the step's loss and gradient x1000
             scale = tf.where((step >= first) & (step < first + count), 1000.0, 1.0)
@@ -157,28 +176,60 @@ class CausalLM(DecoderNet):
         self.guard_accepted.assign(tf.where(rebaseline, tf.zeros_like(self.guard_accepted),
                                             self.guard_accepted))
 
-        def apply():
-            self._apply(grads, variables)
-            row = tf.cast(self.guard_accepted % self.spike_window, tf.int32)
-            self.guard_history.assign(tf.tensor_scatter_nd_update(
-                self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
-            self.guard_accepted.assign_add(1)
-            self.consecutive_skips.assign(0)
-            return tf.constant(0.0)
-
-        def skip():
-            iterations.assign_add(1)
-            self.skipped_steps.assign_add(1)
-            self.consecutive_skips.assign_add(1)
-            if self.loss_scaled:  # an overflow: halve the loss scale, as Keras's LSO does
-                self._lower_loss_scale(finite)
-            return tf.constant(1.0)
-
-        skipped = tf.cond(accept, apply, skip)
+        skipped = self._apply_or_skip(accept, finite, grads, variables, loss, grad_norm)
         self.loss_tracker.update_state(tf.where(finite, loss, 0.0),
                                        sample_weight=tf.cast(finite, tf.float32))
-        self.step_log.scatter_nd_update([[slot]], [tf.stack([loss, grad_norm, lr, skipped])])
+        self.step_log.assign(tf.tensor_scatter_nd_update(  # (mirrored variables: no scatter)
+            self.step_log, [[slot]], [tf.stack([loss, grad_norm, lr, skipped])]))
         return {"loss": self.loss_tracker.result(), "lr": lr}
+
+    def _accept(self, grads, variables, loss, grad_norm):
+        """The update, and the step joins the guard's window."""
+        self._apply(grads, variables)
+        row = tf.cast(self.guard_accepted % self.spike_window, tf.int32)
+        self.guard_history.assign(tf.tensor_scatter_nd_update(
+            self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
+        self.guard_accepted.assign_add(1)
+        self.consecutive_skips.assign(0)
+
+    def _skip(self, finite):
+        """No update: only the step counter (hence schedule and data position) advances."""
+        self.optimizer.iterations.assign_add(1)
+        self.skipped_steps.assign_add(1)
+        self.consecutive_skips.assign_add(1)
+        if self.loss_scaled:  # an overflow: halve the loss scale, as Keras's LSO does
+            self._lower_loss_scale(finite)
+
+    def _apply_or_skip(self, accept, finite, grads, variables, loss, grad_norm):
+        """``tf.cond(accept, update, skip)``; 1.0 when skipped. Under a tf.distribute
+        strategy the cond runs in cross-replica context, as Keras's LossScaleOptimizer
+        does it (a cond in replica context may not contain the optimizer's merge_call);
+        every replica decided the same from all-reduced values."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            def apply():
+                self._accept(grads, variables, loss, grad_norm)
+                return tf.constant(0.0)
+
+            def skip():
+                self._skip(finite)
+                return tf.constant(1.0)
+            return tf.cond(accept, apply, skip)
+
+        def cross_replica(strategy, accept, finite, grads, loss, grad_norm):
+            first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
+
+            def apply():
+                strategy.extended.call_for_each_replica(
+                    self._accept, args=(grads, variables, loss, grad_norm))
+                return tf.constant(0.0)
+
+            def skip():
+                self._skip(first(finite))
+                return tf.constant(1.0)
+            return tf.cond(first(accept), apply, skip)
+
+        return ctx.merge_call(cross_replica, args=(accept, finite, grads, loss, grad_norm))
 
     @property
     def loss_scaled(self) -> bool:

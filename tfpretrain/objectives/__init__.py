@@ -48,10 +48,11 @@ def build_model(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
                                           precision)
 
 
-def float32_copy(model, cfg: Config, vocabulary_size: int):
-    """``model`` itself if it computes in float32, else a float32 model with its weights
-    (what evaluation, sampling and exports use after a mixed-precision run)."""
-    if model.network.dtype_policy.name == "float32":
+def float32_copy(model, cfg: Config, vocabulary_size: int, always: bool = False):
+    """``model`` itself if it computes in float32 (and not ``always``), else a float32
+    model with its weights, on one device (what evaluation, sampling and exports use after
+    a mixed-precision or multi-replica run)."""
+    if model.network.dtype_policy.name == "float32" and not always:
         return model
     copy = build_model(cfg, vocabulary_size)
     copy.network.set_weights(model.network.get_weights())

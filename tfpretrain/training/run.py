@@ -61,6 +61,7 @@ class Run:
                 return json.loads((self.run_dir / "summary.json").read_text())
         resuming = state.resume_from is not None
         self.setup_tensorflow()
+        self.place()
         self.prepare_data(resuming)
         self.build_model()
         if resuming:  # before anything is written: an incompatible checkpoint changes nothing
@@ -86,6 +87,12 @@ class Run:
         # Seed first: tf.random.set_seed resets TF's eager context, which invalidates
         # resources created before it (tensorflow_text's SentencePiece op among them).
         keras.utils.set_random_seed(self.cfg.train.seed)
+
+    def place(self) -> None:
+        """The replicas (training.distribute): checked before any data is read."""
+        from tfpretrain.training.distribute import make_placement
+
+        self.placement = make_placement(self.cfg)
 
     def prepare_data(self, resuming: bool) -> None:
         """Tokenizer and packed rows; all input errors surface here, before the run folder
@@ -125,10 +132,12 @@ class Run:
                                                  jit_compile, resolve_precision)
 
         cfg = self.cfg
-        self.spe = choose_steps_per_execution(cfg)
+        replicas = self.placement.replicas
+        self.spe = choose_steps_per_execution(cfg, replicas)
         self.precision = resolve_precision(cfg, self.tokenizer.vocabulary_size)
-        self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
-                                       precision=self.precision)
+        with self.placement.strategy.scope():
+            self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
+                                           precision=self.precision, replicas=replicas)
         self.optimizer = self.model.optimizer
         self.params = int(self.model.network.count_params())
         self.tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
@@ -138,7 +147,9 @@ class Run:
         log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
             f"tokens/step, {cfg.train.steps:,} steps = "
             f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
-            f"jit_compile={jit_compile(cfg, self.precision)}, steps_per_execution={self.spe}, "
+            f"jit_compile={jit_compile(cfg, self.precision, replicas)}, "
+            f"steps_per_execution={self.spe}, strategy: "
+            f"{self.placement.describe(cfg.train.batch_size)}, "
             f"precision={self.precision}, "
             f"grad_accumulation_steps={cfg.train.grad_accumulation_steps}")
         self.meter = self._meter()
@@ -151,8 +162,10 @@ class Run:
 
         device = detect()
         flops = model_flops_per_token(self.cfg, self.params, self.tokenizer.vocabulary_size)
-        meter = Meter(device, flops, device.peak(self.precision),
-                      run_price(self.cfg, device), self.cfg.train.steps)
+        n = self.placement.physical  # several GPUs: their summed peak and price
+        peak = device.peak(self.precision)
+        meter = Meter(device, flops, peak * n if peak else peak,
+                      run_price(self.cfg, device) * n, self.cfg.train.steps)
         peak = meter.peak_flops
         log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
             if peak else f"device: {device.label}; peak unknown for {self.precision}")
@@ -238,7 +251,8 @@ class Run:
         cfg, t0 = self.cfg, time.time()
         with evaluation_weights(self.model):  # schedule-free AdamW: its average
             # evaluated, sampled and exported in float32 whatever the training precision
-            final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size)
+            final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size,
+                                 always=self.placement.replicas > 1)
             metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
                                      self.packed.unigram_counts, cfg.eval.final_steps)
             sampler = (self.sampler if final is self.model
@@ -261,6 +275,7 @@ class Run:
             **self.meter.summary(logger.tokens_per_second, time.time() - self.t_start),
             "precision": self.precision,
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
+            "strategy": self.placement.kind, "replicas": self.placement.replicas,
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
             "skipped_steps": self.skipped_total(),

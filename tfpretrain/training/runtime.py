@@ -11,6 +11,9 @@ from tfpretrain.errors import UserError
 def configure_tensorflow(cfg: Config) -> None:
     import tensorflow as tf
 
+    from tfpretrain.training.distribute import split_cpu
+
+    split_cpu(cfg.train.logical_cpu_devices)
     try:
         if cfg.train.threads:
             tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
@@ -21,8 +24,12 @@ def configure_tensorflow(cfg: Config) -> None:
         pass  # TF already initialized in this process (tests, notebooks): keep its settings
 
 
-def choose_steps_per_execution(cfg: Config) -> int:
-    """Largest of 16..1 dividing every step count at which something must happen."""
+def choose_steps_per_execution(cfg: Config, replicas: int = 1) -> int:
+    """Largest of 16..1 dividing every step count at which something must happen; 1 under
+    a multi-replica strategy (the guard's cross-replica cond cannot sit inside Keras's
+    multi-step while loop: TensorFlow fails with an unfed placeholder)."""
+    if replicas > 1:
+        return 1
     if cfg.train.steps_per_execution:
         return cfg.train.steps_per_execution
     marks = (cfg.eval.every, cfg.train.steps, cfg.train.checkpoint_every or cfg.eval.every)
@@ -32,9 +39,12 @@ def choose_steps_per_execution(cfg: Config) -> int:
     return 1
 
 
-def jit_compile(cfg: Config, precision: str = "float32") -> bool:
+def jit_compile(cfg: Config, precision: str = "float32", replicas: int = 1) -> bool:
     """``train.jit_compile``; unset = XLA on, except for bfloat16 on a CPU, where oneDNN's
-    bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md)."""
+    bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md). Off
+    under a multi-replica strategy (training.distribute)."""
+    if replicas > 1:
+        return False
     if cfg.train.jit_compile is not None:
         return cfg.train.jit_compile
     return not (precision == "mixed_bfloat16" and not _accelerators())
@@ -119,7 +129,8 @@ def step_flops(cfg: Config, vocabulary_size: int) -> float:
 
 
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
-                      jit: bool | None = None, precision: str | None = None, schedule=None):
+                      jit: bool | None = None, precision: str | None = None, schedule=None,
+                      replicas: int = 1):
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
     fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints.
     ``precision``: a Keras dtype policy name (default: ``resolve_precision(cfg)``);
@@ -127,6 +138,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     learning-rate schedule instead of the config's (the range test's sweep)."""
     import keras
 
+    from tfpretrain.compat import gradients_arrive_summed
     from tfpretrain.objectives import build_model
     from tfpretrain.training.optimizers import build_optimizer
 
@@ -136,9 +148,10 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps, schedule)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    gradients_arrive_summed(optimizer)  # over replicas, by the train step
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer,
-                  jit_compile=jit_compile(cfg, precision) if jit is None else jit,
+                  jit_compile=jit_compile(cfg, precision, replicas) if jit is None else jit,
                   steps_per_execution=steps_per_execution)
     return model
 
