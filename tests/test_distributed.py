@@ -20,11 +20,13 @@ def fit(cfg_path, run_dir, steps, *extra):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The config (a constant schedule: a run of 20 steps extended to 40 sees the rates of
-    a 40-step run), and one device's unbroken 40 steps."""
+    a 40-step run; the batch of step 5 poisoned with NaN, for the guard), and one device's
+    unbroken 40 steps."""
     tmp = tmp_path_factory.mktemp("distributed")
     raw = tiny_raw(tmp, train={"steps": 40, "checkpoint_every": 10, "deterministic": True},
                    optimizer={"schedule": "constant", "learning_rate": 1e-2},
-                   eval={"every": 10, "final_steps": 2}, export={"enabled": False})
+                   eval={"every": 10, "final_steps": 2}, export={"enabled": False},
+                   debug={"nan_at_step": 5})
     cfg_path = write_yaml(tmp / "d.yaml", raw)
     _, summary = fit(cfg_path, tmp / "one", 40, "--set", "train.strategy=one_device")
     return cfg_path, tmp / "one", summary
@@ -34,7 +36,8 @@ def same_curve(run_dir, reference_dir, tolerance=1e-4):
     ours = read_scalars(run_dir / "logs" / "train")["loss"]
     theirs = read_scalars(reference_dir / "logs" / "train")["loss"]
     assert sorted(ours) == sorted(theirs) == list(range(1, 41))
-    worst = max(abs(float(ours[s]) - float(theirs[s])) for s in ours)
+    assert np.isnan(float(ours[5])) and np.isnan(float(theirs[5]))   # the poisoned batch
+    worst = max(abs(float(ours[s]) - float(theirs[s])) for s in ours if s != 5)
     assert worst < tolerance, worst
 
 
@@ -45,6 +48,7 @@ def test_mirrored_then_resumed_on_one_device_follows_the_one_device_curve(setup,
     run_dir = tmp_path / "run"
     r, first = fit(cfg_path, run_dir, 20, *MIRRORED)
     assert first["strategy"] == "mirrored" and first["replicas"] == 2
+    assert first["skipped_steps"] == 1 == one["skipped_steps"]          # the guard, mirrored
     assert "mirrored over 2 devices" in r.stdout and "8 rows per replica" in r.stdout
     r, resumed = fit(cfg_path, run_dir, 40, "--set", "train.strategy=one_device")
     assert "resumed from" in r.stdout and resumed["replicas"] == 1
