@@ -110,7 +110,7 @@ def test_schedule_free_evaluates_its_average_and_trains_on_unchanged(tmp_path):
     for _ in range(10):
         model.train_on_batch(*batch)
     y = [v.numpy().copy() for v in model.trainable_variables]
-    z = [v.numpy() for v in model.optimizer._momentums]
+    z = [v.numpy() for v in model.optimizer.z]
     with evaluation_weights(model):
         x = [v.numpy().copy() for v in model.trainable_variables]
     after = [v.numpy() for v in model.trainable_variables]

@@ -189,15 +189,10 @@ def muon(muon_scale: float = 1.0, **kwargs):
     return _MUON(muon_scale=muon_scale, **kwargs)
 
 
-def schedule_free_average(optimizer, variable):
-    """Schedule-free AdamW trains at y = (1 - beta_1) z + beta_1 x, where z is keras's
-    ``_momentums`` slot and x the average to evaluate: x = (y - (1 - beta_1) z) / beta_1."""
-    from keras import ops
-
-    opt = getattr(optimizer, "inner_optimizer", optimizer)
-    z = opt._momentums[opt._get_variable_index(variable)]
-    beta_1 = float(opt.beta_1)
-    return ops.divide(ops.subtract(variable, ops.multiply(1.0 - beta_1, z)), beta_1)
+def slot(optimizer, slots: list, variable):
+    """The optimizer variable of ``slots`` that belongs to ``variable`` (keras optimizers'
+    ``_get_variable_index``, what every keras optimizer's ``update_step`` uses)."""
+    return slots[optimizer._get_variable_index(variable)]
 
 
 # --- keras_tuner -----------------------------------------------------------------------
