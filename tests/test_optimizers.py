@@ -33,7 +33,9 @@ def compiled(tmp_path, name, arch="gpt2", **optimizer):
     return build_and_compile(cfg, 320, 1)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", [  # the rest under -m slow (suite time)
+    n if n in ("adamw", "muon", "schedule_free_adamw") else pytest.param(n, marks=pytest.mark.slow)
+    for n in OPTIMIZERS])
 def test_each_optimizer_lowers_the_training_loss(tmp_path, name):
     model = compiled(tmp_path, name, arch="llama" if name == "muon" else "gpt2")
     batch = fixed_batch()
@@ -142,9 +144,9 @@ def extended_run(tmp_path, name, steps, run_dir, spe=2):
     return fit(cfg, run_dir)
 
 
-@pytest.mark.parametrize("name", [
-    "muon", "schedule_free_adamw",
-    *[pytest.param(n, marks=pytest.mark.slow) for n in ("adamw", "lion", "adafactor", "sgd")]])
+@pytest.mark.parametrize("name", [  # schedule-free's y is restored bit for bit: tested above
+    "muon", *[pytest.param(n, marks=pytest.mark.slow)
+              for n in ("schedule_free_adamw", "adamw", "lion", "adafactor", "sgd")]])
 def test_resume_with_more_steps_is_bitwise_the_unbroken_run(tmp_path, name):
     """20 steps, then resumed to 40 (constant schedule), equals 40 steps in one go:
     weights, optimizer state (hence the next updates) and the final val loss."""
