@@ -563,10 +563,14 @@ def _optim(args) -> int:
     base = args.overrides + [f"eval.every={args.eval_every}", "export.enabled=false"]
     result = bench_optim(args.config, base, args.variants or list(DEFAULT_VARIANTS), seeds,
                          log=lambda m: print(f"[tfpretrain] {m}", flush=True))
-    table = optim_table(result)
+    return _emit(optim_table(result), result, args.out)
+
+
+def _emit(table: str, result, out) -> int:
+    """The table, also to ``--out`` when given, then the JSON line."""
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    if out:
+        Path(out).write_text(table + "\n")
     print(json.dumps(result))
     return 0
 
@@ -601,12 +605,7 @@ def _gpu(args) -> int:
         raise UserError(f"--shapes: unknown {unknown}; choose from {', '.join(GPU_SHAPES)}")
     results = bench_gpu(shapes, [x for x in args.precisions.split(",") if x],
                         [int(x) for x in args.batches.split(",") if x], args.steps, args.warmup)
-    table = gpu_table(results)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
-    print(json.dumps(results))
-    return 0
+    return _emit(gpu_table(results), results, args.out)
 
 
 @cli_main
