@@ -286,3 +286,96 @@ def float32_output_head(backbone) -> None:
         raise RuntimeError("keras_hub's ReversibleEmbedding has no `reverse_dtype` any more; "
                            "update tfpretrain.compat.float32_output_head")
     embedding.reverse_dtype = "float32"
+
+
+# --- tf.distribute: MultiWorkerMirroredStrategy under Keras 3's model.fit ---------------
+# model.fit under MultiWorkerMirroredStrategy fails in Keras 3 (checked on 3.15.1 with
+# TF 2.21): tensorflow/tensorflow#72388, keras-team/keras#20585, #20329. Two spots of
+# keras/src/backend/tensorflow/trainer.py, each patched only while its source still holds
+# the failing line, so an upgrade that fixes it drops the patch by itself.
+_MWMS_BUGS = {
+    # Keras builds the model from the first batch, averaged over the workers with an eager
+    # strategy.reduce("MEAN", PerReplica) that MWMS cannot convert to a tensor
+    # ("Attempt to convert a value (PerReplica...)"). The build only needs shapes: we
+    # give it this worker's first local batch.
+    "_maybe_symbolic_build": "self.distribute_strategy.reduce(",
+    # The logs (scalar metrics) are averaged with reduce("MEAN", v, axis=0), which fails on
+    # scalars: "Invalid reduction dimension 0 for input with 0 dimensions" (#72388). We
+    # reduce scalars with axis=None.
+    "reduce_per_replica": 'strategy.reduce("MEAN", v, axis=0)',
+}
+PRIVATE_SYMBOLS += (
+    ("keras TF trainer's symbolic build (MWMS fix, tensorflow#72388)",
+     "keras.src.backend.tensorflow.trainer.TensorFlowTrainer", "_maybe_symbolic_build"),
+    ("keras TF trainer's log reduction (MWMS fix, tensorflow#72388)",
+     "keras.src.backend.tensorflow.trainer", "reduce_per_replica"),
+    ("TF MWMS peer health check (how fast a lost worker is noticed)",
+     "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended",
+     "_check_health_interval"),
+)
+
+
+def multi_worker_fixes_needed() -> list[str]:
+    """Which of the known MWMS failures the installed Keras still has (by its source)."""
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer
+
+    found = {"_maybe_symbolic_build": trainer.TensorFlowTrainer._maybe_symbolic_build,
+             "reduce_per_replica": trainer.reduce_per_replica}
+    return [name for name, line in _MWMS_BUGS.items()
+            if not getattr(found[name], "_tfpretrain_fix", False)
+            and line in inspect.getsource(found[name])]
+
+
+def fix_multi_worker_fit() -> list[str]:
+    """Patch what :func:`multi_worker_fixes_needed` lists; returns the names patched."""
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    needed = multi_worker_fixes_needed()
+    if "_maybe_symbolic_build" in needed:
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            if self._distribute_strategy is None:
+                return
+            strategy = self.distribute_strategy
+            if iterator is not None:
+                for _, _, it in iterator:
+                    data_batch = tree.map_structure(
+                        lambda x: strategy.experimental_local_results(x)[0]
+                        if isinstance(x, tf.distribute.DistributedValues) else x, next(it))
+                    break
+            with strategy.scope():
+                self._symbolic_build(data_batch=data_batch)
+
+        _maybe_symbolic_build._tfpretrain_fix = True
+        trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    if "reduce_per_replica" in needed:
+        original = trainer.reduce_per_replica
+
+        def reduce_per_replica(values, strategy, reduction):
+            if (trainer._collective_all_reduce_multi_worker(strategy)
+                    and reduction in ("auto", "mean")):
+                def mean(v):
+                    rank = getattr(v, "shape", tf.TensorShape(None)).rank
+                    return strategy.reduce("MEAN", v, axis=0 if rank else None)
+                return tree.map_structure(mean, values)
+            return original(values, strategy, reduction)
+
+        reduce_per_replica._tfpretrain_fix = True
+        trainer.reduce_per_replica = reduce_per_replica
+    return needed
+
+
+def multi_worker_health_check(interval: int, timeout: int, startup: int) -> None:
+    """How MWMS notices a lost worker: it pings every peer each ``interval`` s (a ping
+    times out after ``timeout`` s, 3 tries) and aborts the collectives when one is down;
+    at start it waits ``startup`` s for all workers (TF's default: forever). Private class
+    attributes of CollectiveAllReduceExtended (TF 2.21), set before the strategy is made."""
+    from tensorflow.python.distribute import collective_all_reduce_strategy as car
+
+    ext = car.CollectiveAllReduceExtended
+    ext._check_health_interval = interval
+    ext._check_health_timeout = timeout
+    ext._check_health_initial_timeout = startup

@@ -234,10 +234,16 @@ class TrainConfig:
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
     strategy: str = _f("auto", "tf.distribute placement: `one_device`; `mirrored` "
                        "(MirroredStrategy: data parallel over this host's GPUs, or over "
-                       "`logical_cpu_devices`); `auto` = mirrored when several GPUs or logical "
-                       "CPU devices are visible, else one_device. train.batch_size stays the "
-                       "global batch. Multi-worker and TPU are not supported yet "
-                       "(docs/distributed.md).", choices=("auto", "one_device", "mirrored"))
+                       "`logical_cpu_devices`); `multi_worker` (MultiWorkerMirroredStrategy "
+                       "over the hosts the TF_CONFIG environment variable names); `auto` = "
+                       "multi_worker when TF_CONFIG names several tasks, else mirrored when "
+                       "several GPUs or logical CPU devices are visible, else one_device. "
+                       "train.batch_size stays the global batch (docs/distributed.md).",
+                       choices=("auto", "one_device", "mirrored", "multi_worker"))
+    worker_timeout: int = _f(300, "multi_worker: seconds to wait for every worker at start "
+                             "and for any one collective step; a lost worker is noticed "
+                             "within about a minute by TensorFlow's health check and ends "
+                             "the others with exit code 75.", min=10)
     logical_cpu_devices: int = _f(0, "Split the CPU into this many logical devices (0 = "
                                   "no split), so `mirrored` runs without GPUs (tests, "
                                   "trying a multi-device setup).", min=0)

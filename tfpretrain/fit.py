@@ -102,13 +102,14 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg)))
         return 0
+    from tfpretrain.training.distribute import WorkerLost
     from tfpretrain.training.guard import GuardStop
     from tfpretrain.training.preemption import Preempted
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     try:
         summary = fit(cfg, run_dir, args.resume, args.allow_config_change)
-    except (Preempted, GuardStop) as exc:
+    except (Preempted, GuardStop, WorkerLost) as exc:
         print(f"[tfpretrain] {exc}; exit {exc.exit_code}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(summary))

@@ -182,6 +182,9 @@ def _split_xy(rows, seed=None):
     return x, y, tf.cast(y != PAD_ID, tf.float32)
 
 
+_split_xy.row_wise = True  # each row's (x, y, w) depends on that row alone
+
+
 def _permute(pos: tf.Tensor, seed: int, epoch: tf.Tensor, num_rows: int) -> tf.Tensor:
     seed_vec = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
     return tf.random.experimental.index_shuffle(pos, seed_vec,
@@ -213,7 +216,8 @@ def read_rows(rows: np.ndarray, index: tf.Tensor) -> tf.Tensor:
 
 
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None, poison=(), to_batch=None) -> tf.data.Dataset:
+                  num_steps: int | None = None, poison=(), to_batch=None,
+                  part: tuple | None = None) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
 
     ``poison``: 0-based data positions whose sample weights become NaN (fault injection,
@@ -221,6 +225,10 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     rollbacks.
     ``to_batch(rows, seed)``: rows -> (x, y, weight); default: causal LM. ``seed`` is
     ``[train seed, data position]`` (the masked-LM masks are drawn from it).
+    ``part=(lo, hi)``: only rows lo..hi-1 of every batch (one worker's share of the global
+    batch, the same rows it would have in it). A row-wise ``to_batch`` (causal LM) reads only
+    those rows from the cache; others (masked LM draws its masks for the whole batch) make
+    the whole batch and keep the part, so the part is the same either way.
     """
     to_batch = to_batch or _split_xy
     n = int(rows.shape[0])
@@ -232,9 +240,16 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
 
     poison = tf.constant(sorted(poison) or [-1], tf.int64)
 
+    lo, hi = part or (0, batch_size)
+    early = getattr(to_batch, "row_wise", False)
+
     def batch_for(step):
         idx = row_indices(step, batch_size, n, seed)
+        if early:
+            idx = idx[lo:hi]
         x, y, w = to_batch(read_rows(rows, idx), tf.stack([tf.constant(seed, tf.int64), step]))
+        if not early and (lo, hi) != (0, batch_size):
+            x, y, w = tf.nest.map_structure(lambda t: t[lo:hi], (x, y, w))
         bad = tf.reduce_any(tf.equal(poison, step))
         return x, y, tf.where(bad, float("nan"), w)
 

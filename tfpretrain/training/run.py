@@ -29,22 +29,42 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
 
     ``finish(model, tokenizer, cfg, run_dir, log) -> dict``: called after the final
     evaluation; its fields join the summary (fit's export). Raises UserError, Preempted."""
+    from tfpretrain.training.distribute import worker_cluster
     from tfpretrain.training.runfolder import claim_run_dir
 
     run_dir = Path(run_dir)
+    cluster = worker_cluster(cfg)  # multi_worker: TF_CONFIG checked before anything is touched
+    if cluster and not cluster.is_chief:
+        return _train_worker(cfg, run_dir, resume, allow_config_change)
     # locked and marked before anything is read or written: nobody else may be writing it
     with claim_run_dir(run_dir), PreemptionHandler() as preemption:
         return Run(cfg, run_dir, preemption).fit(resume, allow_config_change, finish)
+
+
+def _train_worker(cfg: Config, run_dir: Path, resume: str, allow_config_change: bool) -> dict:
+    """multi_worker, not the chief: the same steps in lockstep, resumed from the chief's
+    ``run_dir``, writing its checkpoints and logs to a private temporary folder (removed at
+    the end), as TensorFlow recommends; no export, no trackers."""
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="tfpretrain-worker-"))
+    try:
+        with PreemptionHandler() as preemption:
+            return Run(cfg, scratch, preemption, source_dir=run_dir).fit(
+                resume, allow_config_change)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class Run:
     """One training run: its config, folder, data, model (with its optimizer), checkpoint
     manager and guard state, and the data position (the step plus ``guard.data_offset``)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, preemption):
+    def __init__(self, cfg: Config, run_dir: Path, preemption, source_dir: Path | None = None):
         from tfpretrain.objectives import get_objective
 
         self.cfg, self.run_dir, self.preemption = cfg, run_dir, preemption
+        self.source_dir = source_dir or run_dir  # resumed from (a worker: the chief's)
         self.objective = get_objective(cfg)
         self.guard = GuardState()
         self.t_start = time.time()
@@ -53,7 +73,7 @@ class Run:
     def fit(self, resume: str, allow_config_change: bool, finish=None) -> dict:
         from tfpretrain.training.runfolder import plan_run_dir
 
-        state = plan_run_dir(self.cfg, self.run_dir, resume, allow_config_change, log=log)
+        state = plan_run_dir(self.cfg, self.source_dir, resume, allow_config_change, log=log)
         if state.complete:
             log(f"{self.run_dir} already finished {state.resume_step} steps (train.steps="
                 f"{self.cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
@@ -61,7 +81,6 @@ class Run:
                 return json.loads((self.run_dir / "summary.json").read_text())
         resuming = state.resume_from is not None
         self.setup_tensorflow()
-        self.place()
         self.prepare_data(resuming)
         self.build_model()
         if resuming:  # before anything is written: an incompatible checkpoint changes nothing
@@ -82,6 +101,7 @@ class Run:
         from tfpretrain.training.runtime import configure_tensorflow
 
         configure_tensorflow(self.cfg)
+        self.place()  # a multi-worker strategy must exist before TensorFlow starts
         if self.cfg.train.deterministic:
             tf.config.experimental.enable_op_determinism()
         # Seed first: tf.random.set_seed resets TF's eager context, which invalidates
@@ -101,8 +121,12 @@ class Run:
         from tfpretrain.objectives import row_format
 
         cfg, t0 = self.cfg, time.time()
+        if not self.placement.is_chief:
+            self.placement.barrier()  # the chief fills the token cache first, once
         self.tokenizer, self.packed, info = prepare(
-            cfg, row_format(cfg), self.run_dir / "tokenizer" if resuming else None, log=log)
+            cfg, row_format(cfg), self.source_dir / "tokenizer" if resuming else None, log=log)
+        if self.placement.is_chief:
+            self.placement.barrier()
         if info["hit"]:
             log(f"data: {info['description']}; {info['documents'][0]} train / "
                 f"{info['documents'][1]} val documents, from the token cache {info['cache']}")
@@ -201,7 +225,7 @@ class Run:
         self.sample_kwargs = dict(max_new_tokens=cfg.eval.sample_tokens,
                                   temperature=cfg.eval.temperature, top_k=cfg.eval.top_k,
                                   seed=cfg.train.seed)
-        sinks = build_sinks(cfg, self.run_dir)
+        sinks = build_sinks(cfg, self.run_dir) if self.placement.is_chief else []
         for sink in sinks:
             sink.start(cfg)
         self.logger = StepLogger(sinks, self.tokens_per_step, self.sampler,
@@ -222,12 +246,13 @@ class Run:
         step = self.step
         while step < total and self.preemption.signum is None:
             first_epoch, partial = step // every, step % every
-            self.model.fit(self._train_data(step, batcher), validation_data=val_ds,
-                           steps_per_epoch=every - partial if partial else every,
-                           initial_epoch=first_epoch,
-                           epochs=first_epoch + 1 if partial else math.ceil(total / every),
-                           callbacks=callbacks, shuffle=False,
-                           verbose=1 if sys.stdout.isatty() else 2)
+            with self.placement.lost_worker(step=lambda: self.step):
+                self.model.fit(self._train_data(step, batcher), validation_data=val_ds,
+                               steps_per_epoch=every - partial if partial else every,
+                               initial_epoch=first_epoch,
+                               epochs=first_epoch + 1 if partial else math.ceil(total / every),
+                               callbacks=callbacks, shuffle=False,
+                               verbose=1 if sys.stdout.isatty() else 2)
             step = self.step
             if rollback.requested:
                 rollback.requested = False
@@ -249,6 +274,8 @@ class Run:
         from tfpretrain.training.optimizers import evaluation_weights
 
         cfg, t0 = self.cfg, time.time()
+        if not self.placement.is_chief:
+            return self._finish_worker()
         with evaluation_weights(self.model):  # schedule-free AdamW: its average
             # evaluated, sampled and exported in float32 whatever the training precision
             final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size,
@@ -276,6 +303,7 @@ class Run:
             "precision": self.precision,
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
             "strategy": self.placement.kind, "replicas": self.placement.replicas,
+            "workers": self.placement.workers,
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
             "skipped_steps": self.skipped_total(),
@@ -288,6 +316,22 @@ class Run:
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
+        self.placement.barrier()  # the workers wait for the chief's export before exiting
+        return summary
+
+    def _finish_worker(self) -> dict:
+        """multi_worker, not the chief: no evaluation, export or summary file (the chief
+        writes them); what it returns shows it holds the chief's weights."""
+        from tfpretrain.models.lm import weights_sha256
+
+        summary = {"role": self.placement.role, "chief_run_dir": str(self.source_dir),
+                   "steps": self.step, "skipped_steps": self.skipped_total(),
+                   "weights_sha256": weights_sha256(self.model),
+                   "strategy": self.placement.kind, "replicas": self.placement.replicas,
+                   "workers": self.placement.workers}
+        self.logger.finish(None)
+        self.placement.barrier()
+        log(f"{self.placement.role}: done at step {self.step}; the chief writes the results")
         return summary
 
     # -- helpers -------------------------------------------------------------------------
@@ -336,6 +380,9 @@ class Run:
         from tfpretrain.data.pipeline import train_dataset
 
         cfg = self.cfg
-        return train_dataset(self.packed.train_rows, cfg.train.batch_size, cfg.train.seed,
-                             step + self.guard.data_offset, poison=faults.poisoned_positions(cfg),
-                             to_batch=batcher)
+        return self.placement.distribute(
+            lambda lo, hi: train_dataset(self.packed.train_rows, cfg.train.batch_size,
+                                         cfg.train.seed, step + self.guard.data_offset,
+                                         poison=faults.poisoned_positions(cfg),
+                                         to_batch=batcher, part=(lo, hi)),
+            cfg.train.batch_size)
