@@ -48,9 +48,10 @@ def write_yaml(path: Path, raw: dict) -> Path:
     return path
 
 
-def run_cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run ``python -m <args>`` in a fresh process, the way a user does."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in a fresh process, the way a user does (``env``: extra
+    environment variables)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -77,3 +77,117 @@ def test_mirrored_without_devices_or_with_an_uneven_batch_exits_2(tmp_path):
                 *MIRRORED, "--set", "train.batch_size=15")
     assert r.returncode == 2 and "must split evenly over 2 replicas" in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- multi_worker: MultiWorkerMirroredStrategy, real processes on 127.0.0.1 ------------
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_workers(cfg_path, run_dir, steps, *extra):
+    """Two `python -m tfpretrain.fit` processes, worker 0 (the chief) and worker 1, with the
+    TF_CONFIG Kubeflow/Vertex would set; output to files next to the run folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps(tf_config))
+        out = open(f"{run_dir}.worker{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg_path), "--run-dir",
+             str(run_dir), "--set", f"train.steps={steps}", *extra],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish_workers(procs, run_dir, timeout=300):
+    from pathlib import Path
+
+    codes = [p.wait(timeout=timeout) for p in procs]
+    logs = [Path(f"{run_dir}.worker{i}.log").read_text() for i in range(2)]
+    return codes, logs
+
+
+def test_two_workers_on_loopback_train_one_devices_curve(setup, tmp_path):
+    """A 2-process MultiWorkerMirroredStrategy run (TF_CONFIG, 127.0.0.1): both workers end
+    with identical weights, only the chief writes results, every step's loss follows one
+    device's within 1e-4 (the NaN batch skipped on both), and the 2-worker checkpoint
+    resumes on one device for steps 21-40, still on one device's curve."""
+    cfg_path, one_dir, one = setup
+    run_dir = tmp_path / "run"
+    codes, logs = finish_workers(start_workers(cfg_path, run_dir, 20), run_dir)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    chief, worker = (last_json_line(log) for log in logs)
+    assert chief["strategy"] == "multi_worker" and chief["workers"] == 2
+    assert chief["replicas"] == 2 and worker["role"] == "worker 1"
+    assert chief["weights_sha256"] == worker["weights_sha256"]
+    assert chief["skipped_steps"] == worker["skipped_steps"] == 1
+    assert "multi_worker over 2 workers" in logs[0] and "the chief" in logs[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()
+                  if p.name.startswith("step-")) == ["step-00000010", "step-00000020"]
+    r, resumed = fit(cfg_path, run_dir, 40, "--set", "train.strategy=one_device")
+    assert "resumed from" in r.stdout and resumed["replicas"] == 1
+    same_curve(run_dir, one_dir)
+    assert resumed["val_loss"] == pytest.approx(one["val_loss"], abs=1e-3)
+
+
+@pytest.mark.parametrize("tf_config, problem", [
+    ("{not json", "is not valid JSON"),
+    ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker"}}',
+     "only \"chief\" and \"worker\""),
+    ('{"cluster": {"worker": ["a:1", "b"]}, "task": {"type": "worker", "index": 0}}',
+     "'b', which is not \"host:port\""),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+     "task.index must be 0..1"),
+])
+def test_malformed_tf_config_exits_2_naming_it(tmp_path, tf_config, problem):
+    r = run_cli("tfpretrain.fit", "--run-dir", str(tmp_path / "run"),
+                env={"TF_CONFIG": tf_config})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "TF_CONFIG" in r.stderr and problem in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_other_and_both_resume(setup, tmp_path):
+    """Worker 1 killed (SIGKILL) mid-run: the chief exits 75 within a minute with a message
+    naming the lost worker, no traceback; started again, both resume from the chief's
+    last checkpoint and finish with identical weights."""
+    import time
+
+    cfg_path, _, _ = setup
+    run_dir = tmp_path / "run"
+    every = ("--set", "eval.every=20", "--set", "train.checkpoint_every=20")
+    procs = start_workers(cfg_path, run_dir, 2000, *every)
+    log0 = lambda: (tmp_path / "run.worker0.log").read_text()  # noqa: E731
+    deadline = time.time() + 240
+    while "step 40/" not in log0() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "step 40/" in log0(), log0()[-3000:]
+    procs[1].kill()
+    t0 = time.time()
+    code = procs[0].wait(timeout=120)
+    assert code == 75 and time.time() - t0 < 90
+    assert "lost contact with the other workers" in log0() and "Traceback" not in log0()
+    codes, logs = finish_workers(start_workers(cfg_path, run_dir, 100, *every), run_dir)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert all("resumed from" in log for log in logs)
+    chief, worker = (last_json_line(log) for log in logs)
+    assert chief["steps"] == 100 and chief["weights_sha256"] == worker["weights_sha256"]

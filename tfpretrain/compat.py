@@ -312,6 +312,9 @@ PRIVATE_SYMBOLS += (
     ("TF MWMS peer health check (how fast a lost worker is noticed)",
      "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended",
      "_check_health_interval"),
+    ("TF MWMS peer health check's stop (workers finishing one after another)",
+     "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended",
+     "_stop_check_health_thread"),
 )
 
 
@@ -379,3 +382,11 @@ def multi_worker_health_check(interval: int, timeout: int, startup: int) -> None
     ext._check_health_interval = interval
     ext._check_health_timeout = timeout
     ext._check_health_initial_timeout = startup
+
+
+def stop_multi_worker_health_check(strategy) -> None:
+    """Stop MWMS's peer-ping thread (TF 2.21: a private method of its extended object), so
+    workers that finish and exit one after another are not reported as lost."""
+    stop = getattr(strategy.extended, "_stop_check_health_thread", None)
+    if stop is not None:
+        stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from tfpretrain.config import Config
@@ -157,6 +158,20 @@ class Placement:
                     f"{', the chief' if self.is_chief else ''}), {per}")
         return f"mirrored over {self.replicas} devices ({', '.join(self.devices)}), {per}"
 
+    def finish(self) -> None:
+        """multi_worker, at the end: wait for every worker, stop pinging them, and let the
+        chief (which hosts TensorFlow's coordination service) exit last."""
+        if self.kind != "multi_worker":
+            return
+        import time
+
+        from tfpretrain import compat
+
+        self.barrier()
+        compat.stop_multi_worker_health_check(self.strategy)
+        if self.is_chief:
+            time.sleep(3)
+
     def barrier(self) -> None:
         """multi_worker: wait until every worker gets here (a one-number all-reduce)."""
         if self.kind != "multi_worker":
@@ -187,8 +202,21 @@ class Placement:
                 tf.errors.FailedPreconditionError, tf.errors.InternalError) as exc:
             if self.kind != "multi_worker":
                 raise
-            detail = (exc.message or type(exc).__name__).strip().splitlines()[0][:200]
-            raise WorkerLost(self.role, step() if callable(step) else step, detail) from None
+            raise WorkerLost(self.role, step() if callable(step) else step,
+                             self._what_failed(exc.message or type(exc).__name__)) from None
+
+    def _what_failed(self, message: str) -> str:
+        """TensorFlow's error, shortened to the peers it names (or its first line)."""
+        named = {f"{job} {task}" for job, task in
+                 re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", message)}
+        peers = sorted(named - {self.role})
+        if peers:
+            return f"{', '.join(peers)} stopped answering"
+        known = re.search(r"Connection reset by peer|unhealthy|Socket closed|failed to connect"
+                          r"|Connection refused|[Dd]eadline [Ee]xceeded|timed out|aborted",
+                          message)
+        return (f"another worker stopped answering: {known.group(0)}" if known
+                else re.sub(r"\{\{.*?\}\}", "", message).strip()[:200])
 
     def distribute(self, make_dataset, batch_size: int):
         """What model.fit gets for training. multi_worker: each worker makes only its own

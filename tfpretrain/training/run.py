@@ -316,7 +316,7 @@ class Run:
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
-        self.placement.barrier()  # the workers wait for the chief's export before exiting
+        self.placement.finish()  # the workers wait for the chief's export before exiting
         return summary
 
     def _finish_worker(self) -> dict:
@@ -330,7 +330,7 @@ class Run:
                    "strategy": self.placement.kind, "replicas": self.placement.replicas,
                    "workers": self.placement.workers}
         self.logger.finish(None)
-        self.placement.barrier()
+        self.placement.finish()
         log(f"{self.placement.role}: done at step {self.step}; the chief writes the results")
         return summary
 
