@@ -153,7 +153,7 @@ class Run:
         from tfpretrain import faults
         from tfpretrain.training.checkpoints import CheckpointManager
         from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
-                                                 jit_compile, resolve_precision)
+                                                 resolve_precision)
 
         cfg = self.cfg
         replicas = self.placement.replicas
@@ -171,7 +171,7 @@ class Run:
         log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
             f"tokens/step, {cfg.train.steps:,} steps = "
             f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
-            f"jit_compile={jit_compile(cfg, self.precision, replicas)}, "
+            f"jit_compile={self.model.jit_compile}, "  # as Keras applies it
             f"steps_per_execution={self.spe}, strategy: "
             f"{self.placement.describe(cfg.train.batch_size)}, "
             f"precision={self.precision}, "

@@ -41,12 +41,19 @@ def choose_steps_per_execution(cfg: Config, replicas: int = 1) -> int:
 
 def jit_compile(cfg: Config, precision: str = "float32", replicas: int = 1) -> bool:
     """``train.jit_compile``; unset = XLA on, except for bfloat16 on a CPU, where oneDNN's
-    bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md). Off
-    under a multi-replica strategy (training.distribute)."""
-    if replicas > 1:
-        return False
+    bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md), and
+    under a multi-replica strategy (Keras's own default there; on GPUs it may be turned on
+    explicitly). XLA cannot compile a multi-replica step on CPUs (MirroredStrategy: a
+    variable on another logical device; MultiWorker: "Collectives are not yet implemented
+    for CPU devices when compiling with XLA"): asking for it there is refused."""
+    if replicas > 1 and cfg.train.jit_compile and not _accelerators():
+        raise UserError("`train.jit_compile: true` with several replicas needs GPUs or TPUs: "
+                        "TensorFlow's XLA cannot compile collectives on CPU devices "
+                        "(docs/distributed.md). Leave train.jit_compile unset")
     if cfg.train.jit_compile is not None:
         return cfg.train.jit_compile
+    if replicas > 1:
+        return False
     return not (precision == "mixed_bfloat16" and not _accelerators())
 
 
