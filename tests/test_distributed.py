@@ -191,3 +191,16 @@ def test_a_killed_worker_ends_the_other_and_both_resume(setup, tmp_path):
     assert all("resumed from" in log for log in logs)
     chief, worker = (last_json_line(log) for log in logs)
     assert chief["steps"] == 100 and chief["weights_sha256"] == worker["weights_sha256"]
+
+
+def test_xla_under_a_strategy_on_a_cpu_is_refused(tmp_path):
+    """Measured: XLA cannot compile a multi-replica step on CPU devices (docs/distributed.md)."""
+    from conftest import tiny_config
+    from tfpretrain.errors import UserError
+    from tfpretrain.training.runtime import jit_compile
+
+    cfg = tiny_config(tmp_path, train={"jit_compile": True})
+    assert jit_compile(cfg) is True
+    with pytest.raises(UserError, match="needs GPUs or TPUs"):
+        jit_compile(cfg, distributed=True)
+    assert jit_compile(tiny_config(tmp_path), distributed=True) is False

@@ -248,3 +248,19 @@ def test_fill_mask_export_reloaded_in_fresh_process(mlm_run, tmp_path):
                 "--out", str(tmp_path / "preset"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "preset" / "task.json").is_file()
+
+
+def test_a_workers_part_of_the_batch_is_its_rows_of_the_whole_batch():
+    """multi_worker's data contract (train_dataset ``part``): rows lo..hi-1 of every global
+    batch, identical to slicing what one device sees: the causal batch read row by row,
+    the masked one masked as a whole batch and then cut."""
+    rows = random_rows(64)
+    masker = Masker(MlmConfig(), V, rows.shape[1])
+    for to_batch in (None, masker):
+        whole = list(train_dataset(rows, 8, seed=3, start_step=4, to_batch=to_batch).take(3))
+        part = list(train_dataset(rows, 8, seed=3, start_step=4, to_batch=to_batch,
+                                  part=(2, 6)).take(3))
+        for w, p in zip(whole, part):
+            for a, b in zip(tf.nest.flatten(w), tf.nest.flatten(p)):
+                assert b.shape[0] == 4
+                np.testing.assert_array_equal(a.numpy()[2:6], b.numpy())

@@ -205,8 +205,7 @@ class CausalLM(DecoderNet):
         strategy the cond runs in cross-replica context, as Keras's LossScaleOptimizer
         does it (a cond in replica context may not contain the optimizer's merge_call);
         every replica decided the same from all-reduced values."""
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
+        if not tf.distribute.has_strategy():  # the default strategy: a plain cond
             def apply():
                 self._accept(grads, variables, loss, grad_norm)
                 return tf.constant(0.0)
@@ -229,7 +228,8 @@ class CausalLM(DecoderNet):
                 return tf.constant(1.0)
             return tf.cond(first(accept), apply, skip)
 
-        return ctx.merge_call(cross_replica, args=(accept, finite, grads, loss, grad_norm))
+        return tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(accept, finite, grads, loss, grad_norm))
 
     @property
     def loss_scaled(self) -> bool:

@@ -141,6 +141,11 @@ class Placement:
         return self.cluster is None or self.cluster.is_chief
 
     @property
+    def distributed(self) -> bool:
+        """Under a tf.distribute strategy (even of one replica): no XLA, one step per call."""
+        return self.kind != "one_device"
+
+    @property
     def workers(self) -> int:
         return self.cluster.size if self.cluster else 1
 

@@ -156,12 +156,12 @@ class Run:
                                                  resolve_precision)
 
         cfg = self.cfg
-        replicas = self.placement.replicas
-        self.spe = choose_steps_per_execution(cfg, replicas)
+        distributed = self.placement.distributed
+        self.spe = choose_steps_per_execution(cfg, distributed)
         self.precision = resolve_precision(cfg, self.tokenizer.vocabulary_size)
         with self.placement.strategy.scope():
             self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
-                                           precision=self.precision, replicas=replicas)
+                                           precision=self.precision, distributed=distributed)
         self.optimizer = self.model.optimizer
         self.params = int(self.model.network.count_params())
         self.tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
@@ -279,7 +279,7 @@ class Run:
         with evaluation_weights(self.model):  # schedule-free AdamW: its average
             # evaluated, sampled and exported in float32 whatever the training precision
             final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size,
-                                 always=self.placement.replicas > 1)
+                                 always=self.placement.distributed)
             metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
                                      self.packed.unigram_counts, cfg.eval.final_steps)
             sampler = (self.sampler if final is self.model

@@ -24,11 +24,11 @@ def configure_tensorflow(cfg: Config) -> None:
         pass  # TF already initialized in this process (tests, notebooks): keep its settings
 
 
-def choose_steps_per_execution(cfg: Config, replicas: int = 1) -> int:
+def choose_steps_per_execution(cfg: Config, distributed: bool = False) -> int:
     """Largest of 16..1 dividing every step count at which something must happen; 1 under
-    a multi-replica strategy (the guard's cross-replica cond cannot sit inside Keras's
+    a tf.distribute strategy (the guard's cross-replica cond cannot sit inside Keras's
     multi-step while loop: TensorFlow fails with an unfed placeholder)."""
-    if replicas > 1:
+    if distributed:
         return 1
     if cfg.train.steps_per_execution:
         return cfg.train.steps_per_execution
@@ -39,20 +39,20 @@ def choose_steps_per_execution(cfg: Config, replicas: int = 1) -> int:
     return 1
 
 
-def jit_compile(cfg: Config, precision: str = "float32", replicas: int = 1) -> bool:
+def jit_compile(cfg: Config, precision: str = "float32", distributed: bool = False) -> bool:
     """``train.jit_compile``; unset = XLA on, except for bfloat16 on a CPU, where oneDNN's
     bf16 matmuls without XLA measured 1.6x faster than with it (docs/benchmarks.md), and
-    under a multi-replica strategy (Keras's own default there; on GPUs it may be turned on
-    explicitly). XLA cannot compile a multi-replica step on CPUs (MirroredStrategy: a
+    under a tf.distribute strategy (Keras's own default there; on GPUs it may be turned on
+    explicitly). XLA cannot compile a distributed step on CPUs (MirroredStrategy: a
     variable on another logical device; MultiWorker: "Collectives are not yet implemented
     for CPU devices when compiling with XLA"): asking for it there is refused."""
-    if replicas > 1 and cfg.train.jit_compile and not _accelerators():
-        raise UserError("`train.jit_compile: true` with several replicas needs GPUs or TPUs: "
+    if distributed and cfg.train.jit_compile and not _accelerators():
+        raise UserError("`train.jit_compile: true` under a strategy needs GPUs or TPUs: "
                         "TensorFlow's XLA cannot compile collectives on CPU devices "
                         "(docs/distributed.md). Leave train.jit_compile unset")
     if cfg.train.jit_compile is not None:
         return cfg.train.jit_compile
-    if replicas > 1:
+    if distributed:
         return False
     return not (precision == "mixed_bfloat16" and not _accelerators())
 
@@ -137,7 +137,7 @@ def step_flops(cfg: Config, vocabulary_size: int) -> float:
 
 def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
                       jit: bool | None = None, precision: str | None = None, schedule=None,
-                      replicas: int = 1):
+                      distributed: bool = False):
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
     fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints.
     ``precision``: a Keras dtype policy name (default: ``resolve_precision(cfg)``);
@@ -158,7 +158,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     gradients_arrive_summed(optimizer)  # over replicas, by the train step
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer,
-                  jit_compile=jit_compile(cfg, precision, replicas) if jit is None else jit,
+                  jit_compile=jit_compile(cfg, precision, distributed) if jit is None else jit,
                   steps_per_execution=steps_per_execution)
     return model
 
