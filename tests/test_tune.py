@@ -17,11 +17,24 @@ def tune_raw(tmp_path, **tune):
     return raw
 
 
-def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(tmp_path):
-    cfg_path = write_yaml(tmp_path / "t.yaml", tune_raw(tmp_path))
-    run = tmp_path / "search"
+@pytest.fixture(scope="module")
+def random_search(tmp_path_factory):
+    """A 3-trial random search in one process: (config path, search folder, result)."""
+    tmp = tmp_path_factory.mktemp("search")
+    cfg_path = write_yaml(tmp / "t.yaml", tune_raw(tmp))
+    run = tmp / "search"
     r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
+    return cfg_path, run, r
+
+
+def trial_values(run) -> dict:
+    board = json.loads((run / "leaderboard.json").read_text())
+    return {row["trial"]: row["values"] for row in board}
+
+
+def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(random_search):
+    _, run, r = random_search
     result = last_json_line(r.stdout)
     assert result["trials"] == 3 and result["failed"] == 0
     assert "optimizer.learning_rate" in r.stdout and "val_loss" in r.stdout  # leaderboard
@@ -102,6 +115,65 @@ def test_killed_search_resumes_without_repeating_finished_trials(tmp_path):
         assert (run / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
 
 
+def test_a_chief_and_two_workers_run_the_same_trials_as_one_process(random_search, tmp_path):
+    """`--workers 2`: a chief serving KerasTuner's oracle over gRPC on 127.0.0.1 and two
+    worker processes running the trials; the same seed gives the same trials (ids and
+    values) as the one-process search, each trial a real run, results written by the
+    chief only."""
+    cfg_path, reference, _ = random_search
+    run = tmp_path / "dist"
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run),
+                "--workers", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chief (serves the oracle)" in r.stdout and last_json_line(r.stdout)["trials"] == 3
+    assert trial_values(run) == trial_values(reference)
+    worker_logs = [(run / "workers" / f"tuner{i}.log").read_text() for i in range(2)]
+    ran = [last_json_line(log)["trials_run"] for log in worker_logs]
+    assert sum(ran) == 3 and all(n >= 1 for n in ran), ran   # both workers took trials
+    for trial in trial_values(run):
+        assert json.loads((run / "trials" / trial / "summary.json").read_text())["steps"] == 20
+    assert (run / "best.yaml").is_file() and (run / "objective.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_resumes_it_under_the_same_id(tmp_path):
+    """Chief and worker started by hand (what two machines do); the worker SIGKILLed during
+    its first trial and started again with the same ID gets that trial back, resumes it
+    from its checkpoint, and the search completes."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import free_ports
+
+    raw = tune_raw(tmp_path, max_trials=2, steps_per_trial=60)
+    raw["train"]["checkpoint_every"] = 10
+    cfg_path = write_yaml(tmp_path / "k.yaml", raw)
+    run = tmp_path / "k"
+    oracle = f"127.0.0.1:{free_ports(1)[0]}"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    base = [sys.executable, "-m", "tfpretrain.tune", "--config", str(cfg_path), "--run-dir",
+            str(run)]
+    chief = subprocess.Popen([*base, "--chief", oracle], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker = [*base, "--worker", "w0", "--oracle", oracle]
+    first = subprocess.Popen(worker, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not list(run.glob("trials/0/checkpoints/step-*")):
+        assert first.poll() is None and time.time() - t0 < 300
+        time.sleep(0.2)
+    first.kill()
+    first.wait()
+    assert not (run / "trials" / "0" / "summary.json").exists()
+    again = run_cli(*worker[2:], env={})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and last_json_line(again.stdout)["trials_run"] == 2
+    out, err = chief.communicate(timeout=120)
+    assert chief.returncode == 0, err[-3000:]
+    assert last_json_line(out)["trials"] == 2 and last_json_line(out)["failed"] == 0
+
+
 def test_empty_space_and_bad_space_are_user_errors(tmp_path):
     raw = tune_raw(tmp_path, space={})
     r = run_cli("tfpretrain.tune", "--config", str(write_yaml(tmp_path / "e.yaml", raw)),
@@ -177,3 +249,16 @@ def test_search_state_is_written_atomically_and_a_damaged_one_is_one_message(tmp
                 "--run-dir", str(run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "is damaged" in r.stderr and (run / "tuner" / "oracle.json").read_text() == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--worker", "w0"], "--worker ID needs --oracle HOST:PORT"),
+    (["--chief", "nohost"], "--chief 'nohost': expected HOST:PORT"),
+    (["--worker", "chief1", "--oracle", "127.0.0.1:9"], "must not contain 'chief'"),
+    (["--workers", "2", "--chief", "127.0.0.1:9"], "--workers N starts its own chief"),
+])
+def test_distributed_search_flags_are_checked(tmp_path, flags, message):
+    cfg_path = write_yaml(tmp_path / "t.yaml", tune_raw(tmp_path))
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "s"),
+                *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -230,7 +230,9 @@ class TrainConfig:
                                   "largest of 16, 8, 4, 2, 1 that divides eval.every, "
                                   "checkpoint_every and steps).", min=0)
     jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on, except "
-                                     "bfloat16 on a CPU, where XLA measured slower).")
+                                     "bfloat16 on a CPU, where XLA measured slower, and "
+                                     "under a tf.distribute strategy, where true is only "
+                                     "possible on GPUs/TPUs).")
     threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
     strategy: str = _f("auto", "tf.distribute placement: `one_device`; `mirrored` "
                        "(MirroredStrategy: data parallel over this host's GPUs, or over "

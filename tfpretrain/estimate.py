@@ -121,11 +121,11 @@ def measured_row(cfg, info: dict, precision: str):
                    tokens_per_second=tokens_per_second, price_per_hour=run_price(cfg, device))
 
 
-def search_cost(path: str, args) -> tuple[dict, list]:
+def search_cost(path: str, args, overrides=()) -> tuple[dict, list]:
     """The KerasTuner search of a tune config: every trial at its base size and batch."""
     from tfpretrain.config import load_config
 
-    tcfg = load_config(path)
+    tcfg = load_config(path, list(overrides))
     trial_tokens = tcfg.tune.steps_per_trial * tcfg.train.batch_size * tcfg.model.sequence_length
     info = plan(tcfg, tokens=trial_tokens * tcfg.tune.max_trials)
     table = rows(info, args.precision or _table_precision(tcfg.train.precision), args)

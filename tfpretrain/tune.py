@@ -15,6 +15,17 @@ At the end: a leaderboard on the console, ``<run-dir>/best.yaml`` (a complete fi
 with the winning values and the full ``train.steps``: ``python -m tfpretrain.fit --config
 <run-dir>/best.yaml``), ``<run-dir>/leaderboard.json`` and ``<run-dir>/objective.png``
 (the objective against each tuned value).
+
+Several machines (KerasTuner's distributed mode: a chief serves the oracle over gRPC,
+workers ask it for trials and run them; the search folder on a shared filesystem):
+
+    python -m tfpretrain.tune --config PATH --run-dir DIR --chief HOST:PORT
+    python -m tfpretrain.tune --config PATH --run-dir DIR --worker ID --oracle HOST:PORT
+    python -m tfpretrain.tune --config PATH --run-dir DIR --workers N   # all on this box
+
+(or KerasTuner's own KERASTUNER_TUNER_ID / KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT).
+A worker restarted with the same ID takes its unfinished trial back and resumes it from
+the trial's last checkpoint; ``--workers N`` restarts a worker that dies by itself.
 """
 from __future__ import annotations
 
@@ -129,6 +140,8 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
     class FitTuner(kt.engine.base_tuner.BaseTuner):
         """Each trial is one tfpretrain.fit run; KerasTuner only proposes values."""
 
+        trials_run = 0
+
         def run_trial(self, trial, *args, **kwargs):
             import keras
 
@@ -159,7 +172,9 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
                 {"trial_id": trial.trial_id, "values": values, "steps": steps,
                  "seconds": round(time.time() - t0, 1), **{k: summary[k] for k in (
                      "val_loss", "val_bits_per_byte", "val_masked_accuracy",
-                     "tokens_per_second") if k in summary}}, indent=1))
+                     "tokens_per_second", "tokens_seen", "mfu", "cost_usd", "device")
+                     if k in summary}}, indent=1))
+            self.trials_run += 1
             return {cfg.tune.objective: value}
 
     compat.atomic_keras_tuner_saves()  # a killed search must leave loadable state files
@@ -209,18 +224,33 @@ def leaderboard(tuner) -> list[dict]:
                      "values": {k: v for k, v in trial.hyperparameters.values.items()
                                 if not k.startswith("tuner/")},
                      "objective": trial.score, "steps": info.get("steps"),
-                     "seconds": info.get("seconds")})
+                     "seconds": info.get("seconds"), "tokens": info.get("tokens_seen"),
+                     "mfu": info.get("mfu"), "cost_usd": info.get("cost_usd")})
     rows.sort(key=lambda r: (r["objective"] is None, r["objective"] or 0.0))
     return rows
 
 
 def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None:
-    head = ["trial", "status"] + keys + [objective, "steps", "seconds"]
+    head = ["trial", "status"] + keys + [objective, "steps", "seconds", "tokens", "mfu",
+                                         "cost $"]
     from tfpretrain.tables import fmt, render
 
     print(render(head, [[r["trial"], r["status"]] + [fmt(r["values"].get(k)) for k in keys]
-                        + [fmt(r["objective"]), fmt(r["steps"]), fmt(r["seconds"])]
+                        + [fmt(r["objective"]), fmt(r["steps"]), fmt(r["seconds"]),
+                           fmt(r["tokens"]), fmt(r["mfu"]), fmt(r["cost_usd"])]
                         for r in rows]))
+    spent = search_totals(rows)
+    print(f"[tfpretrain] the search: {len(rows)} trials, {spent['search_tokens']:,} tokens, "
+          f"{spent['search_seconds'] / 3600:.3g} h of trial time, "
+          f"${spent['search_cost_usd']:.4g} (what `tune --dry-run` projects: docs/tuning.md)")
+
+
+def search_totals(rows: list[dict]) -> dict:
+    """What the trials spent: tokens, trial wall time (summed over workers), dollars."""
+    total = lambda key: sum(r.get(key) or 0 for r in rows)  # noqa: E731
+    return {"search_tokens": int(total("tokens")),
+            "search_seconds": round(total("seconds"), 1),
+            "search_cost_usd": round(total("cost_usd"), 6)}
 
 
 def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) -> None:
@@ -251,20 +281,35 @@ def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) ->
     plt.close(fig)
 
 
-def tune(cfg, base_raw: dict, run_dir: Path) -> dict:
-    from tfpretrain.config import build_config
-    from tfpretrain.files import write_atomic
+def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
+    """The search; ``role`` (tune_workers.Role): this process's part of a distributed one
+    (a worker runs trials and returns what it ran; the chief serves the oracle, then
+    writes the results)."""
+    from tfpretrain.tune_workers import Role
 
+    role = role or Role()
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add keys to search, e.g. "
                         "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
                         "(see configs/tune.yaml)")
-    keys = list(cfg.tune.space)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_hparams_config(run_dir / "trials", cfg.tune.space)
+    if role.is_chief:
+        write_hparams_config(run_dir / "trials", cfg.tune.space)
+    print(f"[tfpretrain] search: {role.describe()}", flush=True)
     tuner = make_tuner(cfg, base_raw, run_dir)
     tuner.search()
-    rows = leaderboard(tuner)
+    if not role.is_chief:
+        return {"role": f"worker {role.tuner_id}", "run_dir": str(run_dir),
+                "trials_run": tuner.trials_run}
+    return report(cfg, base_raw, run_dir, leaderboard(tuner))
+
+
+def report(cfg, base_raw: dict, run_dir: Path, rows: list[dict]) -> dict:
+    """Leaderboard (console and leaderboard.json), best.yaml, objective.png."""
+    from tfpretrain.config import build_config
+    from tfpretrain.files import write_atomic
+
+    keys = list(cfg.tune.space)
     print_leaderboard(rows, keys, cfg.tune.objective)
     write_atomic(run_dir / "leaderboard.json", json.dumps(rows, indent=1, default=str))
     best = next((r for r in rows if r["objective"] is not None), None)
@@ -286,7 +331,20 @@ def tune(cfg, base_raw: dict, run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "best_yaml": str(best_path), "best_trial": best["trial"],
             "best_values": best["values"], cfg.tune.objective: best["objective"],
             "trials": len(rows),
-            "failed": sum(1 for r in rows if r["objective"] is None)}
+            "failed": sum(1 for r in rows if r["objective"] is None), **search_totals(rows)}
+
+
+def dry_run(path: str, overrides: list[str]) -> dict:
+    """The search's projected cost, as ``estimate --tune`` prints it: every trial at its
+    base size and batch (Hyperband's brackets train fewer steps: an upper bound there)."""
+    from tfpretrain.estimate import parser as estimate_parser
+    from tfpretrain.estimate import render, search_cost
+
+    search, table = search_cost(path, estimate_parser().parse_args([]), overrides)
+    print(render(search, table, f"# search {path}: {search['trials']} trials x "
+                 f"{search['tokens_per_trial']:,} tokens"))
+    print("  (MFU 0.30 assumed; measure yours: python -m tfpretrain.estimate --measure)")
+    return search
 
 
 @cli_main
@@ -299,7 +357,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-trials", type=int)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", help="search folder (default: runs/<config name>)")
+    dist = p.add_argument_group("a search on several processes or machines")
+    dist.add_argument("--chief", metavar="HOST:PORT",
+                      help="serve the oracle here; workers run the trials")
+    dist.add_argument("--worker", metavar="ID", help="run trials for the chief at --oracle")
+    dist.add_argument("--oracle", metavar="HOST:PORT", help="the chief's address")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the search will cost (tokens, hours and dollars per "
+                        "device) and exit")
+    dist.add_argument("--workers", type=int, metavar="N",
+                      help="start a chief and N workers on 127.0.0.1 (one machine)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
+    from tfpretrain.tune_workers import resolve_role, run_local
+
+    if a.workers is not None and (a.chief or a.worker or a.oracle):
+        raise UserError("--workers N starts its own chief and workers: leave out "
+                        "--chief/--worker/--oracle")
+    role = resolve_role(a.chief, a.worker, a.oracle)
     from tfpretrain.config import load_config, load_raw, resolve_config_path
 
     path = str(resolve_config_path(a.config or "tune"))
@@ -312,7 +387,16 @@ def main(argv=None) -> int:
     base_raw = load_raw(path, overrides)
     base_raw.pop("name", None)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / cfg.name
-    result = tune(cfg, base_raw, run_dir)
+    if a.dry_run:
+        print(json.dumps(dry_run(path, overrides), default=str))
+        return 0
+    if a.workers is not None:
+        rest = [x for i, x in enumerate(argv) if not (
+            x == "--workers" or x.startswith("--workers=") or (i and argv[i - 1] == "--workers"))]
+        if not cfg.tune.space:
+            raise UserError("tune.space is empty: nothing to search (see configs/tune.yaml)")
+        return run_local(rest, a.workers, run_dir)
+    result = tune(cfg, base_raw, run_dir, role)
     print(json.dumps(result, default=str))
     return 0
 

@@ -77,8 +77,8 @@ class Run:
         if state.complete:
             log(f"{self.run_dir} already finished {state.resume_step} steps (train.steps="
                 f"{self.cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
-            if (self.run_dir / "summary.json").exists():
-                return json.loads((self.run_dir / "summary.json").read_text())
+            if (self.source_dir / "summary.json").exists():  # a worker: the chief's
+                return json.loads((self.source_dir / "summary.json").read_text())
         resuming = state.resume_from is not None
         self.setup_tensorflow()
         self.prepare_data(resuming)
@@ -168,6 +168,10 @@ class Run:
         self.manager = CheckpointManager(self.run_dir / "checkpoints", self.model,
                                          self.optimizer, keep=cfg.train.keep_checkpoints,
                                          slow_seconds=faults.checkpoint_delay(cfg))
+        # a worker rolls back to the chief's checkpoints: its own scratch folder lacks those
+        # from before a restart
+        self.rollback_source = self.manager if self.source_dir == self.run_dir else \
+            CheckpointManager(self.source_dir / "checkpoints", self.model, self.optimizer)
         log(f"model: {cfg.model.arch}, {self.params:,} parameters; {self.tokens_per_step:,} "
             f"tokens/step, {cfg.train.steps:,} steps = "
             f"{self.tokens_per_step * cfg.train.steps:,} tokens; "
@@ -256,9 +260,9 @@ class Run:
             step = self.step
             if rollback.requested:
                 rollback.requested = False
-                check_rollback_budget(self.guard, cfg.train.max_rollbacks, step, self.manager,
-                                      cfg.train.rollback_after)
-                step = roll_back(self.model, self.manager, self.guard,
+                check_rollback_budget(self.guard, cfg.train.max_rollbacks, step,
+                                      self.rollback_source, cfg.train.rollback_after)
+                step = roll_back(self.model, self.rollback_source, self.guard,
                                  cfg.train.rollback_lr_scale, log)
                 saver.last_saved, saver.pending = None, False
                 self._log_guard(step)
