@@ -21,7 +21,10 @@ def tune_raw(tmp_path, **tune):
 def random_search(tmp_path_factory):
     """A 3-trial random search in one process: (config path, search folder, result)."""
     tmp = tmp_path_factory.mktemp("search")
-    cfg_path = write_yaml(tmp / "t.yaml", tune_raw(tmp))
+    raw = tune_raw(tmp)
+    raw["track"] = {"mlflow": True, "mlflow_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                    "experiment": "search-exp"}
+    cfg_path = write_yaml(tmp / "t.yaml", raw)
     run = tmp / "search"
     r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -58,6 +61,23 @@ def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(random_sear
         tags = read_scalars(trial / "logs")
         assert "_hparams_/session_start_info" in tags and "final/val_loss" in tags
     assert "_hparams_/experiment" in read_scalars(run / "trials")
+    # what the search spent: every trial's tokens, MFU and cost, and their sums
+    assert all(row["tokens"] == 20 * 16 * 32 and row["mfu"] > 0 for row in board)
+    assert result["search_tokens"] == 3 * 20 * 16 * 32
+    assert result["search_cost_usd"] == pytest.approx(sum(row["cost_usd"] for row in board),
+                                                      abs=1e-6)
+    # MLflow: the search is a parent run, each trial a child run nested under it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("search-exp")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("tfpretrain.kind") == "search"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.max_trials"] == "3"
+    assert parent.data.metrics["best/val_loss"] == pytest.approx(result["val_loss"])
+    assert "leaderboard.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.slow  # the random search and the resumed search cover the tuner path by default
@@ -87,6 +107,7 @@ def test_failed_trial_is_recorded_and_search_goes_on(tmp_path):
     assert len(errors) == 1 and "warmup_steps" in errors[0].read_text()
 
 
+@pytest.mark.slow  # the distributed kill-and-resume test is slow too; both: -m slow
 def test_killed_search_resumes_without_repeating_finished_trials(tmp_path):
     import os
     import subprocess
@@ -123,7 +144,7 @@ def test_a_chief_and_two_workers_run_the_same_trials_as_one_process(random_searc
     cfg_path, reference, _ = random_search
     run = tmp_path / "dist"
     r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(run),
-                "--workers", "2")
+                "--workers", "2", "--set", "track.mlflow=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "chief (serves the oracle)" in r.stdout and last_json_line(r.stdout)["trials"] == 3
     assert trial_values(run) == trial_values(reference)
@@ -249,6 +270,26 @@ def test_search_state_is_written_atomically_and_a_damaged_one_is_one_message(tmp
                 "--run-dir", str(run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "is damaged" in r.stderr and (run / "tuner" / "oracle.json").read_text() == ""
+
+
+def test_tune_dry_run_projects_the_search_cost(tmp_path):
+    """Before it runs: trials x steps_per_trial x batch x sequence tokens, costed per
+    device at the assumed MFU (the estimate's arithmetic), without training."""
+    cfg_path = write_yaml(tmp_path / "t.yaml", tune_raw(tmp_path))
+    big = ["model.hidden_dim=512", "model.intermediate_dim=2048", "model.num_layers=8",
+           "model.num_heads=8", "tune.steps_per_trial=20000000", "tune.max_trials=5"]
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--dry-run",
+                *[x for kv in big for x in ("--set", kv)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    search = last_json_line(r.stdout)
+    assert search["trials"] == 5 and search["tokens_per_trial"] == 20000000 * 16 * 32
+    assert search["tokens"] == 5 * 20000000 * 16 * 32
+    assert search["flops"] == pytest.approx(search["tokens"] * search["flops_per_token"])
+    h100 = next(row for row in search["rows"] if row["device"] == "h100")
+    hours = search["flops"] / (h100["mfu"] * h100["peak_tflops"] * 1e12) / 3600
+    assert hours > 1 and h100["hours"] == pytest.approx(hours, rel=1e-2)
+    assert h100["cost_usd"] == pytest.approx(hours * h100["price_per_hour"], rel=1e-2)
+    assert not (tmp_path / "runs").exists() and "# search" in r.stdout
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -343,7 +343,12 @@ class TuneConfig:
 class TrackConfig:
     mlflow: bool = _f(False, "Also log params, per-step metrics, samples and artifacts to MLflow "
                       "(pip install 'tfpretrain[mlflow]').")
-    mlflow_uri: Optional[str] = _f(None, "MLflow tracking URI (unset = a local ./mlruns store).")
+    mlflow_uri: Optional[str] = _f(None, "MLflow tracking URI: a server (http://host:5000), "
+                                   "a database (sqlite:///path/mlflow.db) or a file store "
+                                   "(file:./mlruns, deprecated by MLflow 3); unset = "
+                                   "sqlite:///mlflow.db in the current folder.")
+    parent_run_id: Optional[str] = _f(None, "MLflow run to nest this run under (tune sets it: "
+                                      "a search is a parent run, each trial a child).")
     wandb: bool = _f(False, "Also log to Weights & Biases (pip install wandb); offline mode, "
                      "files under <run>/wandb, when WANDB_API_KEY is not set.")
     experiment: Optional[str] = _f(None, "MLflow experiment / W&B project (unset = the config "

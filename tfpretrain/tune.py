@@ -129,7 +129,9 @@ def check_search_state(project: Path) -> None:
                         "--run-dir") from None
 
 
-def make_tuner(cfg, base_raw: dict, run_dir: Path):
+def make_tuner(cfg, base_raw: dict, run_dir: Path, parent_run=lambda: None):
+    """KerasTuner's tuner whose trials are fit runs; ``parent_run()``: the MLflow run the
+    trials nest under (None: no MLflow)."""
     import keras_tuner as kt
 
     from tfpretrain import compat
@@ -153,8 +155,10 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path):
             trial_dir = run_dir / "trials" / trial.trial_id
             t0 = time.time()
             try:
-                trial_cfg = build_config(trial_raw(base_raw, values, steps, fraction),
-                                         name=f"{cfg.name}-trial-{trial.trial_id}")
+                raw = trial_raw(base_raw, values, steps, fraction)
+                if parent_run():
+                    raw.setdefault("track", {})["parent_run_id"] = parent_run()
+                trial_cfg = build_config(raw, name=f"{cfg.name}-trial-{trial.trial_id}")
                 keras.backend.clear_session()
                 summary = fit(trial_cfg, trial_dir)
             except Preempted as exc:
@@ -292,16 +296,23 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
         raise UserError("tune.space is empty: add keys to search, e.g. "
                         "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
                         "(see configs/tune.yaml)")
+    from tfpretrain.training.tracking import SearchRun
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    search_run = SearchRun(cfg, run_dir)
     if role.is_chief:
         write_hparams_config(run_dir / "trials", cfg.tune.space)
+        search_run.start()  # before the oracle serves a trial: workers read its id
     print(f"[tfpretrain] search: {role.describe()}", flush=True)
-    tuner = make_tuner(cfg, base_raw, run_dir)
+    tuner = make_tuner(cfg, base_raw, run_dir, search_run.parent_id)
     tuner.search()
     if not role.is_chief:
         return {"role": f"worker {role.tuner_id}", "run_dir": str(run_dir),
                 "trials_run": tuner.trials_run}
-    return report(cfg, base_raw, run_dir, leaderboard(tuner))
+    result = report(cfg, base_raw, run_dir, leaderboard(tuner))
+    search_run.finish(result, [run_dir / n for n in ("leaderboard.json", "best.yaml",
+                                                     "objective.png")])
+    return result
 
 
 def report(cfg, base_raw: dict, run_dir: Path, rows: list[dict]) -> dict:

@@ -60,21 +60,41 @@ class TensorBoardSink:
         self.flush()
 
 
+def mlflow_uri(uri: str | None) -> str:
+    """``track.mlflow_uri``; unset = a SQLite database in the current folder (MLflow's
+    recommended local store). Checks that what the URI needs is installed."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UserError("track.mlflow needs MLflow: pip install 'tfpretrain[mlflow]'") \
+            from None
+    uri = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        try:
+            import alembic  # noqa: F401
+            import sqlalchemy  # noqa: F401
+        except ImportError:
+            raise UserError(f"track.mlflow_uri {uri}: a database store needs SQLAlchemy and "
+                            "Alembic: pip install 'tfpretrain[mlflow]'") from None
+    elif uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 keeps the file store behind an opt-in; it was asked for by name
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def mlflow_experiment(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
 class MlflowSink:
     """MLflow: params, per-step metrics (batched), text samples and artifacts."""
 
-    def __init__(self, run_dir: Path, uri: str | None, experiment: str):
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise UserError("track.mlflow needs MLflow: pip install 'tfpretrain[mlflow]'") \
-                from None
+    def __init__(self, run_dir: Path, uri: str | None, experiment: str,
+                 parent_run_id: str | None = None):
         self.run_dir, self.experiment = Path(run_dir), experiment
-        self.uri = uri or f"file:{Path('mlruns').resolve()}"
-        if self.uri.startswith("file:") or "://" not in self.uri:
-            # MLflow 3 keeps the local file store behind an opt-in; a local store is the
-            # zero-setup default a user expects
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = mlflow_uri(uri)
+        self.parent_run_id = parent_run_id
         self.ids = _Ids(run_dir)
         self.run_id = None
         self._pending = []
@@ -88,11 +108,11 @@ class MlflowSink:
         self.client = MlflowClient(self.uri)
         run_id = self.ids.get("mlflow_run_id")
         if run_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.experiment)
-            run = self.client.create_run(exp_id, run_name=self.run_dir.name,
-                                         tags={"tfpretrain.run_dir": str(self.run_dir)})
+            tags = {"tfpretrain.run_dir": str(self.run_dir)}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = self.client.create_run(mlflow_experiment(self.client, self.experiment),
+                                         run_name=self.run_dir.name, tags=tags)
             run_id = run.info.run_id
             self.ids.set("mlflow_run_id", run_id)
             params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
@@ -134,6 +154,9 @@ class MlflowSink:
                 Metric(f"final/{k}", float(v), now, int(summary.get("steps", 0)))
                 for k, v in summary.items() if isinstance(v, (int, float))
                 and not isinstance(v, bool) and v == v])
+            if summary.get("saved_model"):
+                self.client.set_tag(self.run_id, "tfpretrain.saved_model",
+                                    str(summary["saved_model"]))
         for f in files:
             if Path(f).exists():
                 self.client.log_artifact(self.run_id, str(f))
@@ -183,7 +206,65 @@ class WandbSink:
 def build_sinks(cfg, run_dir: Path) -> list:
     sinks = [TensorBoardSink(Path(run_dir) / "logs")]
     if cfg.track.mlflow:
-        sinks.append(MlflowSink(run_dir, cfg.track.mlflow_uri, cfg.track.experiment or cfg.name))
+        sinks.append(MlflowSink(run_dir, cfg.track.mlflow_uri, cfg.track.experiment or cfg.name,
+                                cfg.track.parent_run_id))
     if cfg.track.wandb:
         sinks.append(WandbSink(run_dir, cfg.track.experiment or cfg.name))
     return sinks
+
+
+class SearchRun:
+    """A tune search as one MLflow parent run (its trials are child runs, through
+    ``track.parent_run_id``); its id lives in ``<search folder>/tracking.json``, so a
+    resumed search, and every worker of a distributed one, uses the same parent."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.enabled = bool(cfg.track.mlflow)
+        self.cfg, self.run_dir, self.ids = cfg, Path(run_dir), _Ids(run_dir)
+
+    def start(self) -> str | None:
+        """The chief (or a one-process search): create the parent run once."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        run_id = self.ids.get("mlflow_search_run_id")
+        client = MlflowClient(mlflow_uri(self.cfg.track.mlflow_uri))
+        if run_id is None:
+            t = self.cfg.tune
+            run = client.create_run(
+                mlflow_experiment(client, self.cfg.track.experiment or self.cfg.name),
+                run_name=f"search {self.run_dir.name}",
+                tags={"tfpretrain.run_dir": str(self.run_dir), "tfpretrain.kind": "search"})
+            run_id = run.info.run_id
+            self.ids.set("mlflow_search_run_id", run_id)
+            params = {"tune.tuner": t.tuner, "tune.max_trials": t.max_trials,
+                      "tune.steps_per_trial": t.steps_per_trial, "tune.objective": t.objective,
+                      **{f"space.{k}": json.dumps(v)[:500] for k, v in t.space.items()}}
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    def parent_id(self) -> str | None:
+        """A worker: the chief's parent run (written before the chief serves trials)."""
+        return self.ids.get("mlflow_search_run_id") if self.enabled else None
+
+    def finish(self, result: dict, files) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        run_id = self.ids.get("mlflow_search_run_id")
+        client = MlflowClient(mlflow_uri(self.cfg.track.mlflow_uri))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[
+            Metric(f"best/{k}" if k == self.cfg.tune.objective else k, float(v), now, 0)
+            for k, v in result.items() if isinstance(v, (int, float))
+            and not isinstance(v, bool) and v == v])
+        for f in files:
+            if Path(f).exists():
+                client.log_artifact(run_id, str(f))
+        client.set_terminated(run_id, status="FINISHED")
