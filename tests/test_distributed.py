@@ -95,7 +95,8 @@ def free_ports(n: int) -> list[int]:
 
 def start_workers(cfg_path, run_dir, steps, *extra):
     """Two `python -m tfpretrain.fit` processes, worker 0 (the chief) and worker 1, with the
-    TF_CONFIG Kubeflow/Vertex would set; output to files next to the run folder."""
+    TF_CONFIG Kubeflow/Vertex would set; stdout and stderr to files next to the run
+    folder (<run>.worker<i>.log / .err)."""
     import json
     import os
     import subprocess
@@ -109,11 +110,11 @@ def start_workers(cfg_path, run_dir, steps, *extra):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps(tf_config))
-        out = open(f"{run_dir}.worker{i}.log", "w")
+        out, err = open(f"{run_dir}.worker{i}.log", "w"), open(f"{run_dir}.worker{i}.err", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg_path), "--run-dir",
              str(run_dir), "--set", f"train.steps={steps}", *extra],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+            cwd=REPO, env=env, stdout=out, stderr=err, text=True))
     return procs
 
 
@@ -122,6 +123,8 @@ def finish_workers(procs, run_dir, timeout=300):
 
     codes = [p.wait(timeout=timeout) for p in procs]
     logs = [Path(f"{run_dir}.worker{i}.log").read_text() for i in range(2)]
+    errors = [Path(f"{run_dir}.worker{i}.err").read_text()[-3000:] for i in range(2)]
+    assert codes == [0, 0], "\n".join(errors)
     return codes, logs
 
 
@@ -133,7 +136,6 @@ def test_two_workers_on_loopback_train_one_devices_curve(setup, tmp_path):
     cfg_path, one_dir, one = setup
     run_dir = tmp_path / "run"
     codes, logs = finish_workers(start_workers(cfg_path, run_dir, 20), run_dir)
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     chief, worker = (last_json_line(log) for log in logs)
     assert chief["strategy"] == "multi_worker" and chief["workers"] == 2
     assert chief["replicas"] == 2 and worker["role"] == "worker 1"
@@ -177,6 +179,7 @@ def test_a_killed_worker_ends_the_other_and_both_resume(setup, tmp_path):
     every = ("--set", "eval.every=20", "--set", "train.checkpoint_every=20")
     procs = start_workers(cfg_path, run_dir, 2000, *every)
     log0 = lambda: (tmp_path / "run.worker0.log").read_text()  # noqa: E731
+    err0 = lambda: (tmp_path / "run.worker0.err").read_text()  # noqa: E731
     deadline = time.time() + 240
     while "step 40/" not in log0() and time.time() < deadline:
         time.sleep(0.5)
@@ -185,9 +188,9 @@ def test_a_killed_worker_ends_the_other_and_both_resume(setup, tmp_path):
     t0 = time.time()
     code = procs[0].wait(timeout=120)
     assert code == 75 and time.time() - t0 < 90
-    assert "lost contact with the other workers" in log0() and "Traceback" not in log0()
+    assert "lost contact with the other workers" in err0() and "Traceback" not in err0()
+    assert "exit 75" in err0().strip().splitlines()[-1]
     codes, logs = finish_workers(start_workers(cfg_path, run_dir, 100, *every), run_dir)
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert all("resumed from" in log for log in logs)
     chief, worker = (last_json_line(log) for log in logs)
     assert chief["steps"] == 100 and chief["weights_sha256"] == worker["weights_sha256"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,6 +114,12 @@ def main(argv=None) -> int:
         print(f"[tfpretrain] {exc}; exit {exc.exit_code}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(summary))
+    if summary.get("strategy") == "multi_worker":
+        # every worker passed the final barrier: leave now, all together, before
+        # TensorFlow's teardown reports the first worker gone as a lost task
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

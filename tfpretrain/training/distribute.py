@@ -164,18 +164,15 @@ class Placement:
         return f"mirrored over {self.replicas} devices ({', '.join(self.devices)}), {per}"
 
     def finish(self) -> None:
-        """multi_worker, at the end: wait for every worker, stop pinging them, and let the
-        chief (which hosts TensorFlow's coordination service) exit last."""
+        """multi_worker, at the end: wait for every worker and stop pinging them; the
+        processes then leave together (``fit`` exits at once after its summary line:
+        TensorFlow's coordination service logs a lost task when one lingers)."""
         if self.kind != "multi_worker":
             return
-        import time
-
         from tfpretrain import compat
 
         self.barrier()
         compat.stop_multi_worker_health_check(self.strategy)
-        if self.is_chief:
-            time.sleep(3)
 
     def barrier(self) -> None:
         """multi_worker: wait until every worker gets here (a one-number all-reduce)."""
