@@ -63,7 +63,7 @@ def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(random_sear
     assert "_hparams_/experiment" in read_scalars(run / "trials")
     # what the search spent: every trial's tokens, MFU and cost, and their sums
     assert all(row["tokens"] == 20 * 16 * 32 and row["mfu"] > 0 for row in board)
-    assert result["search_tokens"] == 3 * 20 * 16 * 32
+    assert result["search_tokens"] == 3 * 20 * 16 * 32 == result["projected_tokens"]
     assert result["search_cost_usd"] == pytest.approx(sum(row["cost_usd"] for row in board),
                                                       abs=1e-6)
     # MLflow: the search is a parent run, each trial a child run nested under it

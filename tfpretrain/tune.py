@@ -244,9 +244,9 @@ def print_leaderboard(rows: list[dict], keys: list[str], objective: str) -> None
                            fmt(r["tokens"]), fmt(r["mfu"]), fmt(r["cost_usd"])]
                         for r in rows]))
     spent = search_totals(rows)
-    print(f"[tfpretrain] the search: {len(rows)} trials, {spent['search_tokens']:,} tokens, "
-          f"{spent['search_seconds'] / 3600:.3g} h of trial time, "
-          f"${spent['search_cost_usd']:.4g} (what `tune --dry-run` projects: docs/tuning.md)")
+    print(f"[tfpretrain] the search spent: {len(rows)} trials, {spent['search_tokens']:,} "
+          f"tokens, {spent['search_seconds'] / 3600:.3g} h of trial time, "
+          f"${spent['search_cost_usd']:.4g}")
 
 
 def search_totals(rows: list[dict]) -> dict:
@@ -316,12 +316,21 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
 
 
 def report(cfg, base_raw: dict, run_dir: Path, rows: list[dict]) -> dict:
-    """Leaderboard (console and leaderboard.json), best.yaml, objective.png."""
+    """Leaderboard (console and leaderboard.json), best.yaml, objective.png, and what the
+    search spent against what ``--dry-run`` projected (tokens: the projection takes every
+    trial at the base config's batch and sequence length)."""
     from tfpretrain.config import build_config
     from tfpretrain.files import write_atomic
 
+    t = cfg.tune
+    projected = t.max_trials * t.steps_per_trial * cfg.train.batch_size * \
+        cfg.model.sequence_length
     keys = list(cfg.tune.space)
     print_leaderboard(rows, keys, cfg.tune.objective)
+    spent = search_totals(rows)["search_tokens"]
+    print(f"[tfpretrain] projected before the search (tune --dry-run): {projected:,} tokens; "
+          f"spent {spent:,} ({spent / max(projected, 1):.0%} of it: tuned batch sizes, "
+          "Hyperband brackets and failed trials move it)")
     write_atomic(run_dir / "leaderboard.json", json.dumps(rows, indent=1, default=str))
     best = next((r for r in rows if r["objective"] is not None), None)
     if best is None:
@@ -342,7 +351,8 @@ def report(cfg, base_raw: dict, run_dir: Path, rows: list[dict]) -> dict:
     return {"run_dir": str(run_dir), "best_yaml": str(best_path), "best_trial": best["trial"],
             "best_values": best["values"], cfg.tune.objective: best["objective"],
             "trials": len(rows),
-            "failed": sum(1 for r in rows if r["objective"] is None), **search_totals(rows)}
+            "failed": sum(1 for r in rows if r["objective"] is None), **search_totals(rows),
+            "projected_tokens": projected}
 
 
 def dry_run(path: str, overrides: list[str]) -> dict:
