@@ -124,10 +124,12 @@ def measured_row(cfg, info: dict, precision: str):
 def search_cost(path: str, args, overrides=()) -> tuple[dict, list]:
     """The KerasTuner search of a tune config: every trial at its base size and batch."""
     from tfpretrain.config import load_config
+    from tfpretrain.training.budget import search_tokens
 
     tcfg = load_config(path, list(overrides))
-    trial_tokens = tcfg.tune.steps_per_trial * tcfg.train.batch_size * tcfg.model.sequence_length
-    info = plan(tcfg, tokens=trial_tokens * tcfg.tune.max_trials)
+    total = search_tokens(tcfg)
+    trial_tokens = total // tcfg.tune.max_trials
+    info = plan(tcfg, tokens=total)
     table = rows(info, args.precision or _table_precision(tcfg.train.precision), args)
     return {"config": path, "trials": tcfg.tune.max_trials, "tokens_per_trial": trial_tokens,
             **info, "rows": [r.to_dict() for r in table]}, table

@@ -285,18 +285,23 @@ def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) ->
     plt.close(fig)
 
 
+def check_space(cfg) -> None:
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: add keys to search, e.g. "
+                        "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
+                        "(see configs/tune.yaml)")
+
+
 def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
     """The search; ``role`` (tune_workers.Role): this process's part of a distributed one
     (a worker runs trials and returns what it ran; the chief serves the oracle, then
     writes the results)."""
     from tfpretrain.tune_workers import Role
 
-    role = role or Role()
-    if not cfg.tune.space:
-        raise UserError("tune.space is empty: add keys to search, e.g. "
-                        "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
-                        "(see configs/tune.yaml)")
     from tfpretrain.training.tracking import SearchRun
+
+    role = role or Role()
+    check_space(cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     search_run = SearchRun(cfg, run_dir)
@@ -321,10 +326,9 @@ def report(cfg, base_raw: dict, run_dir: Path, rows: list[dict]) -> dict:
     trial at the base config's batch and sequence length)."""
     from tfpretrain.config import build_config
     from tfpretrain.files import write_atomic
+    from tfpretrain.training.budget import search_tokens
 
-    t = cfg.tune
-    projected = t.max_trials * t.steps_per_trial * cfg.train.batch_size * \
-        cfg.model.sequence_length
+    projected = search_tokens(cfg)
     keys = list(cfg.tune.space)
     print_leaderboard(rows, keys, cfg.tune.objective)
     spent = search_totals(rows)["search_tokens"]
@@ -414,8 +418,7 @@ def main(argv=None) -> int:
     if a.workers is not None:
         rest = [x for i, x in enumerate(argv) if not (
             x == "--workers" or x.startswith("--workers=") or (i and argv[i - 1] == "--workers"))]
-        if not cfg.tune.space:
-            raise UserError("tune.space is empty: nothing to search (see configs/tune.yaml)")
+        check_space(cfg)
         return run_local(rest, a.workers, run_dir)
     result = tune(cfg, base_raw, run_dir, role)
     print(json.dumps(result, default=str))

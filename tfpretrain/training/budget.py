@@ -61,6 +61,13 @@ def project(device: Device, precision: str, tokens: float, flops_per_token: floa
                tokens_per_second, hours, price, None if hours is None else hours * price)
 
 
+def search_tokens(cfg: Config) -> int:
+    """The tokens a search of ``cfg`` trains: every trial at the base batch and sequence
+    length for ``tune.steps_per_trial`` steps (Hyperband's brackets train fewer)."""
+    t = cfg.tune
+    return t.max_trials * t.steps_per_trial * cfg.train.batch_size * cfg.model.sequence_length
+
+
 def chinchilla_tokens(params: int) -> int:
     return CHINCHILLA_TOKENS_PER_PARAM * params
 

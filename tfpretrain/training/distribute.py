@@ -261,9 +261,7 @@ def make_placement(cfg: Config) -> Placement:
     before anything else touches TensorFlow (its collectives are configured at start-up)."""
     import tensorflow as tf
 
-    if cfg.train.strategy == "multi_worker":
-        return _multi_worker(cfg, worker_cluster(cfg))
-    cluster = worker_cluster(cfg)
+    cluster = worker_cluster(cfg)  # multi_worker without TF_CONFIG: a UserError
     if cluster:
         return _multi_worker(cfg, cluster)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
@@ -291,7 +289,7 @@ def _check_split(cfg: Config, replicas: int) -> None:
                         f"({t.grad_accumulation_steps}) micro-batches")
 
 
-def _multi_worker(cfg: Config, cluster: Cluster | None) -> Placement:
+def _multi_worker(cfg: Config, cluster: Cluster) -> Placement:
     import tensorflow as tf
 
     from tfpretrain import compat
