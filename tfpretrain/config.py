@@ -322,6 +322,22 @@ class MlmConfig:
                           "together.")
 
 
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = _f(None, "Logit distillation (Hinton et al.; DistilBERT): a "
+                                "trained run folder of the same objective whose logits the "
+                                "student learns from, computed in inference mode inside the "
+                                "train step. The student uses the teacher's tokenizer "
+                                "(`tokenizer.path`, set to `<teacher>/tokenizer` when unset; "
+                                "another tokenizer is refused). Unset = no distillation.")
+    alpha: float = _f(0.5, "Weight of the cross-entropy on the labels; the student's "
+                      "objective is alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || "
+                      "student_T) over the same real tokens (masked LM: masked positions). "
+                      "The logged `loss` stays the cross-entropy.", min=0.0, max=1.0)
+    temperature: float = _f(2.0, "Softmax temperature T of both distributions in the KL term.",
+                            min=0.0, min_exclusive=True)
+
+
 TUNERS = ("random", "grid", "bayesian", "hyperband")
 
 
@@ -389,6 +405,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     track: TrackConfig = field(default_factory=TrackConfig)

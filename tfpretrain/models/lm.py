@@ -56,8 +56,13 @@ class CausalLM(DecoderNet):
                  steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
                  spike_threshold: float = 6.0, spike_steps=(0, 1), z_loss: float = 0.0,
                  document_mask: bool = False, rebaseline_after: int = 0,
-                 grad_accumulation_steps: int = 1, **kwargs):
+                 grad_accumulation_steps: int = 1, distill_alpha: float = 1.0,
+                 distill_temperature: float = 1.0, **kwargs):
         super().__init__(backbone, sequence_length, document_mask=document_mask, **kwargs)
+        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+        # the distillation teacher (set_teacher); not tracked: not part of this model's
+        # weights, checkpoints or exports
+        object.__setattr__(self, "teacher", None)
         self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
         self.guard, self.spike_threshold = guard, spike_threshold
@@ -91,6 +96,21 @@ class CausalLM(DecoderNet):
     @property
     def metrics(self):
         return [self.loss_tracker]
+
+    def set_teacher(self, teacher) -> None:
+        """Distil from ``teacher`` (a model of the same objective and vocabulary): its logits,
+        in inference mode, join the training objective (see :meth:`distill_objective`)."""
+        object.__setattr__(self, "teacher", teacher)
+
+    def distill_objective(self, x, logits, ce_share, weight, total):
+        """alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), each a share of the
+        mean over the batch's real tokens; the CE share alone without a teacher."""
+        if self.teacher is None:
+            return ce_share
+        teacher_logits = tf.stop_gradient(self.teacher(x, training=False))
+        kd = stability.distill_values(logits, teacher_logits, self.distill_temperature)
+        a = self.distill_alpha
+        return a * ce_share + (1.0 - a) * stability.weighted_share(kd, weight, total)
 
     @staticmethod
     def token_losses(y, logits):
@@ -130,7 +150,7 @@ class CausalLM(DecoderNet):
             with tf.control_dependencies(deps), tf.GradientTape() as tape:
                 logits = self(mx, training=True)
                 part = stability.weighted_share(self.token_losses(my, logits), mw, total)
-                part_objective = part
+                part_objective = self.distill_objective(mx, logits, part, mw, total)
                 if self.z_loss:
                     part_objective += self.z_loss * stability.weighted_share(
                         stability.z_values(logits), mw, total)

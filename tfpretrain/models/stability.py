@@ -15,6 +15,15 @@ def token_losses(y, logits):
                                                from_logits=True)
 
 
+def distill_values(student_logits, teacher_logits, temperature):
+    """Knowledge distillation per position: T^2 * KL(softmax(teacher/T) || softmax(student/T))
+    in nats (Hinton et al. 2015; the T^2 keeps its gradient's scale independent of T)."""
+    t = ops.cast(temperature, "float32")
+    log_p = ops.log_softmax(ops.cast(teacher_logits, "float32") / t, axis=-1)
+    log_q = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
+    return t * t * ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+
+
 def weighted_mean(values, weight):
     """sum(values * weight) / max(sum(weight), 1): the mean over real (weighted) tokens,
     padding (weight 0) never counts."""

@@ -50,7 +50,8 @@ class Objective:
             spike_steps=faults.spike_steps(cfg), z_loss=cfg.model.z_loss,
             rebaseline_after=cfg.train.rebaseline_after,
             grad_accumulation_steps=cfg.train.grad_accumulation_steps,
-            **self.model_options(cfg))
+            distill_alpha=cfg.distill.alpha if cfg.distill.teacher else 1.0,
+            distill_temperature=cfg.distill.temperature, **self.model_options(cfg))
         model(model.example_input())
         return model
 

@@ -29,10 +29,12 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
 
     ``finish(model, tokenizer, cfg, run_dir, log) -> dict``: called after the final
     evaluation; its fields join the summary (fit's export). Raises UserError, Preempted."""
+    from tfpretrain.training import distill
     from tfpretrain.training.distribute import worker_cluster
     from tfpretrain.training.runfolder import claim_run_dir
 
     run_dir = Path(run_dir)
+    cfg = distill.resolve(cfg)  # a teacher: its tokenizer, checked before anything is touched
     cluster = worker_cluster(cfg)  # multi_worker: TF_CONFIG checked before anything is touched
     if cluster and not cluster.is_chief:
         return _train_worker(cfg, run_dir, resume, allow_config_change)
@@ -162,6 +164,7 @@ class Run:
         with self.placement.strategy.scope():
             self.model = build_and_compile(cfg, self.tokenizer.vocabulary_size, self.spe,
                                            precision=self.precision, distributed=distributed)
+            self.teacher = self.load_teacher()
         self.optimizer = self.model.optimizer
         self.params = int(self.model.network.count_params())
         self.tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
@@ -182,6 +185,20 @@ class Run:
             f"grad_accumulation_steps={cfg.train.grad_accumulation_steps}")
         self.meter = self._meter()
 
+    def load_teacher(self):
+        """distill.teacher's model, handed to the student's train step (None without)."""
+        from tfpretrain.training.distill import load_teacher
+
+        cfg = self.cfg
+        if not cfg.distill.teacher:
+            return None
+        teacher = load_teacher(cfg, self.tokenizer.vocabulary_size)
+        self.model.set_teacher(teacher)
+        log(f"distill: teacher {cfg.distill.teacher} "
+            f"({int(teacher.network.count_params()):,} parameters), alpha "
+            f"{cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+        return teacher
+
     def _meter(self):
         """FLOPs, the device's peak and price: MFU, ETA and cost in the log and summary."""
         from tfpretrain.hardware import detect
@@ -189,7 +206,13 @@ class Run:
         from tfpretrain.training.callbacks import Meter
 
         device = detect()
-        flops = model_flops_per_token(self.cfg, self.params, self.tokenizer.vocabulary_size)
+        vocab = self.tokenizer.vocabulary_size
+        flops = model_flops_per_token(self.cfg, self.params, vocab)
+        if self.teacher is not None:  # its forward pass (a third of its 6N + 12LHT) counts
+            from tfpretrain.training.distill import teacher_config
+
+            flops += model_flops_per_token(teacher_config(self.cfg),
+                                           int(self.teacher.network.count_params()), vocab) // 3
         n = self.placement.physical  # several GPUs: their summed peak and price
         peak = device.peak(self.precision)
         meter = Meter(device, flops, peak * n if peak else peak,
@@ -197,7 +220,8 @@ class Run:
         peak = meter.peak_flops
         log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
             if peak else f"device: {device.label}; peak unknown for {self.precision}")
-        log(f"flops: {flops:,} per token (6N + 12LHT); price ${meter.price_per_hour:.2f}/h "
+        log(f"flops: {flops:,} per token (6N + 12LHT"
+            f"{'; + the teacher forward 2N + 4LHT' if self.teacher is not None else ''}); price ${meter.price_per_hour:.2f}/h "
             "(train.price_per_hour)")
         return meter
 
@@ -292,6 +316,7 @@ class Run:
             log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
             log(f"sample: {sample!r}")
             extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
+        extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
         summary = {
             "run_dir": str(self.run_dir), **extra,
@@ -322,6 +347,18 @@ class Run:
         logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
         self.placement.finish()  # the workers wait for the chief's export before exiting
         return summary
+
+    def _teacher_metrics(self) -> dict:
+        """The teacher's loss on the student's validation rows (distillation only)."""
+        from tfpretrain.training.evaluation import evaluate_split
+
+        if self.teacher is None:
+            return {}
+        m = evaluate_split(self.cfg, self.teacher, self.tokenizer, self.packed.val_rows,
+                           self.packed.unigram_counts, self.cfg.eval.final_steps)
+        log(f"distill: teacher val_loss {m['val_loss']:.4f} on the same rows")
+        return {"distill_teacher": self.cfg.distill.teacher,
+                "teacher_val_loss": round(m["val_loss"], 6)}
 
     def _finish_worker(self) -> dict:
         """multi_worker, not the chief: no evaluation, export or summary file (the chief
