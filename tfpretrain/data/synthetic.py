@@ -5,6 +5,13 @@ feeling, a problem, dialogue and a resolution, told in simple English. The gener
 small grammar over word lists (about 1.5k distinct words), so the corpus is varied enough
 to be worth learning and regular enough that a 1M-parameter model learns it in minutes.
 Deterministic: the same seed gives byte-identical stories.
+
+:class:`StorySpec` grows it into a TinyStories / SimpleStories-style generator: vocabulary
+levels (1: short and plain, 2: the embedded corpus, 3: longer, with a richer vocabulary),
+required words (a verb, a noun and an adjective that every story must use, as TinyStories'
+prompts asked), the story arc (which problem and resolution) and features (dialogue, moral,
+twist, conflict, foreshadowing, bad_ending). ``StorySpec()`` is the embedded corpus's
+generator exactly (``python -m tfpretrain.synth stories`` writes it as JSONL).
 """
 from __future__ import annotations
 
@@ -187,6 +194,81 @@ TRAIT_SENTENCES = ["{name} was a {padj} {kind} who loved to {activity}.",
                    "{name} had a {adj} {obj} that {they} loved very much."]
 
 
+FEATURES = ("dialogue", "moral", "twist", "conflict", "foreshadowing", "bad_ending")
+LEVELS = (1, 2, 3)
+REQUIRED_VERBS = ("jump run sing dance hop climb dig splash paint build hide kick throw "
+                  "catch push pull carry share fix wash open find hug chase draw bake plant "
+                  "feed help clean count fold pack ride swim whisper shout laugh smile "
+                  "explore search wander float spin").split()
+RICH_ADJ = ("ancient curious delicate enormous fragile gleaming glorious mysterious "
+            "peculiar radiant splendid tremendous whimsical marvelous dazzling "
+            "shimmering stubborn timid graceful clumsy ordinary magnificent gloomy "
+            "cheerful generous patient").split()
+RICH_SENTENCES = [
+    "The {radj} {thing} looked {radj2} in the {light} light.",
+    "{name} thought it was the most {radj} {thing} in the whole {place}.",
+    "Everything around them felt {radj} and a little {radj2}.",
+    "{friend} whispered that the {thing} was {radj}, and {name} agreed.",
+    "It was a {radj} moment, and {name} wanted to remember it forever."]
+LIGHTS = "morning evening golden silver pale warm soft bright".split()
+REQUIRED_SENTENCES = ["{name} wanted to {verb} the {wadj} {noun}.",
+                      "\"Let's {verb} the {wadj} {noun},\" said {friend}.",
+                      "There was a {wadj} {noun}, and {name} liked to {verb} near it.",
+                      "{friend} showed {name} how to {verb} with a {wadj} {noun}."]
+EXTRA_DIALOGUE = ["\"What should we do now?\" asked {name}. \"Let's {activity}!\" said "
+                  "{friend}.", "\"Are you {feeling}?\" asked {friend}. \"A little,\" said "
+                  "{name}.", "\"I like your {obj},\" said {friend}. \"Thank you!\" said "
+                  "{name}."]
+FORESHADOW = ["{name} did not know that something {adj} would happen that day.",
+              "Far away, a dark cloud was slowly coming closer.",
+              "{Mom} said, \"Be careful with your {obj}.\" {name} did not listen.",
+              "That morning, {name} had a funny feeling about the {obj}."]
+CONFLICT = ["{friend} said, \"That is mine!\" {name} said, \"No, it is mine!\" They "
+            "were both angry.", "{name} and {friend} did not agree. They shouted, and "
+            "{friend} walked away.", "{friend} laughed at {name}'s {obj}, and {name} felt "
+            "hurt and {feeling}."]
+TWISTS = ["But then something surprising happened. The {obj} began to glow and talk!",
+          "Then they saw that the {animal} had been following them all day.",
+          "But the {obj} was not really {their}s. It belonged to a little {animal}.",
+          "Suddenly the {thing} opened like a door, and inside was a tiny room."]
+MORALS = ["sharing makes everyone happy", "it is good to be kind to others",
+          "friends help each other", "you should always tell the truth",
+          "being careful keeps you safe", "it is okay to ask for help",
+          "hard work pays off", "patience is important"]
+BAD_ENDINGS = ["{name} looked and looked, but the {obj} was never found. {name} was sad "
+               "for a long time.", "Nobody came to help. {name} went home alone, and "
+               "the day was ruined.", "The {obj} was broken forever, and {name} cried all "
+               "night.", "{friend} never came back to play, and {name} felt lonely."]
+
+
+class StorySpec:
+    """What every story of a corpus must have: ``level`` (1-3), ``features`` (any of
+    :data:`FEATURES`), ``required_words`` (weave in a random verb, noun and adjective),
+    ``arcs`` (problem keys of :data:`PROBLEMS`; empty = all). The default is the embedded
+    corpus's generator."""
+
+    def __init__(self, level: int = 2, features=(), required_words: bool = False, arcs=()):
+        self.level, self.features = level, frozenset(features)
+        self.required_words = required_words
+        self.problems = [p for p in PROBLEMS if not arcs or p[0] in arcs]
+        bad = sorted(set(features) - set(FEATURES))
+        bad_arcs = sorted(set(arcs) - {k for k, _ in PROBLEMS})
+        if level not in LEVELS or bad or bad_arcs:
+            raise ValueError(f"level must be 1, 2 or 3, features among {', '.join(FEATURES)}, "
+                             f"arcs among {', '.join(k for k, _ in PROBLEMS)}. Received: "
+                             f"level={level}, unknown features {bad}, unknown arcs {bad_arcs}")
+
+    @property
+    def plain(self) -> bool:
+        return (self.level == 2 and not self.features and not self.required_words
+                and len(self.problems) == len(PROBLEMS))
+
+    def params(self) -> dict:
+        return {"level": self.level, "features": sorted(self.features),
+                "required_words": self.required_words,
+                "arcs": [k for k, _ in self.problems]}
+
+
 class _Person:
     def __init__(self, name, kind, pronoun):
         self.name, self.kind = name, kind
@@ -208,8 +290,11 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def story(rng: random.Random) -> str:
-    """One story as a single paragraph-free string."""
+def story(rng: random.Random, spec: StorySpec | None = None, words: list | None = None) -> str:
+    """One story as a single paragraph-free string; ``spec`` (default: the embedded
+    corpus's); ``words``: if a list, the required words used are appended to it."""
+    if spec is not None and not spec.plain:
+        return _story_with(rng, spec, words)
     hero = _character(rng)
     friend = _character(rng)
     while friend.name == hero.name:
@@ -261,6 +346,80 @@ def story(rng: random.Random) -> str:
     out.append(fill(rng.choice(RESOLUTIONS[key])))
     out.append(fill(rng.choice(LESSONS)))
     return _ARTICLE.sub(r"\1n \2", " ".join(out))
+
+
+def _story_with(rng: random.Random, spec: StorySpec, words: list | None) -> str:
+    """A story with the spec's level, arc, features and required words."""
+    hero = _character(rng)
+    friend = _character(rng)
+    while friend.name == hero.name:
+        friend = _character(rng)
+    place, prep = rng.choice(PLACES)
+    obj = rng.choice(OBJECTS)
+    key, problem = rng.choice(spec.problems)
+    level, f = spec.level, spec.features
+    slots = dict(
+        name=hero.name, kind=hero.kind, they=hero.they, They=_cap(hero.they),
+        their=hero.their, them=hero.them, friend=friend.name,
+        FriendThey=_cap(friend.they), FriendTheir=friend.their, place=place, prep=prep,
+        obj=obj, adj=rng.choice(ADJ), feeling=rng.choice(FEELINGS),
+        activity=rng.choice(ACTIVITIES), animal=rng.choice(ANIMALS), food=rng.choice(FOODS),
+        water=rng.choice(WATER), Mom=rng.choice(MOMS), age=rng.choice(range(3, 9)),
+        adj2=rng.choice(ADJ), padj=rng.choice(PERSON_ADJ), verb_ing=rng.choice(VERBS_ING),
+        verb_ing2=rng.choice(VERBS_ING), thing=rng.choice(THINGS), thing2=rng.choice(THINGS),
+        sound=rng.choice(SOUNDS), count=rng.choice(COUNTS), color=rng.choice(COLORS),
+        radj=rng.choice(RICH_ADJ), radj2=rng.choice(RICH_ADJ), light=rng.choice(LIGHTS),
+        verb=rng.choice(REQUIRED_VERBS), noun=rng.choice(THINGS + OBJECTS),
+        wadj=rng.choice(ADJ))
+    fill = lambda t: _cap(t.format(**slots))  # noqa: E731
+    opening = fill(rng.choice(TRAIT_SENTENCES))
+    out = [f"{rng.choice(TIMES)}, {opening[:1].lower() + opening[1:] if opening.startswith('There') else opening}"]
+    out.append(fill(rng.choice(["{name} and {friend} went to the {place} to {activity}.",
+                                "{name} went to the {place} with {friend}."])))
+    if level > 1:
+        out.append(fill(rng.choice(WEATHER) + ", and {name} felt {feeling}."))
+    if "foreshadowing" in f:
+        out.append(fill(rng.choice(FORESHADOW)))
+    for _ in range(0 if level == 1 else rng.choice((1, 2))):
+        out.append(fill(rng.choice(DIALOGUE)))
+    if "dialogue" in f:
+        out.extend(fill(t) for t in rng.sample(EXTRA_DIALOGUE, 2))
+    if spec.required_words:
+        out.append(fill(rng.choice(REQUIRED_SENTENCES)))
+        if words is not None:
+            words.extend([slots["verb"], slots["noun"], slots["wadj"]])
+    middle = {1: (0, 1), 2: (1, 2, 2, 3), 3: (2, 3, 4)}[level]
+    for t in rng.sample(MIDDLE, rng.choice(middle)):
+        out.append(fill(t))
+    if level == 3:
+        out.extend(fill(t) for t in rng.sample(RICH_SENTENCES, 2))
+    if "conflict" in f:
+        out.append(fill(rng.choice(CONFLICT)))
+    out.append(fill(problem))
+    if level > 1:
+        out.append(fill(rng.choice(["{name} felt {feeling}. \"What can we do?\" {they} asked.",
+                                    "\"Oh no!\" said {name}.",
+                                    "{name} did not know what to do."])))
+    if "twist" in f:
+        out.append(fill(rng.choice(TWISTS)))
+    if "bad_ending" in f:
+        out.append(fill(rng.choice(BAD_ENDINGS)))
+    else:
+        out.append(fill(rng.choice(RESOLUTIONS[key])))
+        if level > 1:
+            out.append(fill(rng.choice(LESSONS)))
+    if "moral" in f:
+        out.append(f"The moral of the story is that {rng.choice(MORALS)}.")
+    return _ARTICLE.sub(r"\1n \2", " ".join(out))
+
+
+def iter_stories(n: int, seed: int, spec: StorySpec | None = None):
+    """``n`` stories as (text, required words), streaming, deterministic given ``seed``
+    and ``spec`` (the default spec and seed give :func:`generate_stories`' stories)."""
+    rng = random.Random(f"tfpretrain-stories-{seed}")
+    for _ in range(n):
+        words: list = []
+        yield story(rng, spec, words), words
 
 
 def generate_stories(n: int, seed: int) -> list[str]:
