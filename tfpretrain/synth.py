@@ -10,7 +10,7 @@
     python -m tfpretrain.synth evolve --teacher RUN|SAVED_MODEL|URL --in PATH --out evo.jsonl
         [--ops constraint,deepen,concretize,reasoning,breadth] [--rounds R]
     python -m tfpretrain.synth dedup --in PATH --out clean.jsonl [--against EVAL_PATH]
-        [--threshold 0.7] [--ngram 3] [--contamination-ngram N]
+        [--threshold 0.55] [--ngram 5] [--contamination-ngram N]
     python -m tfpretrain.synth distill --teacher RUN|SAVED_MODEL|URL --count N
         --out distilled.jsonl [--prompts PATH] [sampling options]
     python -m tfpretrain.synth report --in PATH [--against EVAL_PATH]
@@ -333,8 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--rounds", type=int, default=1)
     d = parsers["dedup"]
     d.add_argument("--in", dest="input", required=True)
-    d.add_argument("--threshold", type=float, default=0.7, help="Jaccard (MinHash) threshold")
-    d.add_argument("--ngram", type=int, default=3, help="word shingle size")
+    d.add_argument("--threshold", type=float, default=0.55,
+                   help="Jaccard (MinHash) threshold (default 0.55)")
+    d.add_argument("--ngram", type=int, default=5, help="character shingle size (default 5)")
     d.add_argument("--contamination-ngram", type=int, default=0,
                    help="also drop records sharing a word N-gram with --against (0 = off)")
     t = parsers["distill"]

@@ -7,7 +7,7 @@ A record is dropped when (in this order):
 3. ``near``: its Jaccard estimate with a kept record is >= threshold.
 The first occurrence is kept, so the result does not depend on anything but input order.
 Memory grows with the kept records: 8 bytes of fingerprint, 512 bytes of signature and
-32 band-table entries each.
+32 band-table entries each. Shingles are character 5-grams (``similarity.char_shingles``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ BATCH = 2048
 
 
 class Deduplicator:
-    def __init__(self, threshold: float = 0.7, ngram: int = 3, against: Iterable[str] = (),
+    def __init__(self, threshold: float = 0.55, ngram: int = 5, against: Iterable[str] = (),
                  contamination_ngram: int = 0):
         self.index = MinHashIndex(threshold=threshold, ngram=ngram)
         self.eval_index = MinHashIndex(threshold=threshold, ngram=ngram)

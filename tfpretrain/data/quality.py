@@ -27,7 +27,7 @@ class QualityReport:
     """Feed texts with :meth:`add`; :meth:`result` is the report as a dict."""
 
     def __init__(self, sample_size: int = 20_000, against=None, overlap_ngram: int = 8,
-                 near_threshold: float = 0.7, seed: int = 0):
+                 near_threshold: float = 0.55, seed: int = 0):
         self.lengths = array("I")
         self.seen: set[int] = set()
         self.exact = 0
