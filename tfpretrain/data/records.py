@@ -97,7 +97,8 @@ def read_records(path, flag: str = "--in", field: str = "text") -> Iterator[dict
             yield from _jsonl_records(f, flag, field)
             continue
         cfg = DataConfig(path=str(f), text_field=field)
-        for i, text in enumerate(iter_source(f, cfg, DecodeStats("replace")), 1):
+        docs = (t.strip() for t in iter_source(f, cfg, DecodeStats("replace")))
+        for i, text in enumerate(filter(None, docs), 1):
             yield {"id": f"{f.stem}-{i}", "text": text}
 
 

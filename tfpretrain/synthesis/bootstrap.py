@@ -47,7 +47,7 @@ def bootstrap(teacher, seeds: list[dict], writer, make_record, rounds: int, per_
     pool = [words(r["text"]) for r in seeds]
     made: list[dict] = []
     stats = []
-    stop = [separator] if separator.strip() else []
+    stop = [separator] if separator.strip(" ") else []  # a space joins: no stop string
     for r in range(1, rounds + 1):
         t0, before = time.time(), filters.counts()
         planned = [_prompt(rng, seeds, made, shots, opening_words, separator)
