@@ -10,6 +10,8 @@
 
     python -m tfpretrain.bench generate --run-dir DIR [--saved-model PATH] [--new-tokens N]
 
+    python -m tfpretrain.bench synth [--count 100000] [--dedup-count 20000] [--planted N]
+
     python -m tfpretrain.bench optim [--config PATH] [--set KEY=VALUE ...]
                                      [--variant NAME:KEY=VALUE,... ...] [--seeds 1337,1338]
                                      [--eval-every N] [--out table.md]
@@ -42,6 +44,10 @@ keras_hub's own ``CausalLM.generate()`` on the run's weights as keras_hub config
 default (``compile()``'s ``jit_compile="auto"``: XLA only when a GPU is visible), forced
 with XLA and forced without, and the exported SavedModel's ``sample`` signature at
 temperature 0 (KV-cached, no Xla ops), after one warm-up call each.
+
+``synth`` measures the synthetic-data targets on one core (``tfpretrain.bench_synth``):
+stories/s and distinct share of 100k generated stories, and dedup's recall and false
+positives on planted near-duplicates.
 
 ``optim`` trains each optimizer/schedule variant with ``fit`` for the config's steps and
 seeds and tables final val loss, steps to reach the first variant's final val loss,
@@ -542,6 +548,11 @@ def parser() -> argparse.ArgumentParser:
                    help="MB of the corpus the per-kind cold rates are measured on")
     d.add_argument("--read-batches", type=int, default=2000)
     d.add_argument("--train-steps", type=int, default=64)
+    y = sub.add_parser("synth", help="story generation rate/diversity, dedup recall "
+                       "on planted near-duplicates")
+    y.add_argument("--count", type=int, default=100_000, help="stories generated (default 100k)")
+    y.add_argument("--dedup-count", type=int, default=20_000)
+    y.add_argument("--planted", type=int, default=0, help="default: 1%% of --dedup-count")
     o = sub.add_parser("optim", help="optimizers/schedules: val loss, steps to AdamW's, tok/s")
     o.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     o.add_argument("--set", dest="overrides", action="append", default=[])
@@ -625,6 +636,10 @@ def main(argv=None) -> int:
         result = bench_data(cfg, args.mb, [k for k in args.kinds.split(",") if k],
                             args.read_batches, args.train_steps, args.cold_mb, args.config,
                             args.overrides)
+    elif args.what == "synth":
+        from tfpretrain.bench_synth import bench_synth
+
+        result = bench_synth(args.count, args.dedup_count, args.planted)
     elif args.what == "generate":
         result = bench_generate(Path(args.run_dir), args.saved_model, args.new_tokens)
     else:

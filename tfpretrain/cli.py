@@ -18,7 +18,9 @@ COMMANDS = {
     "estimate": ("tfpretrain.estimate", "FLOPs, hours and dollars of a run or search"),
     "lr_find": ("tfpretrain.lr_find", "learning-rate range test: a suggested peak rate"),
     "schedule": ("tfpretrain.schedule", "the learning rate of every step (table, PNG)"),
-    "bench": ("tfpretrain.bench", "benchmarks: fit, generate, data, optim, gpu"),
+    "synth": ("tfpretrain.synth", "synthetic data: stories, augment, bootstrap, evolve, "
+              "dedup, distill, report"),
+    "bench": ("tfpretrain.bench", "benchmarks: fit, generate, data, optim, synth, gpu"),
 }
 
 

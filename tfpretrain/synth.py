@@ -256,8 +256,8 @@ def run_distill(a, writer, report) -> dict:
     make = _maker("distill", a, params, teacher, report)
     bar = Progress(a.count, "samples")
     for start in range(0, a.count, a.batch_size):
-        chunk = [prompts[i % len(prompts)] for i in range(start, min(start + a.batch_size,
-                                                                      a.count))]
+        end = min(start + a.batch_size, a.count)
+        chunk = [prompts[i % len(prompts)] for i in range(start, end)]
         outs = teacher.complete(chunk, sampling.max_new_tokens, sampling.temperature,
                                 sampling.top_p, seed=a.seed * 1_000_003 + start)
         for p, out in zip(chunk, outs):
@@ -286,6 +286,14 @@ def _parser() -> argparse.ArgumentParser:
                        "(dedup: also decontaminate against them)")
         q.add_argument("--overlap-ngram", type=int, default=8,
                        help="word n-gram of the report's eval overlap (default 8)")
+    _data_arguments(parsers)
+    _teacher_arguments(parsers)
+    parsers["report"].add_argument("--in", dest="input", required=True)
+    return p
+
+
+def _data_arguments(parsers: dict) -> None:
+    """stories, augment and dedup: no teacher."""
     s = parsers["stories"]
     s.add_argument("--count", type=int, required=True)
     s.add_argument("--level", type=int, default=2, help="1 plain, 2 the embedded corpus, 3 rich")
@@ -301,6 +309,17 @@ def _parser() -> argparse.ArgumentParser:
                    "delete, char_noise")
     g.add_argument("--rates", help="per-op rates, e.g. synonym=0.2,char_noise=0.05")
     g.add_argument("--keep-original", action="store_true", help="also write each input")
+    d = parsers["dedup"]
+    d.add_argument("--in", dest="input", required=True)
+    d.add_argument("--threshold", type=float, default=0.55,
+                   help="Jaccard (MinHash) threshold (default 0.55)")
+    d.add_argument("--ngram", type=int, default=5, help="character shingle size (default 5)")
+    d.add_argument("--contamination-ngram", type=int, default=0,
+                   help="also drop records sharing a word N-gram with --against (0 = off)")
+
+
+def _teacher_arguments(parsers: dict) -> None:
+    """bootstrap, evolve and distill: a teacher and how it samples."""
     for m in ("bootstrap", "evolve", "distill"):
         q = parsers[m]
         q.add_argument("--teacher", required=True,
@@ -331,20 +350,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ops", help="comma-separated (default: all): constraint, deepen, "
                    "concretize, reasoning, breadth")
     e.add_argument("--rounds", type=int, default=1)
-    d = parsers["dedup"]
-    d.add_argument("--in", dest="input", required=True)
-    d.add_argument("--threshold", type=float, default=0.55,
-                   help="Jaccard (MinHash) threshold (default 0.55)")
-    d.add_argument("--ngram", type=int, default=5, help="character shingle size (default 5)")
-    d.add_argument("--contamination-ngram", type=int, default=0,
-                   help="also drop records sharing a word N-gram with --against (0 = off)")
     t = parsers["distill"]
     t.add_argument("--count", type=int, required=True)
     t.add_argument("--prompts", help="prompts to continue, cycled (default: the empty "
                    "prompt, a fresh document)")
     t.add_argument("--batch-size", type=int, default=32)
-    parsers["report"].add_argument("--in", dest="input", required=True)
-    return p
 
 
 def _quality(a):

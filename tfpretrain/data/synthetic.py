@@ -348,8 +348,8 @@ def story(rng: random.Random, spec: StorySpec | None = None, words: list | None 
     return _ARTICLE.sub(r"\1n \2", " ".join(out))
 
 
-def _story_with(rng: random.Random, spec: StorySpec, words: list | None) -> str:
-    """A story with the spec's level, arc, features and required words."""
+def _spec_slots(rng: random.Random, spec: StorySpec) -> tuple[str, str, dict]:
+    """(problem key, problem template, every slot) of one featured story."""
     hero = _character(rng)
     friend = _character(rng)
     while friend.name == hero.name:
@@ -357,7 +357,6 @@ def _story_with(rng: random.Random, spec: StorySpec, words: list | None) -> str:
     place, prep = rng.choice(PLACES)
     obj = rng.choice(OBJECTS)
     key, problem = rng.choice(spec.problems)
-    level, f = spec.level, spec.features
     slots = dict(
         name=hero.name, kind=hero.kind, they=hero.they, They=_cap(hero.they),
         their=hero.their, them=hero.them, friend=friend.name,
@@ -371,9 +370,18 @@ def _story_with(rng: random.Random, spec: StorySpec, words: list | None) -> str:
         radj=rng.choice(RICH_ADJ), radj2=rng.choice(RICH_ADJ), light=rng.choice(LIGHTS),
         verb=rng.choice(REQUIRED_VERBS), noun=rng.choice(THINGS + OBJECTS),
         wadj=rng.choice(ADJ))
+    return key, problem, slots
+
+
+def _story_with(rng: random.Random, spec: StorySpec, words: list | None) -> str:
+    """A story with the spec's level, arc, features and required words."""
+    key, problem, slots = _spec_slots(rng, spec)
+    level, f = spec.level, spec.features
     fill = lambda t: _cap(t.format(**slots))  # noqa: E731
     opening = fill(rng.choice(TRAIT_SENTENCES))
-    out = [f"{rng.choice(TIMES)}, {opening[:1].lower() + opening[1:] if opening.startswith('There') else opening}"]
+    if opening.startswith("There"):
+        opening = "t" + opening[1:]
+    out = [f"{rng.choice(TIMES)}, {opening}"]
     out.append(fill(rng.choice(["{name} and {friend} went to the {place} to {activity}.",
                                 "{name} went to the {place} with {friend}."])))
     if level > 1:

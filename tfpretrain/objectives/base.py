@@ -25,6 +25,7 @@ class Objective:
     model_class = None
     preset_loader = ""           # keras_hub.models base class that reloads the preset
     hf_export = False
+    writes_text = False          # continues a prompt (a teacher for synth), vs fills masks
 
     # --- data -------------------------------------------------------------------------
     def row_format(self, sequence_length: int, packing: str):

@@ -15,6 +15,7 @@ class CausalObjective(Objective):
     model_class = CausalLM
     preset_loader = "CausalLM"
     hf_export = True
+    writes_text = True
 
     def row_format(self, sequence_length: int, packing: str) -> RowFormat:
         """Rows of L + 1 tokens (x = row[:-1], y = row[1:]): concat rows overlap by one

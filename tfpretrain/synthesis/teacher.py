@@ -71,8 +71,10 @@ class RunTeacher(_ModelTeacher):
         from tfpretrain.objectives.causal import score_texts
         from tfpretrain.training.runfolder import load_run
 
+        from tfpretrain.objectives import get_objective
+
         cfg, self.tokenizer, self.model = load_run(Path(run_dir))
-        if cfg.model.objective != "causal":
+        if not get_objective(cfg).writes_text:
             raise UserError(f"--teacher {run_dir}: a {cfg.model.objective} model cannot write "
                             "text; use a causal (gpt2/llama) run")
         self.name = f"run:{Path(run_dir).resolve().name}"

@@ -33,10 +33,12 @@ def resolve(cfg: Config) -> Config:
     tokenizer. Without ``distill.teacher``, ``cfg`` itself."""
     if not cfg.distill.teacher:
         return cfg
+    from tfpretrain.objectives import get_objective
+
     teacher = teacher_config(cfg)
     folder = Path(cfg.distill.teacher)
     problems = []
-    if teacher.model.objective != cfg.model.objective:
+    if get_objective(teacher) is not get_objective(cfg):
         problems.append(f"the teacher's model.objective is {teacher.model.objective!r}, the "
                         f"student's {cfg.model.objective!r}; they must match")
     if teacher.model.sequence_length < cfg.model.sequence_length:

@@ -220,9 +220,9 @@ class Run:
         peak = meter.peak_flops
         log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
             if peak else f"device: {device.label}; peak unknown for {self.precision}")
-        log(f"flops: {flops:,} per token (6N + 12LHT"
-            f"{'; + the teacher forward 2N + 4LHT' if self.teacher is not None else ''}); price ${meter.price_per_hour:.2f}/h "
-            "(train.price_per_hour)")
+        teacher = "; + the teacher forward 2N + 4LHT" if self.teacher is not None else ""
+        log(f"flops: {flops:,} per token (6N + 12LHT{teacher}); price "
+            f"${meter.price_per_hour:.2f}/h (train.price_per_hour)")
         return meter
 
     def restore(self, path: Path, guard: dict | None) -> None:
