@@ -250,6 +250,23 @@ def test_fill_mask_export_reloaded_in_fresh_process(mlm_run, tmp_path):
     assert (tmp_path / "preset" / "task.json").is_file()
 
 
+def test_a_masked_student_distils_from_a_masked_teacher(mlm_run, tmp_path):
+    """distill.* for masked LM: the KL term over the masked positions, the teacher's loss on
+    the student's validation rows in the summary."""
+    from tfpretrain.fit import fit
+
+    _, teacher_dir, teacher_summary = mlm_run
+    cfg = build_config(tiny_mlm_raw(tmp_path, model={"hidden_dim": 16,
+                                                     "intermediate_dim": 32},
+                                    train={"steps": 30}, eval={"every": 30},
+                                    optimizer={"warmup_steps": 5},
+                                    export={"enabled": False},
+                                    distill={"teacher": str(teacher_dir), "alpha": 0.3}))
+    summary = fit(cfg, tmp_path / "student")
+    assert summary["teacher_val_loss"] == pytest.approx(teacher_summary["val_loss"], rel=1e-4)
+    assert summary["skipped_steps"] == 0 and summary["val_loss"] < 10
+
+
 def test_a_workers_part_of_the_batch_is_its_rows_of_the_whole_batch():
     """multi_worker's data contract (train_dataset ``part``): rows lo..hi-1 of every global
     batch, identical to slicing what one device sees: the causal batch read row by row,

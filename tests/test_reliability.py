@@ -187,6 +187,12 @@ def test_checkpoints_wait_for_the_end_of_a_skip_streak(tmp_path):
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("st"))
     assert names == ["step-00000013", "step-00000020"]
     assert last_json_line(r.stdout)["skipped_steps"] == 4
+    from tfpretrain.runs import skipped_steps  # what `runs --metric grad_norm` marks
+
+    assert skipped_steps(run) == [9, 10, 11, 12]
+    r = run_cli("tfpretrain.runs", str(tmp_path), "--plot", str(tmp_path / "g.png"),
+                "--metric", "grad_norm")
+    assert r.returncode == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --- bad input: exit 2, one message, no traceback ------------------------------------

@@ -83,9 +83,11 @@ def test_augment_counts_ops_and_metadata(tmp_path):
                            for i, t in enumerate(
                                ["The big dog was very happy and ran to the little house.",
                                 "She looked at the old road and smiled at her friend."])))
-    out = tmp_path / "aug.jsonl"
+    out, again = tmp_path / "aug.jsonl", tmp_path / "again.jsonl"
     rc, summary = synth("augment", "--in", src, "--out", out, "--n", 3, "--keep-original")
     assert rc == 0 and summary["records"] == 2 * (3 + 1)
+    assert synth("augment", "--in", src, "--out", again, "--n", 3, "--keep-original")[0] == 0
+    assert again.read_bytes() == out.read_bytes()  # deterministic given --seed
     recs = read(out)
     assert {r["parent"] for r in recs} == {"d0", "d1"}
     assert all(r["source"] == {"source": "unit"} for r in recs)

@@ -1,13 +1,16 @@
 """A table of runs, and their validation curves, without starting a server.
 
-    python -m tfpretrain.runs [DIR] [--sort val_bits_per_byte] [--plot [PNG]] [--json]
+    python -m tfpretrain.runs [DIR] [--sort val_bits_per_byte] [--plot [PNG]]
+                              [--metric val_loss|loss|grad_norm|learning_rate|...] [--json]
 
 Finds every run folder under DIR (default ``runs/``; tune trials included): a folder with a
 ``config.yaml``. For each: name, key config values, parameters, tokens seen, val
 loss / perplexity / bits-per-byte, tokens/s, wall time and status (``done``, ``stopped at
 step N`` for a run with checkpoints but no summary, ``failed`` for a tune trial with an
-error, ``empty``). ``--plot`` writes a PNG of the val-loss curves read from each run's
-TensorBoard logs (default ``DIR/val_loss.png``).
+error, ``empty``). ``--plot`` writes a PNG of each run's curve of ``--metric`` read from its
+TensorBoard logs (default ``DIR/<metric>.png``): val loss, or a per-step train scalar
+(loss, grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
+stability guard skipped marked.
 """
 from __future__ import annotations
 
@@ -60,37 +63,69 @@ def describe(run: Path, root: Path) -> dict:
     return row
 
 
-def val_curve(run: Path) -> tuple[list[int], list[float]]:
+METRICS = {  # --metric -> (TensorBoard split, tag, axis label)
+    "val_loss": ("val", "loss", "val loss (nats/token)"),
+    "loss": ("train", "loss", "train loss (nats/token)"),
+    "grad_norm": ("train", "grad_norm", "global gradient norm (before clipping)"),
+    "learning_rate": ("train", "learning_rate", "learning rate"),
+    "tokens_per_second": ("train", "tokens_per_second", "tokens/s"),
+    "mfu": ("train", "mfu", "MFU"),
+}
+
+
+def curve(run: Path, split: str, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one scalar of a run's TensorBoard logs (``logs/<split>``)."""
     import tensorflow as tf
 
     points = {}
-    for f in sorted((run / "logs" / "val").glob("events.out.tfevents.*")):
+    for f in sorted((run / "logs" / split).glob("events.out.tfevents.*")):
         for record in tf.data.TFRecordDataset(str(f)):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for v in event.summary.value:
-                if v.tag == "loss":
+                if v.tag == tag:
                     points[event.step] = float(tf.make_ndarray(v.tensor))
     steps = sorted(points)
     return steps, [points[s] for s in steps]
 
 
-def plot(rows: list[dict], root: Path, path: Path) -> Path:
-    from tfpretrain.plots import pyplot
+def val_curve(run: Path) -> tuple[list[int], list[float]]:
+    return curve(run, "val", "loss")
+
+
+def skipped_steps(run: Path) -> list[int]:
+    """The steps the stability guard skipped (``train/skipped`` is 1)."""
+    return [s for s, v in zip(*curve(run, "train", "skipped")) if v > 0]
+
+
+def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> Path:
+    """Curves of ``metric`` for every run; train metrics mark the guard's skipped steps."""
+    from tfpretrain.plots import pyplot, save
 
     plt = pyplot()
-
+    split, tag, label = METRICS[metric]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    marked = False
     for row in rows:
-        steps, losses = val_curve(Path(row["path"]))
-        if steps:
-            ax.plot(steps, losses, marker="o", markersize=3, label=row["run"])
+        run = Path(row["path"])
+        steps, values = curve(run, split, tag)
+        if not steps:
+            continue
+        ax.plot(steps, values, marker="o" if split == "val" else None, markersize=3,
+                linewidth=1, label=row["run"])
+        if split == "train":
+            skipped = set(skipped_steps(run))
+            at = [(s, v) for s, v in zip(steps, values) if s in skipped]
+            if at:
+                ax.scatter(*zip(*at), marker="x", s=40, color="red", zorder=3,
+                           label=None if marked else "skipped by the guard")
+                marked = True
+    if metric == "grad_norm":
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats/token)")
+    ax.set_ylabel(label)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -107,7 +142,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default="runs")
     p.add_argument("--sort", default="val_loss", choices=COLUMNS)
-    p.add_argument("--plot", nargs="?", const="", help="write val-loss curves to this PNG")
+    p.add_argument("--plot", nargs="?", const="", help="write the runs' curves to this PNG "
+                   "(default DIR/<metric>.png)")
+    p.add_argument("--metric", default="val_loss", choices=tuple(METRICS),
+                   help="what --plot draws (default val_loss; train metrics mark the steps "
+                        "the stability guard skipped)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a = p.parse_args(argv)
     root = Path(a.dir)
@@ -126,8 +165,8 @@ def main(argv=None) -> int:
     else:
         print(table(rows))
     if a.plot is not None:
-        path = Path(a.plot) if a.plot else root / "val_loss.png"
-        print(f"wrote {plot(rows, root, path)}")
+        path = Path(a.plot) if a.plot else root / f"{a.metric}.png"
+        print(f"wrote {plot(rows, root, path, a.metric)}")
     return 0
 
 
