@@ -2,6 +2,8 @@
 exists and, with an anchor, at a heading of that file; the README links every docs page."""
 import re
 
+import pytest
+
 from conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -87,3 +89,68 @@ def test_distributed_launch_manifests_parse_and_run_our_command():
         assert spec["imageUri"] and spec["command"] == ["python", "-m", "tfpretrain.fit"]
         run_dir = spec["args"][spec["args"].index("--run-dir") + 1]
         assert run_dir.startswith("/gcs/")  # Cloud Storage FUSE: every replica sees it
+
+
+# --- every documented command -------------------------------------------------------------
+# tfpretrain.<module> whose first argument is a sub-command
+SUBCOMMANDS = {"bench", "synth"}
+
+
+def commands(page) -> list[tuple[int, str]]:
+    """(page, command) of every ``python -m tfpretrain.…`` line of the page's code blocks
+    (``$ `` prompts allowed), continuation lines joined, comments and the text after
+    ``&&``/``|``/``>`` dropped."""
+    out = []
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), re.S | re.M):
+        if lang not in ("", "bash", "sh", "console"):
+            continue
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            m = re.match(r"\s*(?:\$ )?python -m (tfpretrain[\w.]*)(.*)", line)
+            if m:
+                args = re.split(r"\s(?:&&|\||>|2>|#)\s", m.group(2) + " ")[0]
+                out.append((page, f"{m.group(1)} {args}".strip()))
+    return out
+
+
+def documented_commands() -> list:
+    return [c for page in PAGES for c in commands(page)]
+
+
+def _flags(command: str) -> tuple[str, list[str]]:
+    """(the module, and its sub-command if any, as argv prefix; the --flags used)."""
+    import shlex
+
+    parts = shlex.split(command)
+    module, rest = parts[0], parts[1:]
+    prefix = [module]
+    name = module.split(".")[-1]
+    if name in SUBCOMMANDS and rest and not rest[0].startswith("-"):
+        prefix.append(rest[0])
+    return " ".join(prefix), [a.split("=")[0] for a in rest if a.startswith("--")]
+
+
+def test_every_documented_command_and_flag_exists():
+    """Each ``python -m tfpretrain.X [sub] --flag`` in README.md and docs/ names a module that
+    exists and flags its ``--help`` lists (docs cannot drift from the argument parsers)."""
+    import contextlib
+    import importlib
+    import io
+
+    wanted: dict[str, set] = {}
+    for page, command in documented_commands():
+        prefix, flags = _flags(command)
+        wanted.setdefault(prefix, set()).update(flags)
+    assert len(wanted) >= 15
+    missing = []
+    for prefix, flags in sorted(wanted.items()):
+        module, *sub = prefix.split()
+        mod = importlib.import_module(module)
+        if not hasattr(mod, "main"):  # a package run as python -m: its __main__
+            mod = importlib.import_module(module + ".__main__")
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+            mod.main([*sub, "--help"])
+        missing += [f"{prefix} {f}" for f in sorted(flags)
+                    if not re.search(rf"{re.escape(f)}(?![\w-])", text.getvalue())]
+    assert not missing, "documented flags the commands do not have:\n" + "\n".join(missing)
