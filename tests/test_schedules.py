@@ -62,6 +62,25 @@ def test_schedule_command_prints_the_run_s_rates_and_plots_them(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_schedule_command_evaluates_every_schedule_the_config_can_name():
+    """Every schedule through the command's path (the default cosine with warmup once
+    crashed there: Keras branches on a scalar condition), against the schedule itself."""
+    import contextlib
+    import io
+    import json
+
+    from tfpretrain.config import SCHEDULES
+    from tfpretrain.schedule import main
+
+    for name in SCHEDULES:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["--set", f"optimizer.schedule={name}", "--set", "train.steps=300",
+                         "--set", "optimizer.warmup_steps=30", "--points", "4"]) == 0
+        rates = json.loads(out.getvalue().strip().splitlines()[-1])["learning_rates"]
+        assert rates[0] == 0.0 and max(rates) == pytest.approx(3e-3), name
+
+
 def test_lr_find_on_a_tiny_model_suggests_a_finite_rate_and_writes_the_plot(tmp_path):
     from conftest import last_json_line, run_cli, tiny_raw, write_yaml
 

@@ -39,8 +39,14 @@ def learning_rates(cfg) -> list[float]:
 
     from tfpretrain.training.optimizers import build_schedule
 
+    import tensorflow as tf
+
     schedule = build_schedule(cfg.optimizer, cfg.train.steps)
-    return [float(x) for x in np.asarray(schedule(np.arange(cfg.train.steps)))]
+    steps = tf.range(cfg.train.steps, dtype=tf.float32)
+    # element by element, in one graph: Keras's warmup schedules branch with a scalar cond
+    rates = tf.function(lambda s: tf.map_fn(lambda x: tf.cast(schedule(x), tf.float32), s,
+                                            fn_output_signature=tf.float32))(steps)
+    return [float(x) for x in np.asarray(rates)]
 
 
 def plot(cfg, lrs: list[float], path: Path) -> None:
