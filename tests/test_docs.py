@@ -2,8 +2,6 @@
 exists and, with an anchor, at a heading of that file; the README links every docs page."""
 import re
 
-import pytest
-
 from conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -111,6 +109,15 @@ def commands(page) -> list[tuple[int, str]]:
                 args = re.split(r"\s(?:&&|\||>|2>|#)\s", m.group(2) + " ")[0]
                 out.append((page, f"{m.group(1)} {args}".strip()))
     return out
+
+
+def expected_exit(page, command: str) -> int:
+    """A command's exit status as its page states it (``# exits N`` after it), else 0."""
+    for line in page.read_text().splitlines():
+        m = re.search(r"#\s*exits (\d+)", line)
+        if m and command in line:
+            return int(m.group(1))
+    return 0
 
 
 def documented_commands() -> list:

@@ -195,6 +195,22 @@ def test_checkpoints_wait_for_the_end_of_a_skip_streak(tmp_path):
     assert r.returncode == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_without_the_guard_a_nan_step_stops_the_run_cleanly(tmp_path):
+    """train.guard: false and a NaN step: exit 3 with one message, before the broken
+    weights are sampled (which once crashed with a traceback) or checkpointed."""
+    raw = quick_raw(tmp_path, train={"steps": 20, "checkpoint_every": 4, "guard": False,
+                                     "steps_per_execution": 1},
+                    debug={"nan_at_step": 9})
+    run = tmp_path / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
+                "--run-dir", str(run))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "training diverged at step 9" in r.stderr
+    assert "step-00000008" in r.stderr and "--set train.guard=true" in r.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("st"))
+    assert names[-1] == "step-00000008"
+
+
 # --- bad input: exit 2, one message, no traceback ------------------------------------
 
 def _corrupt_gz(tmp):

@@ -151,6 +151,27 @@ class StepLogger(keras.callbacks.Callback):
         return self.trained_steps * self.tokens_per_step / self.train_seconds
 
 
+class DivergenceStop(keras.callbacks.Callback):
+    """``train.guard: false``: a step whose loss or gradient norm is not finite ends the run
+    (``guard.Diverged``, exit 3) before anything is sampled, evaluated or checkpointed from
+    the broken weights."""
+
+    def __init__(self, manager):
+        super().__init__()
+        self.manager = manager
+
+    def on_train_batch_end(self, batch, logs=None):
+        import numpy as np
+
+        from tfpretrain.training.guard import diverged
+
+        # loss and grad norm; under loss scaling (mixed_float16) an overflowing gradient is
+        # normal and Keras's LossScaleOptimizer skips it itself: only the loss counts
+        columns = 1 if self.model.loss_scaled else 2
+        if not np.isfinite(self.model.step_log.numpy()[:, :columns]).all():
+            raise diverged(int(self.model.optimizer.iterations.numpy()), self.manager)
+
+
 class StopAtStep(keras.callbacks.Callback):
     """Ends fit at exactly ``total_steps`` optimizer steps (the last epoch may be short)."""
 

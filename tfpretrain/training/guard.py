@@ -35,6 +35,21 @@ class GuardStop(Exception):
     exit_code = 3
 
 
+class Diverged(GuardStop):
+    """``train.guard: false`` and a step's loss or gradient norm was not finite: the update
+    was applied, so the weights are no longer usable."""
+
+
+def diverged(step: int, manager) -> Diverged:
+    found = manager.latest_valid()
+    kept = found[0] if found else "none (the run had not checkpointed yet)"
+    return Diverged(f"training diverged at step {step}: its loss or gradient norm is not "
+                    "finite and train.guard is off, so the update was applied and the "
+                    f"weights are lost; nothing after the last checkpoint was saved: {kept}. "
+                    "Rerun the same command with --set train.guard=true "
+                    "--allow-config-change to resume from it with bad steps skipped")
+
+
 def set_lr_scale(optimizer, scale: float) -> None:
     """Set the ScaledSchedule's scale (see training.optimizers)."""
     from tfpretrain.compat import learning_rate_schedule

@@ -399,9 +399,9 @@ class Run:
             sink.flush()
 
     def _callbacks(self):
-        from tfpretrain.training.callbacks import (CheckpointEvery, EvaluationWeights,
-                                                   PreemptionCheckpoint, RollbackMonitor,
-                                                   StopAtStep)
+        from tfpretrain.training.callbacks import (CheckpointEvery, DivergenceStop,
+                                                   EvaluationWeights, PreemptionCheckpoint,
+                                                   RollbackMonitor, StopAtStep)
         from tfpretrain.training.optimizers import is_schedule_free
 
         cfg = self.cfg
@@ -412,6 +412,8 @@ class Run:
         callbacks = [self.logger, StopAtStep(cfg.train.steps), rollback, saver,
                      PreemptionCheckpoint(self.manager, self._checkpoint_state,
                                           self.preemption)]
+        if not cfg.train.guard:  # a non-finite step was applied: stop before it spreads
+            callbacks.insert(1, DivergenceStop(self.rollback_source))
         if is_schedule_free(self.optimizer):
             callbacks.append(EvaluationWeights())
         return callbacks, rollback, saver
