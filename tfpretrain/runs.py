@@ -97,6 +97,23 @@ def skipped_steps(run: Path) -> list[int]:
     return [s for s, v in zip(*curve(run, "train", "skipped")) if v > 0]
 
 
+def _mark_skipped(ax, run: Path, steps, values, marked: bool) -> bool:
+    """Red crosses on the steps the guard skipped; a non-finite value (NaN loss) is drawn
+    at the top of the axes, where it cannot be plotted."""
+    import math
+
+    skipped = set(skipped_steps(run))
+    at = [(s, v) for s, v in zip(steps, values) if s in skipped]
+    if not at:
+        return marked
+    top = max((v for v in values if math.isfinite(v)), default=1.0)
+    xs = [s for s, _ in at]
+    ys = [v if math.isfinite(v) else top for _, v in at]
+    ax.scatter(xs, ys, marker="x", s=40, color="red", zorder=3, clip_on=False,
+               label=None if marked else "skipped by the guard (NaN: drawn at the top)")
+    return True
+
+
 def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> Path:
     """Curves of ``metric`` for every run; train metrics mark the guard's skipped steps."""
     from tfpretrain.plots import pyplot, save
@@ -113,12 +130,7 @@ def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> 
         ax.plot(steps, values, marker="o" if split == "val" else None, markersize=3,
                 linewidth=1, label=row["run"])
         if split == "train":
-            skipped = set(skipped_steps(run))
-            at = [(s, v) for s, v in zip(steps, values) if s in skipped]
-            if at:
-                ax.scatter(*zip(*at), marker="x", s=40, color="red", zorder=3,
-                           label=None if marked else "skipped by the guard")
-                marked = True
+            marked = _mark_skipped(ax, run, steps, values, marked)
     if metric == "grad_norm":
         ax.set_yscale("log")
     ax.set_xlabel("step")
