@@ -285,11 +285,26 @@ def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) ->
     plt.close(fig)
 
 
-def check_space(cfg) -> None:
+def check_space(cfg, base_raw: dict | None = None) -> None:
+    """A search that could not run a single trial is refused before it starts: an empty
+    space, or a trial of ``tune.steps_per_trial`` steps that is no valid run (e.g. not
+    longer than the warmup) at the space's first values."""
+    from tfpretrain.config import ConfigError, build_config
+
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add keys to search, e.g. "
                         "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
                         "(see configs/tune.yaml)")
+    if base_raw is None:
+        return
+    first = {k: v[0] if isinstance(v, list) else v.get("min") for k, v in
+             cfg.tune.space.items()}
+    try:
+        build_config(trial_raw(base_raw, first, cfg.tune.steps_per_trial))
+    except ConfigError as exc:
+        raise UserError(f"a trial of tune.steps_per_trial={cfg.tune.steps_per_trial} steps "
+                        f"is not a valid run: {'; '.join(exc.problems)}. Raise tune.steps_per_trial or "
+                        "change the key it names") from None
 
 
 def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
@@ -301,7 +316,7 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
     from tfpretrain.training.tracking import SearchRun
 
     role = role or Role()
-    check_space(cfg)
+    check_space(cfg, base_raw)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     search_run = SearchRun(cfg, run_dir)
