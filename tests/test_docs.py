@@ -113,9 +113,10 @@ def commands(page) -> list[tuple[int, str]]:
 
 def expected_exit(page, command: str) -> int:
     """A command's exit status as its page states it (``# exits N`` after it), else 0."""
+    command = " ".join(command.split())
     for line in page.read_text().splitlines():
         m = re.search(r"#\s*exits (\d+)", line)
-        if m and command in line:
+        if m and command in " ".join(line.split()):
             return int(m.group(1))
     return 0
 

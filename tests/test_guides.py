@@ -17,7 +17,8 @@ TINY = {  # appended to the commands that read a config (later --set wins)
     "tokenizer.byte_fallback": "false", "model.num_layers": 2, "model.num_heads": 2,
     "model.hidden_dim": 32, "model.intermediate_dim": 64, "model.sequence_length": 32,
     "train.batch_size": 8, "train.steps": 12, "eval.every": 6, "eval.steps": 2,
-    "eval.sample_tokens": 4, "optimizer.warmup_steps": 2, "tune.steps_per_trial": 6,
+    "eval.sample_tokens": 4, "optimizer.warmup_steps": 2,
+    "tune.steps_per_trial": 101,  # above the largest warmup configs/tune.yaml searches
 }
 FAULTS = {"debug.spike_at_step": 5, "debug.nan_at_step": 8}  # inside the tiny run's 12 steps
 CONFIGURED = {"fit", "tune", "lr_find", "schedule", "estimate", "bench optim"}
@@ -38,8 +39,9 @@ def tiny(command: str) -> list[str]:
     if name in ("bench", "synth"):
         name = f"{name} {rest[0]}"
     extra = list(EXTRA.get(name, []))
-    if name in CONFIGURED:
-        extra += [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    if name in CONFIGURED:  # a search keeps the full run's length (best.yaml must be valid)
+        extra += [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")
+                  if name != "tune" or k not in ("train.steps", "eval.every")]
         extra += [a for k, v in FAULTS.items() if any(x.startswith(k + "=") for x in rest)
                   for a in ("--set", f"{k}={v}")]
     return [module, *rest, *extra]

@@ -303,3 +303,17 @@ def test_distributed_search_flags_are_checked(tmp_path, flags, message):
     r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "s"),
                 *flags)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_search_that_would_waste_trials_is_refused_before_it_starts(capsys):
+    """A space value making a trial or the winning config invalid: exit 2 up front (the
+    search used to run every trial, then fail writing best.yaml)."""
+    from tfpretrain.tune import main
+
+    assert main(["--dry-run", "--set", "tune.steps_per_trial=100"]) == 2
+    assert "a trial of tune.steps_per_trial=100 steps is not a valid run" in \
+        capsys.readouterr().err
+    assert main(["--dry-run", "--set", "train.steps=90", "--set",
+                 "optimizer.warmup_steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.space optimizer.warmup_steps=100: the full config best.yaml" in err

@@ -9,7 +9,7 @@ loss / perplexity / bits-per-byte, tokens/s, wall time and status (``done``, ``s
 step N`` for a run with checkpoints but no summary, ``failed`` for a tune trial with an
 error, ``empty``). ``--plot`` writes a PNG of each run's curve of ``--metric`` read from its
 TensorBoard logs (default ``DIR/<metric>.png``): val loss, or a per-step train scalar
-(loss, grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
+(loss and grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
 stability guard skipped marked.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> 
                 linewidth=1, label=row["run"])
         if split == "train":
             marked = _mark_skipped(ax, run, steps, values, marked)
-    if metric == "grad_norm":
+    if metric in ("grad_norm", "loss"):  # a spike is orders of magnitude: log scale
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(label)

@@ -286,25 +286,36 @@ def plot_objective(rows: list[dict], space: dict, objective: str, path: Path) ->
 
 
 def check_space(cfg, base_raw: dict | None = None) -> None:
-    """A search that could not run a single trial is refused before it starts: an empty
-    space, or a trial of ``tune.steps_per_trial`` steps that is no valid run (e.g. not
-    longer than the warmup) at the space's first values."""
-    from tfpretrain.config import ConfigError, build_config
-
+    """A search that would waste trials is refused before it starts: an empty space, or a
+    value of the space that makes a trial (``tune.steps_per_trial`` steps) or the winning
+    full config (``train.steps``) no valid run, e.g. a warmup not shorter than the run."""
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add keys to search, e.g. "
                         "tune: {space: {optimizer.learning_rate: [1.0e-3, 3.0e-3]}} "
                         "(see configs/tune.yaml)")
     if base_raw is None:
         return
-    first = {k: v[0] if isinstance(v, list) else v.get("min") for k, v in
-             cfg.tune.space.items()}
+    steps = cfg.tune.steps_per_trial
+    _check_value(None, None, f"a trial of tune.steps_per_trial={steps} steps",
+                 trial_raw(base_raw, {}, steps))
+    for key, spec in cfg.tune.space.items():
+        for value in spec if isinstance(spec, list) else [spec.get("min"), spec.get("max")]:
+            _check_value(key, value, f"a trial of tune.steps_per_trial={steps} steps",
+                         trial_raw(base_raw, {key: value}, steps))
+            _check_value(key, value, "the full config best.yaml would hold",
+                         trial_raw(base_raw, {key: value}, cfg.train.steps))
+
+
+def _check_value(key, value, what: str, raw: dict) -> None:
+    from tfpretrain.config import ConfigError, build_config
+
+    where = f"tune.space {key}={value!r}: " if key else ""
     try:
-        build_config(trial_raw(base_raw, first, cfg.tune.steps_per_trial))
+        build_config(raw)
     except ConfigError as exc:
-        raise UserError(f"a trial of tune.steps_per_trial={cfg.tune.steps_per_trial} steps "
-                        f"is not a valid run: {'; '.join(exc.problems)}. Raise tune.steps_per_trial or "
-                        "change the key it names") from None
+        raise UserError(f"{where}{what} is not a valid run: "
+                        f"{'; '.join(exc.problems)}. Change the space or the key it names "
+                        "(e.g. raise tune.steps_per_trial)") from None
 
 
 def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
@@ -427,13 +438,13 @@ def main(argv=None) -> int:
     base_raw = load_raw(path, overrides)
     base_raw.pop("name", None)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / cfg.name
+    check_space(cfg, base_raw)  # before anything starts, the dry run included
     if a.dry_run:
         print(json.dumps(dry_run(path, overrides), default=str))
         return 0
     if a.workers is not None:
         rest = [x for i, x in enumerate(argv) if not (
             x == "--workers" or x.startswith("--workers=") or (i and argv[i - 1] == "--workers"))]
-        check_space(cfg)
         return run_local(rest, a.workers, run_dir)
     result = tune(cfg, base_raw, run_dir, role)
     print(json.dumps(result, default=str))
