@@ -94,17 +94,20 @@ def test_grid_search_enumerates_exactly_the_grid(tmp_path):
 
 
 def test_failed_trial_is_recorded_and_search_goes_on(tmp_path):
-    # warmup 30 >= 20 proxy steps is an invalid combination: that trial fails
+    # a NaN batch at step 5: the guarded trial skips it, the unguarded one diverges and fails
+    # (an invalid config would be refused before the search starts)
     raw = tune_raw(tmp_path, tuner="grid", max_trials=10,
-                   space={"optimizer.warmup_steps": [2, 30]})
+                   space={"train.guard": [True, False]})
+    raw["debug"] = {"nan_at_step": 5}
+    raw["train"]["steps_per_execution"] = 1
     cfg_path = write_yaml(tmp_path / "f.yaml", raw)
     r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "f"))
     assert r.returncode == 0, r.stderr[-3000:]
     result = last_json_line(r.stdout)
     assert result["trials"] == 2 and result["failed"] == 1
-    assert result["best_values"] == {"optimizer.warmup_steps": 2}
+    assert result["best_values"] == {"train.guard": True}
     errors = list((tmp_path / "f" / "trials").glob("*/error.txt"))
-    assert len(errors) == 1 and "warmup_steps" in errors[0].read_text()
+    assert len(errors) == 1 and "training diverged at step 5" in errors[0].read_text()
 
 
 @pytest.mark.slow  # the distributed kill-and-resume test is slow too; both: -m slow

@@ -62,6 +62,15 @@ def declare(hp, space: dict) -> None:
             hp.Float(key, float(lo), float(hi), step=step, sampling=sampling)
 
 
+def typed_values(values: dict, space: dict) -> dict:
+    """KerasTuner hands back a boolean choice as 0/1: give each value its choice's type."""
+    out = dict(values)
+    for key, spec in space.items():
+        if isinstance(spec, list) and key in out and all(isinstance(v, bool) for v in spec):
+            out[key] = bool(out[key])
+    return out
+
+
 def trial_raw(base: dict, values: dict, steps: int, budget_fraction: float = 1.0) -> dict:
     """The base config with the trial's values, a proxy budget and no export.
 
@@ -147,7 +156,7 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path, parent_run=lambda: None):
         def run_trial(self, trial, *args, **kwargs):
             import keras
 
-            values = dict(trial.hyperparameters.values)
+            values = typed_values(dict(trial.hyperparameters.values), cfg.tune.space)
             steps, fraction = cfg.tune.steps_per_trial, 1.0
             if "tuner/epochs" in values:
                 fraction = values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS
@@ -219,14 +228,15 @@ def write_hparams_config(trials_dir: Path, space: dict) -> None:
         hp_api.hparams_config(hparams=hparams, metrics=metrics)
 
 
-def leaderboard(tuner) -> list[dict]:
+def leaderboard(tuner, space: dict) -> list[dict]:
     rows = []
     for trial in tuner.oracle.trials.values():
         info_path = Path(tuner.project_dir).parent / "trials" / trial.trial_id / "trial.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         rows.append({"trial": trial.trial_id, "status": str(trial.status),
-                     "values": {k: v for k, v in trial.hyperparameters.values.items()
-                                if not k.startswith("tuner/")},
+                     "values": typed_values({k: v for k, v in
+                                             trial.hyperparameters.values.items()
+                                             if not k.startswith("tuner/")}, space),
                      "objective": trial.score, "steps": info.get("steps"),
                      "seconds": info.get("seconds"), "tokens": info.get("tokens_seen"),
                      "mfu": info.get("mfu"), "cost_usd": info.get("cost_usd")})
@@ -340,7 +350,7 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
     if not role.is_chief:
         return {"role": f"worker {role.tuner_id}", "run_dir": str(run_dir),
                 "trials_run": tuner.trials_run}
-    result = report(cfg, base_raw, run_dir, leaderboard(tuner))
+    result = report(cfg, base_raw, run_dir, leaderboard(tuner, cfg.tune.space))
     search_run.finish(result, [run_dir / n for n in ("leaderboard.json", "best.yaml",
                                                      "objective.png")])
     return result
