@@ -295,36 +295,18 @@ def story(rng: random.Random, spec: StorySpec | None = None, words: list | None 
     corpus's); ``words``: if a list, the required words used are appended to it."""
     if spec is not None and not spec.plain:
         return _story_with(rng, spec, words)
-    hero = _character(rng)
-    friend = _character(rng)
-    while friend.name == hero.name:
-        friend = _character(rng)
-    place, prep = rng.choice(PLACES)
-    obj = rng.choice(OBJECTS)
-    key, problem = rng.choice(PROBLEMS)
-    slots = dict(
-        name=hero.name, kind=hero.kind, they=hero.they, They=_cap(hero.they),
-        their=hero.their, them=hero.them, friend=friend.name,
-        FriendThey=_cap(friend.they), FriendTheir=friend.their, place=place, prep=prep,
-        obj=obj, adj=rng.choice(ADJ), feeling=rng.choice(FEELINGS),
-        activity=rng.choice(ACTIVITIES), animal=rng.choice(ANIMALS), food=rng.choice(FOODS),
-        water=rng.choice(WATER), Mom=rng.choice(MOMS), age=rng.choice(range(3, 9)),
-        adj2=rng.choice(ADJ), padj=rng.choice(PERSON_ADJ), verb_ing=rng.choice(VERBS_ING),
-        verb_ing2=rng.choice(VERBS_ING),
-        thing=rng.choice(THINGS), thing2=rng.choice(THINGS), sound=rng.choice(SOUNDS),
-        count=rng.choice(COUNTS), color=rng.choice(COLORS),
-    )
+    key, problem, slots = _slots(rng, PROBLEMS)
     fill = lambda t: t.format(**slots)  # noqa: E731
     opening = fill(rng.choice(TRAIT_SENTENCES))
     if opening.startswith("There"):
         opening = "t" + opening[1:]
     out = [f"{rng.choice(TIMES)}, {opening}"]
     rel = rng.choice(FRIEND_RELATIONS)
-    their_rel = f"{hero.their} {rel}"
+    their_rel = f"{slots['their']} {rel}"
     out.append(_cap(fill(rng.choice([
         f"{{name}} went to the {{place}} with {their_rel}, {{friend}}.",
         "{name} and {friend} went to the {place} to {activity}.",
-        f"{{name}} met {their_rel} {{friend}} {prep} the {{place}}.",
+        f"{{name}} met {their_rel} {{friend}} {slots['prep']} the {{place}}.",
     ]))))
     out.append(_cap(fill(rng.choice(WEATHER) + ", and {name} felt {feeling}.")))
     for _ in range(rng.choice((1, 1, 2))):
@@ -348,15 +330,17 @@ def story(rng: random.Random, spec: StorySpec | None = None, words: list | None 
     return _ARTICLE.sub(r"\1n \2", " ".join(out))
 
 
-def _spec_slots(rng: random.Random, spec: StorySpec) -> tuple[str, str, dict]:
-    """(problem key, problem template, every slot) of one featured story."""
+def _slots(rng: random.Random, problems) -> tuple[str, str, dict]:
+    """(problem key, problem template, slots) of one story: characters, place, object, arc
+    from ``problems`` and the words every template may use, drawn in a fixed order (the
+    embedded corpus depends on it)."""
     hero = _character(rng)
     friend = _character(rng)
     while friend.name == hero.name:
         friend = _character(rng)
     place, prep = rng.choice(PLACES)
     obj = rng.choice(OBJECTS)
-    key, problem = rng.choice(spec.problems)
+    key, problem = rng.choice(problems)
     slots = dict(
         name=hero.name, kind=hero.kind, they=hero.they, They=_cap(hero.they),
         their=hero.their, them=hero.them, friend=friend.name,
@@ -366,10 +350,16 @@ def _spec_slots(rng: random.Random, spec: StorySpec) -> tuple[str, str, dict]:
         water=rng.choice(WATER), Mom=rng.choice(MOMS), age=rng.choice(range(3, 9)),
         adj2=rng.choice(ADJ), padj=rng.choice(PERSON_ADJ), verb_ing=rng.choice(VERBS_ING),
         verb_ing2=rng.choice(VERBS_ING), thing=rng.choice(THINGS), thing2=rng.choice(THINGS),
-        sound=rng.choice(SOUNDS), count=rng.choice(COUNTS), color=rng.choice(COLORS),
-        radj=rng.choice(RICH_ADJ), radj2=rng.choice(RICH_ADJ), light=rng.choice(LIGHTS),
-        verb=rng.choice(REQUIRED_VERBS), noun=rng.choice(THINGS + OBJECTS),
-        wadj=rng.choice(ADJ))
+        sound=rng.choice(SOUNDS), count=rng.choice(COUNTS), color=rng.choice(COLORS))
+    return key, problem, slots
+
+
+def _spec_slots(rng: random.Random, spec: StorySpec) -> tuple[str, str, dict]:
+    """:func:`_slots` of the spec's arcs, plus the rich and required-word slots."""
+    key, problem, slots = _slots(rng, spec.problems)
+    slots.update(radj=rng.choice(RICH_ADJ), radj2=rng.choice(RICH_ADJ),
+                 light=rng.choice(LIGHTS), verb=rng.choice(REQUIRED_VERBS),
+                 noun=rng.choice(THINGS + OBJECTS), wadj=rng.choice(ADJ))
     return key, problem, slots
 
 

@@ -30,7 +30,7 @@ class Filters:
     def apply(self, texts: list[str], pool: list[list[str]], teacher) -> list[int]:
         """Indices of ``texts`` that pass every filter; the pool (word lists) grows with
         each survivor, so two near-copies in one batch do not both pass."""
-        cheap = []
+        cheap = {}  # index -> words, for the texts that pass length and repetition
         for i, t in enumerate(texts):
             ws = words(t)
             if not self.min_words <= len(ws) <= self.max_words:
@@ -38,14 +38,13 @@ class Filters:
             elif repetition_ratio(ws) > self.max_repetition:
                 self.removed["repetition"] += 1
             else:
-                cheap.append(i)
+                cheap[i] = ws
         ppl = teacher.perplexity([texts[i] for i in cheap]) if cheap else []
         kept = []
-        for j, i in enumerate(cheap):
+        for j, (i, ws) in enumerate(cheap.items()):
             if ppl is not None and not self.min_perplexity <= ppl[j] <= self.max_perplexity:
                 self.removed["perplexity"] += 1
                 continue
-            ws = words(texts[i])
             if max_rouge_l(ws, pool, stop_at=self.max_rouge + 1e-9) > self.max_rouge:
                 self.removed["similarity"] += 1
                 continue

@@ -67,12 +67,12 @@ def same_tokenizer(a: Path, b: Path) -> bool:
 
 
 def load_teacher(cfg: Config, vocabulary_size: int):
-    """The teacher's float32 model from its latest valid checkpoint, frozen."""
+    """(the teacher's config, its float32 model from its latest valid checkpoint, frozen)."""
     from tfpretrain.training.runfolder import load_run
 
-    _, tokenizer, model = load_run(Path(cfg.distill.teacher))
+    teacher_cfg, tokenizer, model = load_run(Path(cfg.distill.teacher))
     if tokenizer.vocabulary_size != vocabulary_size:  # resolve() made this impossible
         raise UserError(f"`distill.teacher`: its vocabulary ({tokenizer.vocabulary_size}) "
                         f"differs from the student's ({vocabulary_size})")
     model.trainable = False
-    return model
+    return teacher_cfg, model

@@ -192,7 +192,7 @@ class Run:
         cfg = self.cfg
         if not cfg.distill.teacher:
             return None
-        teacher = load_teacher(cfg, self.tokenizer.vocabulary_size)
+        self.teacher_cfg, teacher = load_teacher(cfg, self.tokenizer.vocabulary_size)
         self.model.set_teacher(teacher)
         log(f"distill: teacher {cfg.distill.teacher} "
             f"({int(teacher.network.count_params()):,} parameters), alpha "
@@ -209,9 +209,7 @@ class Run:
         vocab = self.tokenizer.vocabulary_size
         flops = model_flops_per_token(self.cfg, self.params, vocab)
         if self.teacher is not None:  # its forward pass (a third of its 6N + 12LHT) counts
-            from tfpretrain.training.distill import teacher_config
-
-            flops += model_flops_per_token(teacher_config(self.cfg),
+            flops += model_flops_per_token(self.teacher_cfg,
                                            int(self.teacher.network.count_params()), vocab) // 3
         n = self.placement.physical  # several GPUs: their summed peak and price
         peak = device.peak(self.precision)
