@@ -79,14 +79,12 @@ if backend == "tensorflow":
 else:
     from tfpretrain.models.network import DecoderNet
     from tfpretrain.models.registry import build_backbone
-    from tfpretrain.training.optimizers import build_optimizer
-    from tfpretrain.training.stateless import StatelessTrainer, StepSettings
+    from tfpretrain.training.stateless import StatelessTrainer
     model = DecoderNet(build_backbone(cfg.model, V), L)
     model(model.example_input())
     init = np.load(folder + "/init.npz")
     model.network.set_weights([init[f"arr_{i}"] for i in range(len(init.files))])
-    trainer = StatelessTrainer(model, build_optimizer(cfg.optimizer, cfg.train.steps),
-                               StepSettings.from_config(cfg))
+    trainer = StatelessTrainer.from_config(model, cfg)
     state = trainer.initial_state()
     for x, y, w in batches:
         state, logs = trainer.step(state, x, y, w)

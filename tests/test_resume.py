@@ -172,7 +172,7 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None, opt
     from tfpretrain.data.tokenizers import train_tokenizer
     from tfpretrain.faults import poisoned_positions
     from tfpretrain.objectives import build_model, row_format
-    from tfpretrain.training.optimizers import build_optimizer
+    from tfpretrain.training.optimizers import build_optimizer, guard_optimizer
 
     cfg = tiny_config(tmp_path, debug=debug or {}, train={"steps": 30, **(train or {})},
                       model=model or {}, optimizer=optimizer or {})
@@ -181,7 +181,7 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None, opt
     tok = train_tokenizer("byte", corpus.train, 0)
     packed = pack_corpus(tok, corpus.train, corpus.val, row_format(cfg))
     model = build_model(cfg, tok.vocabulary_size, 1)
-    opt = build_optimizer(cfg.optimizer, cfg.train.steps)
+    opt = guard_optimizer(cfg, build_optimizer(cfg.optimizer, cfg.train.steps))
     opt.build(model.trainable_variables)
     model.compile(optimizer=opt, jit_compile=True, steps_per_execution=1)
     snaps = {}
@@ -190,7 +190,7 @@ def _fit_with_weights_per_step(tmp_path, debug=None, train=None, model=None, opt
         def on_train_batch_end(self, batch, logs=None):
             step = int(opt.iterations.numpy())
             snaps[step] = ([v.numpy().copy() for v in model.trainable_variables],
-                           [v.numpy().copy() for v in opt.variables[1:]],
+                           [v.numpy().copy() for v in opt.inner_optimizer.variables[1:]],
                            model.step_log.numpy()[0].copy())
 
     model.fit(train_dataset(packed.train_rows, 16, 0, poison=poisoned_positions(cfg)),
@@ -210,7 +210,7 @@ def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_pat
     assert _same(weights_11, weights_12) and _same(moments_11[1:], moments_12[1:])
     assert np.isnan(log_12[0]) and log_12[3] == 1.0          # logged loss NaN, skipped
     assert not _same(snaps[12][0], snaps[13][0])              # training goes on
-    assert int(model.skipped_steps.numpy()) == 1
+    assert int(model.optimizer.skipped_steps.numpy()) == 1
     assert all(np.isfinite(w).all() for w in snaps[30][0])
 
 
@@ -219,7 +219,7 @@ def test_synthetic_loss_spike_is_skipped(tmp_path):
                                               train={"spike_window": 10,
                                                      "spike_threshold": 20.0})
     assert snaps[25][2][3] == 1.0 and _same(snaps[24][0], snaps[25][0])
-    assert int(model.skipped_steps.numpy()) == 1
+    assert int(model.optimizer.skipped_steps.numpy()) == 1
     assert snaps[24][2][3] == 0.0 and snaps[26][2][3] == 0.0
 
 

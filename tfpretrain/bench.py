@@ -367,7 +367,7 @@ def bench_fit_jax(cfg, steps: int, warmup: int, rows_path=None, guard=True) -> d
            "tokens_per_second": round(tokens_per_second, 1),
            "step_ms": round(1000 * seconds / steps, 2),
            "compile_seconds": round(compile_seconds, 1),
-           "loss": float(logs["loss"]), "skipped_steps": int(state[3]["skipped"]),
+           "loss": float(logs["loss"]), "skipped_steps": trainer.skipped(state),
            "peak_memory_bytes": _peak_device_memory()}
     for name in ("mixed_bfloat16", "float32"):
         u = mfu(tokens_per_second, flops, device.peak(name))
@@ -382,8 +382,7 @@ def _jax_trainer(cfg, guard: bool):
 
     from tfpretrain.models.network import DecoderNet
     from tfpretrain.models.registry import build_backbone
-    from tfpretrain.training.optimizers import build_optimizer
-    from tfpretrain.training.stateless import StatelessTrainer, StepSettings
+    from tfpretrain.training.stateless import StatelessTrainer
 
     precision = cfg.train.precision
     if precision == "auto":  # XLA's CPU backend gains nothing from bf16 (docs/cost.md)
@@ -395,8 +394,7 @@ def _jax_trainer(cfg, guard: bool):
     model = DecoderNet(backbone, cfg.model.sequence_length,
                        document_mask=cfg.data.document_mask)
     model(model.example_input())
-    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
-    return StatelessTrainer(model, optimizer, StepSettings.from_config(cfg, guard)), precision
+    return StatelessTrainer.from_config(model, cfg, guard), precision
 
 
 def _bench_rows(cfg, rows_path):

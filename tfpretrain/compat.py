@@ -83,7 +83,9 @@ def learning_rate_schedule(optimizer):
     """The schedule object the optimizer was built with (``optimizer._learning_rate``; the
     public ``optimizer.learning_rate`` is the current value, not the schedule); a
     LossScaleOptimizer's is its inner optimizer's."""
-    return getattr(optimizer, "inner_optimizer", optimizer)._learning_rate
+    while hasattr(optimizer, "inner_optimizer"):  # the guard's, a LossScaleOptimizer's
+        optimizer = optimizer.inner_optimizer
+    return optimizer._learning_rate
 
 
 @contextlib.contextmanager
@@ -117,7 +119,9 @@ def gradients_arrive_summed(optimizer) -> None:
     ``_all_reduce_sum_gradients`` (Keras 2 had ``experimental_aggregate_gradients=False``
     for this). Make it pass them through, on this optimizer (or a LossScaleOptimizer's inner
     one)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = optimizer
+    while hasattr(inner, "inner_optimizer"):
+        inner = inner.inner_optimizer
     if hasattr(inner, "_all_reduce_sum_gradients"):  # the TensorFlow backend's optimizer
         inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
 

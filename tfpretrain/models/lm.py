@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfpretrain.models import stability
+from tfpretrain.models.guarded import GuardedOptimizer
 from tfpretrain.models.network import DecoderNet
 from tfpretrain.data.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
@@ -38,60 +39,42 @@ def replicas_sum(value):
 class CausalLM(DecoderNet):
     """token_ids [batch, seq] -> logits [batch, seq, vocab] over a keras_hub backbone.
 
-    The train step is where the stability guard lives: a step whose loss or global gradient
-    norm is not finite, or spikes above mean + k*std of the last ``spike_window`` accepted
-    steps, is skipped with ``tf.cond`` - weights and Adam moments stay as they were, only
-    the step counter advances (so the schedule and the data position stay aligned).
-    A finite spike that ends a streak of ``rebaseline_after`` skipped steps is a new level,
-    not an outlier: it is accepted and the detector starts a fresh window (OLMo / PaLM
-    practice: skip rare outliers, accept a sustained shift), so a legitimate rise of the
-    gradient norm cannot make every later step a "spike".
+    The train step computes the loss and gradients (micro-batches, z-loss, distillation,
+    loss scaling, the sum over replicas) and hands them to its optimizer, a
+    :class:`~tfpretrain.models.guarded.GuardedOptimizer`: clipping and the stability guard
+    (skip a non-finite or spiking step) live there, as the optimizer's own decision.
     """
 
     # the special ids the model was trained with (see data.tokenizers)
     PAD_ID, BOS_ID, EOS_ID, MASK_ID = PAD_ID, BOS_ID, EOS_ID, MASK_ID
 
     def __init__(self, backbone: keras.Model, sequence_length: int,
-                 clipnorm: float | None = None,
-                 steps_per_execution: int = 1, guard: bool = True, spike_window: int = 100,
-                 spike_threshold: float = 6.0, spike_steps=(0, 1), z_loss: float = 0.0,
-                 document_mask: bool = False, rebaseline_after: int = 0,
-                 grad_accumulation_steps: int = 1, distill_alpha: float = 1.0,
-                 distill_temperature: float = 1.0, **kwargs):
+                 steps_per_execution: int = 1, spike_steps=(0, 1), z_loss: float = 0.0,
+                 document_mask: bool = False, grad_accumulation_steps: int = 1,
+                 distill_alpha: float = 1.0, distill_temperature: float = 1.0, **kwargs):
         super().__init__(backbone, sequence_length, document_mask=document_mask, **kwargs)
         self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
         # the distillation teacher (set_teacher); not tracked: not part of this model's
         # weights, checkpoints or exports
         object.__setattr__(self, "teacher", None)
-        self.clipnorm = clipnorm or None
         self.log_size = max(1, steps_per_execution)
-        self.guard, self.spike_threshold = guard, spike_threshold
-        self.spike_window = spike_window
-        self.rebaseline_after = rebaseline_after
         self.spike_steps, self.z_loss = spike_steps, z_loss
         self.accumulation = max(1, grad_accumulation_steps)
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        # Guard state (tracked, so it is checkpointed and survives a resume): recent
-        # accepted (loss, grad_norm), how many were accepted, skipped and clipped steps.
-        # Every replica computes the same values (from all-reduced gradients), so under a
-        # tf.distribute strategy the first replica's write stands for all.
-        state = dict(initializer="zeros", trainable=False, aggregation="only_first_replica")
-        self.guard_history = self.add_weight(shape=(spike_window, 2), name="guard_history",
-                                             **state)
-        self.guard_accepted = self.add_weight(shape=(), dtype="int64", name="guard_accepted",
-                                              **state)
-        self.skipped_steps = self.add_weight(shape=(), dtype="int64", name="skipped_steps",
-                                             **state)
-        self.clipped_steps = self.add_weight(shape=(), dtype="int64", name="clipped_steps",
-                                             **state)
-        self.consecutive_skips = self.add_weight(shape=(), dtype="int64",
-                                                 name="consecutive_skips", **state)
         # Per-step log for the last `log_size` steps; read by the TensorBoard callback after
         # each execution so every step is logged. Set with object.__setattr__ so it is not
         # tracked: it is not model state and its shape depends on steps_per_execution.
         object.__setattr__(self, "step_log", tf.Variable(
             tf.zeros([self.log_size, len(LOG_FIELDS)]), trainable=False, name="step_log",
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
+
+    def compile(self, optimizer="adamw", **kwargs):
+        """As Keras's; an optimizer that is not a GuardedOptimizer is wrapped in one with
+        the guard's defaults (no clipping)."""
+        optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, GuardedOptimizer):
+            optimizer = GuardedOptimizer(optimizer)
+        super().compile(optimizer=optimizer, **kwargs)
 
     @property
     def metrics(self):
@@ -119,12 +102,6 @@ class CausalLM(DecoderNet):
     def _mean_loss(self, y, logits, sample_weight):
         return stability.weighted_mean(self.token_losses(y, logits), sample_weight)
 
-    def _is_spike(self, loss, grad_norm):
-        if not self.guard or self.spike_threshold <= 0:
-            return tf.constant(False)
-        return stability.is_spike(self.guard_history, self.guard_accepted, loss, grad_norm,
-                                  self.spike_window, self.spike_threshold)
-
     def _micro_batches(self, x, y, sample_weight):
         """The batch as ``grad_accumulation_steps`` equal slices (the batch itself if 1)."""
         k = self.accumulation
@@ -136,14 +113,13 @@ class CausalLM(DecoderNet):
                 for i in range(k)]
 
     def _loss_and_gradients(self, x, y, sample_weight, variables):
-        """(loss, unscaled gradients) of the whole batch, summed over its micro-batches:
-        each contributes its share of the mean over the batch's real tokens, so the sum
-        is the unaccumulated batch's loss and gradient (up to float rounding). Micro-batch
-        i+1 starts after i's gradients exist, so only one micro-batch's activations live
-        at a time. With a LossScaleOptimizer (mixed_float16) the loss is scaled for the
-        backward pass and the gradients unscaled again."""
+        """(loss, gradients) of the whole batch, summed over its micro-batches: each
+        contributes its share of the mean over the batch's real tokens, so the sum is the
+        unaccumulated batch's loss and gradient (up to float rounding). Micro-batch i+1
+        starts after i's gradients exist, so only one micro-batch's activations live at a
+        time. The objective is scaled by ``optimizer.scale_loss`` for the backward pass
+        (mixed_float16's loss scale; the optimizer unscales), the returned loss is not."""
         total = replicas_sum(tf.reduce_sum(tf.cast(sample_weight, tf.float32)))
-        scale = self.optimizer.dynamic_scale if self.loss_scaled else None
         loss, summed = tf.constant(0.0), None
         for mx, my, mw in self._micro_batches(x, y, sample_weight):
             deps = [] if summed is None else [g for g in summed if g is not None]
@@ -154,15 +130,13 @@ class CausalLM(DecoderNet):
                 if self.z_loss:
                     part_objective += self.z_loss * stability.weighted_share(
                         stability.z_values(logits), mw, total)
-                scaled = part_objective * scale if scale is not None else part_objective
+                scaled = self.optimizer.scale_loss(part_objective)
             grads = tape.gradient(scaled, variables)
             if self.accumulation > 1:  # sparse embedding gradients become dense to add up
                 grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
             summed = grads if summed is None else [
                 a if b is None else a + b for a, b in zip(summed, grads)]
             loss = loss + part
-        if scale is not None:
-            summed = [None if g is None else g / scale for g in summed]
         return loss, summed
 
     def train_step(self, data):
@@ -182,93 +156,14 @@ class CausalLM(DecoderNet):
             loss = loss * scale
             grads = [None if g is None else g * scale for g in grads]
         used = [i for i, g in enumerate(grads) if g is not None]
-        variables, grads = [variables[i] for i in used], [grads[i] for i in used]
-        grad_norm = stability.global_norm(grads)
-        if self.clipnorm:
-            grads = stability.clip_by_global_norm(grads, self.clipnorm, grad_norm)
-            self.clipped_steps.assign_add(tf.cast(grad_norm > self.clipnorm, tf.int64))
-        finite, accept, rebaseline = stability.decide(
-            loss, grad_norm, self._is_spike(loss, grad_norm), self.consecutive_skips,
-            self.rebaseline_after if self.guard else 0)
-        if not self.guard:
-            accept = tf.constant(True)
-        # a new level: the detector's window starts again with this step
-        self.guard_accepted.assign(tf.where(rebaseline, tf.zeros_like(self.guard_accepted),
-                                            self.guard_accepted))
-
-        skipped = self._apply_or_skip(accept, finite, grads, variables, loss, grad_norm)
+        grad_norm, skipped = self.optimizer.apply([grads[i] for i in used],
+                                                  [variables[i] for i in used], loss=loss)
+        finite = tf.math.is_finite(loss)
         self.loss_tracker.update_state(tf.where(finite, loss, 0.0),
                                        sample_weight=tf.cast(finite, tf.float32))
         self.step_log.assign(tf.tensor_scatter_nd_update(  # (mirrored variables: no scatter)
             self.step_log, [[slot]], [tf.stack([loss, grad_norm, lr, skipped])]))
         return {"loss": self.loss_tracker.result(), "lr": lr}
-
-    def _accept(self, grads, variables, loss, grad_norm):
-        """The update, and the step joins the guard's window."""
-        self._apply(grads, variables)
-        row = tf.cast(self.guard_accepted % self.spike_window, tf.int32)
-        self.guard_history.assign(tf.tensor_scatter_nd_update(
-            self.guard_history, [[row]], [tf.stack([loss, grad_norm])]))
-        self.guard_accepted.assign_add(1)
-        self.consecutive_skips.assign(0)
-
-    def _skip(self, finite):
-        """No update: only the step counter (hence schedule and data position) advances."""
-        self.optimizer.iterations.assign_add(1)
-        self.skipped_steps.assign_add(1)
-        self.consecutive_skips.assign_add(1)
-        if self.loss_scaled:  # an overflow: halve the loss scale, as Keras's LSO does
-            self._lower_loss_scale(finite)
-
-    def _apply_or_skip(self, accept, finite, grads, variables, loss, grad_norm):
-        """``tf.cond(accept, update, skip)``; 1.0 when skipped. Under a tf.distribute
-        strategy the cond runs in cross-replica context, as Keras's LossScaleOptimizer
-        does it (a cond in replica context may not contain the optimizer's merge_call);
-        every replica decided the same from all-reduced values."""
-        if not tf.distribute.has_strategy():  # the default strategy: a plain cond
-            def apply():
-                self._accept(grads, variables, loss, grad_norm)
-                return tf.constant(0.0)
-
-            def skip():
-                self._skip(finite)
-                return tf.constant(1.0)
-            return tf.cond(accept, apply, skip)
-
-        def cross_replica(strategy, accept, finite, grads, loss, grad_norm):
-            first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
-
-            def apply():
-                strategy.extended.call_for_each_replica(
-                    self._accept, args=(grads, variables, loss, grad_norm))
-                return tf.constant(0.0)
-
-            def skip():
-                self._skip(first(finite))
-                return tf.constant(1.0)
-            return tf.cond(first(accept), apply, skip)
-
-        return tf.distribute.get_replica_context().merge_call(
-            cross_replica, args=(accept, finite, grads, loss, grad_norm))
-
-    @property
-    def loss_scaled(self) -> bool:
-        return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-
-    def _apply(self, grads, variables):
-        """One optimizer update with finite, clipped, unscaled gradients (re-scaled by the
-        power-of-two loss scale for a LossScaleOptimizer, which unscales them and keeps its
-        own growth counter)."""
-        if self.loss_scaled:
-            scale = self.optimizer.dynamic_scale
-            grads = [g * scale for g in grads]
-        self.optimizer.apply_gradients(zip(grads, variables))
-
-    def _lower_loss_scale(self, finite):
-        lso = self.optimizer
-        lso.dynamic_scale.assign(tf.where(finite, lso.dynamic_scale, lso.dynamic_scale * 0.5))
-        lso.step_counter.assign(tf.where(finite, lso.step_counter,
-                                         tf.zeros_like(lso.step_counter)))
 
     def test_step(self, data):
         x, y, sample_weight = data

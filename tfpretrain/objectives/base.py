@@ -39,17 +39,15 @@ class Objective:
     # --- model --------------------------------------------------------------------------
     def build_model(self, cfg: Config, vocabulary_size: int, steps_per_execution: int = 1,
                     precision: str = "float32"):
-        """The run's model, all weights built (guard settings and fault hooks from cfg)."""
+        """The run's model, all weights built (fault hooks from cfg; the guard is the
+        optimizer's: ``training.optimizers.guard_optimizer``)."""
         from tfpretrain import faults
         from tfpretrain.models.registry import build_backbone
 
         backbone = build_backbone(cfg.model, vocabulary_size, precision)
         model = self.model_class(
-            backbone, cfg.model.sequence_length, clipnorm=cfg.optimizer.clipnorm,
-            steps_per_execution=steps_per_execution, guard=cfg.train.guard,
-            spike_window=cfg.train.spike_window, spike_threshold=cfg.train.spike_threshold,
+            backbone, cfg.model.sequence_length, steps_per_execution=steps_per_execution,
             spike_steps=faults.spike_steps(cfg), z_loss=cfg.model.z_loss,
-            rebaseline_after=cfg.train.rebaseline_after,
             grad_accumulation_steps=cfg.train.grad_accumulation_steps,
             distill_alpha=cfg.distill.alpha if cfg.distill.teacher else 1.0,
             distill_temperature=cfg.distill.temperature, **self.model_options(cfg))

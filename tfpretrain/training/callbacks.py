@@ -207,7 +207,7 @@ class CheckpointEvery(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
             self.pending = True
-        if self.pending and int(self.model.consecutive_skips.numpy()) == 0:
+        if self.pending and int(self.model.optimizer.consecutive_skips.numpy()) == 0:
             self._save()
             self.pending = False
 
@@ -216,7 +216,7 @@ class CheckpointEvery(keras.callbacks.Callback):
         rollback follows or, before the last step, steps are still being skipped (then
         the save waits for the next accepted step, in the next fit() call)."""
         done = int(self.model.optimizer.iterations.numpy()) >= self.total
-        if self.hold() or (not done and int(self.model.consecutive_skips.numpy())):
+        if self.hold() or (not done and int(self.model.optimizer.consecutive_skips.numpy())):
             self.pending = not self.hold()
             return
         self._save()
@@ -248,7 +248,7 @@ class RollbackMonitor(keras.callbacks.Callback):
         self.requested = False
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.after and int(self.model.consecutive_skips.numpy()) >= self.after:
+        if self.after and int(self.model.optimizer.consecutive_skips.numpy()) >= self.after:
             self.requested = True
             self.model.stop_training = True
 

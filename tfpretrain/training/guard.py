@@ -85,12 +85,12 @@ def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
     again, not even by a later resume (the offset is in every later checkpoint)."""
     optimizer = model.optimizer
     bad_until = int(optimizer.iterations.numpy())
-    skips_before = int(model.skipped_steps.numpy())
+    skips_before = int(optimizer.skipped_steps.numpy())
     found = last_clean_checkpoint(manager)
     if found is None:
-        log(f"warning: {int(model.consecutive_skips.numpy())} consecutive skipped steps at "
-            f"step {bad_until} but no checkpoint to roll back to; continuing")
-        model.consecutive_skips.assign(0)
+        log(f"warning: {int(optimizer.consecutive_skips.numpy())} consecutive skipped steps "
+            f"at step {bad_until} but no checkpoint to roll back to; continuing")
+        optimizer.consecutive_skips.assign(0)
         return bad_until
     path, _ = found
     manager.restore(path)
@@ -98,11 +98,11 @@ def roll_back(model, manager, guard: GuardState, lr_scale: float, log) -> int:
     # the stream was at data position bad_until + offset; continue from there at `restored`
     guard.data_offset += bad_until - restored
     guard.discarded_steps += bad_until - restored
-    guard.discarded_skips += skips_before - int(model.skipped_steps.numpy())
+    guard.discarded_skips += skips_before - int(optimizer.skipped_steps.numpy())
     guard.rollbacks += 1
     guard.lr_scale *= lr_scale
     set_lr_scale(optimizer, guard.lr_scale)
-    model.consecutive_skips.assign(0)
+    optimizer.consecutive_skips.assign(0)
     log(f"warning: rollback {guard.rollbacks}: {bad_until - restored} steps after "
         f"{path.name} ended in consecutive skips; restored step {restored}, skipping "
         f"those batches (data offset {guard.data_offset}), lr scale {guard.lr_scale:g}")

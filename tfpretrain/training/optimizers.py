@@ -7,7 +7,8 @@ import contextlib
 
 import keras
 
-from tfpretrain.config import OptimizerConfig
+from tfpretrain.config import Config, OptimizerConfig
+from tfpretrain.models.guarded import GuardedOptimizer, innermost
 
 # Short variable names (keras_hub): biases, LayerNorm gamma/beta, RMSNorm scale, and every
 # embedding table (token, position, reverse) get no weight decay.
@@ -90,11 +91,22 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def build_optimizer(cfg: OptimizerConfig, total_steps: int, schedule=None):
     """``cfg.name``'s Keras optimizer on ``schedule`` (default: :func:`build_schedule`),
     wrapped in a :class:`ScaledSchedule` for rollbacks; no weight decay on NO_DECAY weights.
-    Clipping is done by the model's train_step on the global norm it also logs."""
+    Clipping and the guard are :func:`guard_optimizer`'s wrapper."""
     lr = ScaledSchedule(schedule or build_schedule(cfg, total_steps))
     opt = _constructors()[cfg.name](cfg, lr)
     opt.exclude_from_weight_decay(var_names=NO_DECAY)  # must precede opt.build()
     return opt
+
+
+def guard_optimizer(cfg: Config, optimizer, guard: bool | None = None) -> GuardedOptimizer:
+    """``optimizer`` behind the run's global-norm clipping (``optimizer.clipnorm``) and
+    stability guard (``train.guard``, ``spike_window``, ``spike_threshold``,
+    ``rebaseline_after``); ``guard`` overrides ``train.guard``."""
+    t = cfg.train
+    return GuardedOptimizer(optimizer, clipnorm=cfg.optimizer.clipnorm,
+                            guard=t.guard if guard is None else guard,
+                            spike_window=t.spike_window, spike_threshold=t.spike_threshold,
+                            rebaseline_after=t.rebaseline_after)
 
 
 def _constructors() -> dict:
@@ -216,8 +228,7 @@ class ScheduleFreeAdamW(keras.optimizers.Optimizer):
 
 
 def is_schedule_free(optimizer) -> bool:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return isinstance(inner, ScheduleFreeAdamW)
+    return isinstance(innermost(optimizer), ScheduleFreeAdamW)
 
 
 def to_evaluation_weights(model):
@@ -227,7 +238,7 @@ def to_evaluation_weights(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or not is_schedule_free(optimizer):
         return None
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = innermost(optimizer)
     variables = list(model.trainable_variables)
     kept = [v.numpy() for v in variables]
     for v in variables:

@@ -334,7 +334,7 @@ class Run:
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
             "skipped_steps": self.skipped_total(),
-            "clipped_steps": int(model.clipped_steps.numpy()),
+            "clipped_steps": int(model.optimizer.clipped_steps.numpy()),
             "rollbacks": self.guard.rollbacks,
             "rolled_back_steps": self.guard.discarded_steps,
             "lr_scale": self.guard.lr_scale,
@@ -380,11 +380,11 @@ class Run:
 
     def _checkpoint_state(self) -> dict:
         return {"config": self.cfg.to_dict(), "guard": self.guard.to_dict(),
-                "consecutive_skips": int(self.model.consecutive_skips.numpy())}
+                "consecutive_skips": int(self.model.optimizer.consecutive_skips.numpy())}
 
     def skipped_total(self) -> int:
         """Skipped steps over the run's whole history, rolled-back ones included."""
-        return int(self.model.skipped_steps.numpy()) + self.guard.discarded_skips
+        return int(self.model.optimizer.skipped_steps.numpy()) + self.guard.discarded_skips
 
     def _log_guard(self, step: int) -> None:
         """Rollback counters to every sink (TensorBoard: train/rollbacks, ...)."""

@@ -141,13 +141,14 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     """The run's model compiled with its optimizer, explicitly (never keras_hub's
     fine-tuning defaults); the optimizer is built, so its variables exist for checkpoints.
     ``precision``: a Keras dtype policy name (default: ``resolve_precision(cfg)``);
-    mixed_float16 wraps the optimizer in Keras's LossScaleOptimizer. ``schedule``: a
+    mixed_float16 wraps the optimizer in Keras's LossScaleOptimizer; clipping and the
+    stability guard wrap it in a GuardedOptimizer. ``schedule``: a
     learning-rate schedule instead of the config's (the range test's sweep)."""
     import keras
 
     from tfpretrain.compat import gradients_arrive_summed
     from tfpretrain.objectives import build_model
-    from tfpretrain.training.optimizers import build_optimizer
+    from tfpretrain.training.optimizers import build_optimizer, guard_optimizer
 
     check_memory(cfg, vocabulary_size)
     precision = precision or resolve_precision(cfg, vocabulary_size)
@@ -155,6 +156,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps, schedule)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = guard_optimizer(cfg, optimizer)
     gradients_arrive_summed(optimizer)  # over replicas, by the train step
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer,
