@@ -167,7 +167,7 @@ class DivergenceStop(keras.callbacks.Callback):
 
         # loss and grad norm; under loss scaling (mixed_float16) an overflowing gradient is
         # normal and Keras's LossScaleOptimizer skips it itself: only the loss counts
-        columns = 1 if self.model.loss_scaled else 2
+        columns = 1 if self.model.optimizer.loss_scaled else 2
         if not np.isfinite(self.model.step_log.numpy()[:, :columns]).all():
             raise diverged(int(self.model.optimizer.iterations.numpy()), self.manager)
 
