@@ -266,3 +266,35 @@ def test_z_loss_changes_training_but_not_the_reported_loss_definition(tmp_path):
     model_b, snaps_b = _fit_with_weights_per_step(tmp_path, model={"z_loss": 1e-2})
     assert snaps_a[1][2][0] == pytest.approx(snaps_b[1][2][0], rel=1e-6)  # same step-1 loss
     assert not _same(snaps_a[5][0], snaps_b[5][0])                        # different updates
+
+
+def test_a_checkpoint_with_the_guard_state_on_the_model_still_resumes(tmp_path):
+    """Checkpoints written before the guard moved into its optimizer wrapper kept the
+    guard's window and counters on the model and the bare optimizer beside it."""
+    import keras
+
+    from tfpretrain.training.checkpoints import GUARD_STATE, CheckpointManager
+    from tfpretrain.training.runtime import build_and_compile
+
+    cfg = tiny_config(tmp_path, train={"spike_window": 4})
+    old = build_and_compile(cfg, 100, 1)
+    inner = old.optimizer.inner_optimizer
+    inner.iterations.assign(7)
+    values = {"guard_history": np.arange(8, dtype=np.float32).reshape(4, 2),
+              "guard_accepted": 5, "skipped_steps": 2, "clipped_steps": 1,
+              "consecutive_skips": 0}
+    old._tracker.unlock()  # the old layout: int64 counters tracked on the built model
+    for name in GUARD_STATE:
+        setattr(old, name, keras.Variable(values[name], dtype="float32" if name ==
+                                          "guard_history" else "int64", name=name))
+    path = CheckpointManager(tmp_path / "ck", old, inner).save(7)
+
+    new = build_and_compile(cfg, 100, 1)
+    CheckpointManager(tmp_path / "ck", new, new.optimizer).restore(path)
+    assert int(new.optimizer.iterations.numpy()) == 7
+    for a, b in zip(old.network.get_weights(), new.network.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(inner.variables, new.optimizer.inner_optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for name in GUARD_STATE:
+        np.testing.assert_array_equal(getattr(new.optimizer, name).numpy(), values[name])

@@ -1,7 +1,8 @@
 """Checkpoints that commit atomically, and finding the latest valid one.
 
 Layout: ``<run>/checkpoints/step-00000500/`` holds a ``tf.train.Checkpoint`` of the model
-and optimizer (weights, Adam moments, iterations, hence the schedule position) and
+and optimizer (weights, Adam moments, iterations, hence the schedule position, and the
+stability guard's window and counters, which its optimizer wrapper holds) and
 ``state.json`` (step, config fingerprint, sha256 of every file). A checkpoint is written to
 ``.tmp-step-...``, fsynced and renamed into place; only then is ``checkpoints/latest``
 replaced and old checkpoints pruned, so a crash at any moment leaves the previous valid
@@ -19,8 +20,11 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfpretrain.files import fsync_dir, sha256_file, write_atomic
+from tfpretrain.models.guarded import COUNTERS
 
 PREFIX = "step-"
+VALUE = ".ATTRIBUTES/VARIABLE_VALUE"
+GUARD_STATE = ("guard_history",) + COUNTERS
 
 
 class CheckpointManager:
@@ -30,6 +34,7 @@ class CheckpointManager:
         self.keep = keep
         self.slow_seconds = slow_seconds  # fault injection: a slow writer
         self.seconds = 0.0  # time spent saving, for the summary
+        self._model, self._optimizer = model, optimizer
         self._ckpt = (tf.train.Checkpoint(model=model, optimizer=optimizer)
                       if model is not None else None)
 
@@ -128,4 +133,25 @@ class CheckpointManager:
         return None
 
     def restore(self, path: Path) -> None:
-        self._ckpt.read(str(path / "ckpt")).assert_existing_objects_matched()
+        prefix = str(path / "ckpt")
+        if f"model/{GUARD_STATE[0]}/{VALUE}" in tf.train.load_checkpoint(
+                prefix).get_variable_to_shape_map():
+            return self._restore_model_guard_layout(prefix)
+        self._ckpt.read(prefix).assert_existing_objects_matched()
+
+    def _restore_model_guard_layout(self, prefix: str) -> None:
+        """A checkpoint written before the guard's state moved from the model into its
+        optimizer wrapper (models.guarded): the optimizer there is the wrapper's inner one,
+        and the guard's window and counters are read from the model's entries."""
+        model, optimizer = self._model, self._optimizer
+        model.optimizer = optimizer.inner_optimizer  # the object graph that was written
+        try:
+            tf.train.Checkpoint(model=model, optimizer=optimizer.inner_optimizer).read(
+                prefix).assert_existing_objects_matched().expect_partial()
+        finally:
+            model.optimizer = optimizer
+        reader = tf.train.load_checkpoint(prefix)
+        for name in GUARD_STATE:
+            variable = getattr(optimizer, name)
+            variable.assign(reader.get_tensor(f"model/{name}/{VALUE}").astype(
+                variable.dtype))
