@@ -70,7 +70,7 @@ def test_muon_updates_every_hidden_matrix_and_adamw_the_rest(tmp_path):
     from tfpretrain.compat import matrix_shape
 
     model = compiled(tmp_path, "muon", arch="llama")
-    opt = model.optimizer
+    opt = model.optimizer.inner_optimizer
     muon = {v.path for v in model.trainable_variables if opt.uses_muon(v)}
     kernels = {v.path for v in model.trainable_variables if v.path.endswith("kernel")}
     assert muon == kernels and len(kernels) == 14       # q, k, v, o (3-D) and 3 MLP, x 2 layers
@@ -98,7 +98,7 @@ def test_muon_learning_rate_scales_only_the_muon_matrices(tmp_path):
         moves.append({v.path: np.abs(v.numpy() - b).max()
                       for v, b in zip(model.trainable_variables, before)})
         muon_path = next(v.path for v in model.trainable_variables
-                         if model.optimizer.uses_muon(v))
+                         if model.optimizer.inner_optimizer.uses_muon(v))
     assert moves[1][muon_path] == pytest.approx(2 * moves[0][muon_path], rel=1e-4)
     embedding = next(p for p in moves[0] if p.endswith("token_embedding/embeddings"))
     assert moves[1][embedding] == pytest.approx(moves[0][embedding], rel=1e-6)
@@ -112,7 +112,7 @@ def test_schedule_free_evaluates_its_average_and_trains_on_unchanged(tmp_path):
     for _ in range(10):
         model.train_on_batch(*batch)
     y = [v.numpy().copy() for v in model.trainable_variables]
-    z = [v.numpy() for v in model.optimizer.z]
+    z = [v.numpy() for v in model.optimizer.inner_optimizer.z]
     with evaluation_weights(model):
         x = [v.numpy().copy() for v in model.trainable_variables]
     after = [v.numpy() for v in model.trainable_variables]
