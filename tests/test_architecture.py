@@ -195,6 +195,7 @@ def test_one_console_command_dispatches_to_every_command():
     assert "upper bound" not in dry.stdout
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_loss_and_guard_math_is_backend_neutral(tmp_path):
     """models/stability.py under Keras's JAX backend (CPU), TensorFlow blocked from import,
     gives the TensorFlow backend's numbers."""

@@ -129,7 +129,8 @@ def test_accumulation_must_divide_the_global_batch(tmp_path):
         tiny_config(tmp_path, train={"batch_size": 16, "grad_accumulation_steps": 3})
 
 
-@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("precision", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow),
+                                       "mixed_float16"])
 def test_mixed_precision_fit_learns_and_exports_float32(tmp_path, precision):
     """bf16 (exported and validated in a fresh process) and fp16 with Keras's loss scaling:
     the loss falls, weights stay float32, the exported/evaluated model computes in float32."""

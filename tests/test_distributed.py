@@ -41,6 +41,7 @@ def same_curve(run_dir, reference_dir, tolerance=1e-4):
     assert worst < tolerance, worst
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_mirrored_then_resumed_on_one_device_follows_the_one_device_curve(setup, tmp_path):
     """Steps 1-20 on 2 replicas (8 rows each), then the 2-replica checkpoint resumed on one
     device for steps 21-40: every step's loss within 1e-4 of one device's 40 steps."""
@@ -67,6 +68,7 @@ def test_one_device_checkpoint_resumes_on_two_replicas(setup, tmp_path):
     assert np.isclose(resumed["val_loss"], one["val_loss"], atol=1e-3)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_mirrored_without_devices_or_with_an_uneven_batch_exits_2(tmp_path):
     cfg_path = write_yaml(tmp_path / "d.yaml", tiny_raw(tmp_path))
     r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(tmp_path / "a"),

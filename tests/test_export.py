@@ -12,6 +12,7 @@ def versions(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_export_versions_never_overwrite_and_atomic(tiny_run, tmp_path):
     _, run_dir, summary = tiny_run
     out = tmp_path / "models" / "tiny"
@@ -99,6 +100,7 @@ def test_evaluate_reproduces_the_runs_val_metrics(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 @pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     import numpy as np
@@ -140,6 +142,7 @@ def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 @pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_hf_export_files_and_transformers_parity(arch, tmp_path):
     import json as _json

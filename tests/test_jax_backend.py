@@ -24,6 +24,7 @@ def run_python(code: str, backend: str, tmp_path, *args):
     return r
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_bench_fit_on_jax_imports_no_tensorflow_and_reports_mfu(tmp_path):
     rows = np.random.default_rng(0).integers(5, 320, size=(64, 33)).astype(np.int32)
     np.save(tmp_path / "rows.npy", rows)

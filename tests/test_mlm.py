@@ -211,6 +211,7 @@ def test_mlm_fit_learns_and_reports(mlm_run):
         summary["baseline_masked_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_fill_mask_export_reloaded_in_fresh_process(mlm_run, tmp_path):
     cfg, run_dir, summary = mlm_run
     path = summary["saved_model"]  # validated by fit: fresh process, logits, fill-mask, ops
@@ -250,6 +251,7 @@ def test_fill_mask_export_reloaded_in_fresh_process(mlm_run, tmp_path):
     assert (tmp_path / "preset" / "task.json").is_file()
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_a_masked_student_distils_from_a_masked_teacher(mlm_run, tmp_path):
     """distill.* for masked LM: the KL term over the masked positions, the teacher's loss on
     the student's validation rows in the summary."""

@@ -144,6 +144,7 @@ def extended_run(tmp_path, name, steps, run_dir, spe=2):
     return fit(cfg, run_dir)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 @pytest.mark.parametrize("name", [  # schedule-free's y is restored bit for bit: tested above
     "muon", *[pytest.param(n, marks=pytest.mark.slow)
               for n in ("schedule_free_adamw", "adamw", "lion", "adafactor", "sgd")]])

@@ -155,6 +155,7 @@ def test_a_sustained_level_shift_rebaselines_instead_of_storming(tmp_path):
     assert 3 <= s["skipped_steps"] <= 8
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_without_rebaselining_rollbacks_are_capped_and_the_last_good_checkpoint_kept(tmp_path):
     raw = quick_raw(tmp_path, train={"steps": 80, "spike_window": 10, "checkpoint_every": 10,
                                      "rebaseline_after": 0, "rollback_after": 3,
@@ -174,6 +175,7 @@ def test_without_rebaselining_rollbacks_are_capped_and_the_last_good_checkpoint_
     assert r.stdout.count("warning: rollback") == 2
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_checkpoints_wait_for_the_end_of_a_skip_streak(tmp_path):
     """Steps 9..12 poisoned (NaN): the checkpoint due at step 10 is written at step 13."""
     raw = quick_raw(tmp_path, train={"steps": 20, "checkpoint_every": 10,

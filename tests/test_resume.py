@@ -64,6 +64,7 @@ def assert_same_run(run_dir, unbroken_dir, summary, reference):
             assert float(ours[tag][step]) == float(theirs[tag][step]), (tag, step)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_two_deterministic_runs_are_identical(unbroken, tmp_path):
     cfg_path, run_dir, reference = unbroken
     r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(tmp_path / "b"))
@@ -97,6 +98,7 @@ def test_kill_9_at_a_random_step_then_resume_matches_unbroken_run(unbroken, tmp_
     assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(unbroken, tmp_path):
     cfg_path, unbroken_dir, reference = unbroken
     run_dir = tmp_path / "run"
@@ -116,6 +118,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(unbroken, tmp_path):
     assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(unbroken, tmp_path):
     import shutil
 
@@ -261,6 +264,7 @@ def test_consecutive_bad_batches_roll_back_and_skip_them(tmp_path):
     assert later["skipped_steps"] == 4   # and the skip count, across the resume
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_z_loss_changes_training_but_not_the_reported_loss_definition(tmp_path):
     model_a, snaps_a = _fit_with_weights_per_step(tmp_path)
     model_b, snaps_b = _fit_with_weights_per_step(tmp_path, model={"z_loss": 1e-2})

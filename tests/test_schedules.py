@@ -81,6 +81,7 @@ def test_schedule_command_evaluates_every_schedule_the_config_can_name():
         assert rates[0] == 0.0 and max(rates) == pytest.approx(3e-3), name
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_lr_find_on_a_tiny_model_suggests_a_finite_rate_and_writes_the_plot(tmp_path):
     from conftest import last_json_line, run_cli, tiny_raw, write_yaml
 

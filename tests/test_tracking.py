@@ -54,6 +54,7 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert offline and list(offline[0].glob("*.wandb"))
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_fit_logs_to_a_real_mlflow_tracking_server_over_http(tmp_path):
     """`mlflow server` with a SQLite backend on 127.0.0.1 (the full mlflow package, in the
     test extra): a fit's params, per-step metrics and artifacts arrive over HTTP and read

@@ -93,6 +93,7 @@ def test_grid_search_enumerates_exactly_the_grid(tmp_path):
     assert combos == [(0, 16), (0, 32), (2, 16), (2, 32)]
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_failed_trial_is_recorded_and_search_goes_on(tmp_path):
     # a NaN batch at step 5: the guarded trial skips it, the unguarded one diverges and fails
     # (an invalid config would be refused before the search starts)
@@ -139,6 +140,7 @@ def test_killed_search_resumes_without_repeating_finished_trials(tmp_path):
         assert (run / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # suite time; run with -m slow
 def test_a_chief_and_two_workers_run_the_same_trials_as_one_process(random_search, tmp_path):
     """`--workers 2`: a chief serving KerasTuner's oracle over gRPC on 127.0.0.1 and two
     worker processes running the trials; the same seed gives the same trials (ids and
