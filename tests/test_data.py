@@ -31,7 +31,8 @@ def test_story_corpus_is_deterministic_varied_and_story_like():
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece_bpe", "sentencepiece_unigram", "char", "byte",
-                                  "wordpiece", "bytelevel_bpe"])
+                                  "wordpiece",  # bytelevel_bpe: ~16 s, under -m slow
+                                  pytest.param("bytelevel_bpe", marks=pytest.mark.slow)])
 def test_tokenizer_round_trip_save_and_reload(kind, tmp_path):
     tok = train_tokenizer(kind, DOCS, 400)
     text = DOCS[0] + " Zebra café ☃"

@@ -141,6 +141,7 @@ def test_export_out_that_is_a_file_is_refused(small_run, tmp_path):
 
 # --- the guard -------------------------------------------------------------------------
 
+@pytest.mark.slow  # suite time (tests/test_guarded_optimizer.py re-baselines in the default suite)
 def test_a_sustained_level_shift_rebaselines_instead_of_storming(tmp_path):
     """From step 30 on every loss is 1000x (finite): a new level, not endless spikes."""
     raw = quick_raw(tmp_path, train={"steps": 80, "spike_window": 10, "checkpoint_every": 10},

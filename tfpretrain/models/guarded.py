@@ -63,7 +63,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     # --- the wrapped optimizer's face -------------------------------------------------
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return super().variables + self.inner_optimizer.variables
 
     @property
     def iterations(self):
@@ -124,9 +124,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     # --- stateful (the TensorFlow train step) -----------------------------------------------
     def apply(self, grads, trainable_variables=None, loss=None):
+        if trainable_variables is None:
+            raise ValueError("GuardedOptimizer.apply needs the trainable variables")
         if not self.built:
             self.build(trainable_variables)
-        variables = list(trainable_variables or self._trainable_variables)
+        variables = list(trainable_variables)
         grads, loss, norm, finite, accept, rebaseline = self._prepare(list(grads), loss)
         self._record(accept, rebaseline, loss, norm)
         self._apply_or_skip(accept, finite, grads, variables)
@@ -194,13 +196,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         (``where``), which is what XLA does with a cond on a GPU anyway."""
         if self.loss_scaled:
             raise NotImplementedError("stateless_apply with loss scaling (mixed_float16)")
-        own = len(self._variables)
-        inner = list(optimizer_variables[own:])
-        mapping = list(zip(self._variables, optimizer_variables[:own]))
+        own_variables = super().variables
+        inner = list(optimizer_variables[len(own_variables):])
+        mapping = list(zip(own_variables, optimizer_variables[:len(own_variables)]))
         with keras.StatelessScope(state_mapping=mapping) as scope:
             grads, loss, norm, _, accept, rebaseline = self._prepare(list(grads), loss)
             self._record(accept, rebaseline, loss, norm)
-        own_values = [scope.get_current_value(v) for v in self._variables]
+        own_values = [scope.get_current_value(v) for v in own_variables]
         new_tv, new_inner = self.inner_optimizer.stateless_apply(inner, grads,
                                                                  trainable_variables)
         step = next(i for i, v in enumerate(self.inner_optimizer.variables)

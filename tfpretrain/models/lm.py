@@ -4,8 +4,9 @@ masked LM (bert, through keras_hub's BertMaskedLM head). Backbones come from
 
 :class:`CausalLM` owns only the glue keras_hub's tasks would otherwise decide for us: logits
 through the backbone's (reversible, optionally tied) token embedding, and a ``train_step``
-that computes the loss as the mean over real tokens, the global gradient norm, clipping and
-a per-step log (loss, grad norm, learning rate) that survives ``steps_per_execution``.
+that computes the loss as the mean over real tokens and its gradients, hands both to the
+optimizer (clipping and the guard are its wrapper's, :mod:`.guarded`), and keeps a per-step
+log (loss, grad norm, learning rate, skipped) that survives ``steps_per_execution``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ logical CPU devices), MultiWorkerMirroredStrategy over the hosts TF_CONFIG names
 default single device.
 
 The train step (``models.lm``) sums the gradients over the replicas itself, so the
-clipping norm and the stability guard see the global batch's gradient, and runs the
-guard's apply-or-skip in cross-replica context (as Keras's LossScaleOptimizer does): the
+clipping norm and the stability guard see the global batch's gradient; the guard's
+optimizer wrapper (``models.guarded``) runs its apply-or-skip in cross-replica context (as
+Keras's LossScaleOptimizer does): the
 same loss curve as one device with the same global batch (tested on 2 logical CPUs).
 XLA is off under a strategy (Keras turns it off; explicit XLA with an Embedding under
 MirroredStrategy fails upstream, keras-team/keras#18110).
