@@ -80,7 +80,7 @@ def test_random_search_writes_leaderboard_best_yaml_plot_and_hparams(random_sear
     assert "leaderboard.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-@pytest.mark.slow  # the random search and the resumed search cover the tuner path by default
+@pytest.mark.slow  # the random search covers the tuner path by default
 def test_grid_search_enumerates_exactly_the_grid(tmp_path):
     raw = tune_raw(tmp_path, tuner="grid", max_trials=50, steps_per_trial=8,
                    space={"optimizer.warmup_steps": [0, 2], "model.hidden_dim": [16, 32]})
