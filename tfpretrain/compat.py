@@ -81,10 +81,8 @@ def check() -> list[str]:
 
 def learning_rate_schedule(optimizer):
     """The schedule object the optimizer was built with (``optimizer._learning_rate``; the
-    public ``optimizer.learning_rate`` is the current value, not the schedule); a
-    LossScaleOptimizer's is its inner optimizer's."""
-    while hasattr(optimizer, "inner_optimizer"):  # the guard's, a LossScaleOptimizer's
-        optimizer = optimizer.inner_optimizer
+    public ``optimizer.learning_rate`` is the current value, not the schedule). ``optimizer``:
+    the one doing the update, under any wrappers (``models.guarded.innermost``)."""
     return optimizer._learning_rate
 
 
@@ -117,13 +115,10 @@ def gradients_arrive_summed(optimizer) -> None:
     """The train step all-reduces the gradients itself (the guard and clipping need the
     global batch's); keras's TF optimizer would sum them over the replicas again in
     ``_all_reduce_sum_gradients`` (Keras 2 had ``experimental_aggregate_gradients=False``
-    for this). Make it pass them through, on this optimizer (or a LossScaleOptimizer's inner
-    one)."""
-    inner = optimizer
-    while hasattr(inner, "inner_optimizer"):
-        inner = inner.inner_optimizer
-    if hasattr(inner, "_all_reduce_sum_gradients"):  # the TensorFlow backend's optimizer
-        inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+    for this). Make it pass them through, on ``optimizer``: the one doing the update, under
+    any wrappers (``models.guarded.innermost``)."""
+    if hasattr(optimizer, "_all_reduce_sum_gradients"):  # the TensorFlow backend's optimizer
+        optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
 
 
 def matrix_shape(shape) -> tuple:

@@ -134,12 +134,12 @@ class CheckpointManager:
 
     def restore(self, path: Path) -> None:
         prefix = str(path / "ckpt")
-        if f"model/{GUARD_STATE[0]}/{VALUE}" in tf.train.load_checkpoint(
-                prefix).get_variable_to_shape_map():
-            return self._restore_model_guard_layout(prefix)
+        reader = tf.train.load_checkpoint(prefix)
+        if reader.has_tensor(f"model/{GUARD_STATE[0]}/{VALUE}"):
+            return self._restore_model_guard_layout(prefix, reader)
         self._ckpt.read(prefix).assert_existing_objects_matched()
 
-    def _restore_model_guard_layout(self, prefix: str) -> None:
+    def _restore_model_guard_layout(self, prefix: str, reader) -> None:
         """A checkpoint written before the guard's state moved from the model into its
         optimizer wrapper (models.guarded): the optimizer there is the wrapper's inner one,
         and the guard's window and counters are read from the model's entries."""
@@ -150,7 +150,6 @@ class CheckpointManager:
                 prefix).assert_existing_objects_matched().expect_partial()
         finally:
             model.optimizer = optimizer
-        reader = tf.train.load_checkpoint(prefix)
         for name in GUARD_STATE:
             variable = getattr(optimizer, name)
             variable.assign(reader.get_tensor(f"model/{name}/{VALUE}").astype(

@@ -53,8 +53,9 @@ def diverged(step: int, manager) -> Diverged:
 def set_lr_scale(optimizer, scale: float) -> None:
     """Set the ScaledSchedule's scale (see training.optimizers)."""
     from tfpretrain.compat import learning_rate_schedule
+    from tfpretrain.models.guarded import innermost
 
-    learning_rate_schedule(optimizer).scale.assign(scale)
+    learning_rate_schedule(innermost(optimizer)).scale.assign(scale)
 
 
 def last_clean_checkpoint(manager):

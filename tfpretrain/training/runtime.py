@@ -147,6 +147,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     import keras
 
     from tfpretrain.compat import gradients_arrive_summed
+    from tfpretrain.models.guarded import innermost
     from tfpretrain.objectives import build_model
     from tfpretrain.training.optimizers import build_optimizer, guard_optimizer
 
@@ -157,7 +158,7 @@ def build_and_compile(cfg: Config, vocabulary_size: int, steps_per_execution: in
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer = guard_optimizer(cfg, optimizer)
-    gradients_arrive_summed(optimizer)  # over replicas, by the train step
+    gradients_arrive_summed(innermost(optimizer))  # over replicas, by the train step
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer,
                   jit_compile=jit_compile(cfg, precision, distributed) if jit is None else jit,
