@@ -118,6 +118,52 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(unbroken, tmp_path):
     assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
 
 
+def start_feeder(port):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "tfpretrain.data_service", "--port",
+                             str(port), "--host", "127.0.0.1"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "feeding at 127.0.0.1" in proc.stdout.readline()
+    return proc
+
+
+def test_a_run_fed_by_a_feeder_process_survives_losing_it_and_resumes_exactly(
+        unbroken, tmp_path):
+    """data.service: batches from a feeder process (python -m tfpretrain.data_service) on
+    127.0.0.1. The feeder killed after step 20: the run ends with exit 75 and a message
+    within seconds (data.service_timeout 5) instead of waiting for ever; with the feeder
+    started again the rerun resumes, and the whole run equals the local unbroken one bit
+    for bit (the same batches in the same order, accumulation on)."""
+    import socket
+
+    cfg_path, unbroken_dir, reference = unbroken
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = ("--set", f"data.service=127.0.0.1:{port}", "--set", "data.service_timeout=5")
+    run_dir = tmp_path / "run"
+    feeder = start_feeder(port)
+    try:
+        proc = start_fit(cfg_path, run_dir, *served)
+        wait_for(lambda: latest_step(run_dir) >= 20, proc)
+        feeder.kill()
+        feeder.wait()
+        t0 = time.time()
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 75, err[-3000:]
+        assert time.time() - t0 < 30 and "Traceback" not in err
+        assert f"the feeder grpc://127.0.0.1:{port} has not answered" in err
+        assert latest_step(run_dir) < 60
+        feeder = start_feeder(port)
+        r = run_cli("tfpretrain.fit", "--config", str(cfg_path), "--run-dir", str(run_dir),
+                    *served)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resumed from" in r.stdout and "1 tf.data service feeder" in r.stdout
+        assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
+    finally:
+        feeder.kill()
+
+
 @pytest.mark.slow  # suite time; run with -m slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(unbroken, tmp_path):
     import shutil

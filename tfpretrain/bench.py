@@ -304,15 +304,37 @@ def _cached_read(cfg, folder: Path, cache_dir: Path, read_batches: int,
     cfg.data.path = str(folder)
     cfg.data.cache_dir = str(cache_dir)
     tok, packed, _ = TokenCache(cfg, row_format(cfg)).load()
-    t0 = time.perf_counter()
-    n = 0
-    for x, _, _ in train_dataset(packed.train_rows, cfg.train.batch_size,
-                                 cfg.train.seed).take(read_batches):
-        n += int(x.shape[0] * x.shape[1])
-    read = round(n / (time.perf_counter() - t0))
+    read = _read_rate(train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed),
+                      read_batches)
+    served = _served_read_rate(packed.train_rows, cfg, read_batches)
     training = round(_consumption(cfg, packed, tok.vocabulary_size, train_steps))
     return {"cached_read_tokens_per_second": read, "training_tokens_per_second": training,
-            "cached_read_vs_training": round(read / training, 1)}
+            "cached_read_vs_training": round(read / training, 1),
+            "service_read_tokens_per_second": served,
+            "service_read_vs_training": round(served / training, 1)}
+
+
+def _read_rate(ds, batches: int) -> int:
+    t0, n = time.perf_counter(), 0
+    for x, _, _ in ds.take(batches):
+        n += int(x.shape[0] * x.shape[1])
+    return round(n / (time.perf_counter() - t0))
+
+
+def _served_read_rate(rows, cfg, batches: int) -> int:
+    """The same batches made by one tf.data service feeder on this host (``data.service``;
+    the feeder shares this machine's cores with the reader)."""
+    from tfpretrain.data import service
+    from tfpretrain.data.pipeline import train_dataset
+
+    dispatcher, worker = service.serve(0, "127.0.0.1")
+    target = service.addresses(f"127.0.0.1:{dispatcher.target.rpartition(':')[2]}")
+    try:  # a finite job: the worker stops only once its jobs have ended
+        return _read_rate(train_dataset(rows, cfg.train.batch_size, cfg.train.seed,
+                                        num_steps=batches, service=target), batches)
+    finally:
+        worker.stop()
+        dispatcher.stop()
 
 
 def _consumption(cfg, packed, vocabulary_size: int, steps: int) -> float:

@@ -15,6 +15,7 @@ COMMANDS = {
     "tune": ("tfpretrain.tune", "KerasTuner search over config keys"),
     "runs": ("tfpretrain.runs", "compare run folders (table, plot)"),
     "data": ("tfpretrain.data.__main__", "prepare the token cache of a config"),
+    "data_service": ("tfpretrain.data_service", "a tf.data service feeder for `data.service`"),
     "estimate": ("tfpretrain.estimate", "FLOPs, hours and dollars of a run or search"),
     "lr_find": ("tfpretrain.lr_find", "learning-rate range test: a suggested peak rate"),
     "schedule": ("tfpretrain.schedule", "the learning rate of every step (table, PNG)"),

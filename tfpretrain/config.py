@@ -116,6 +116,16 @@ class DataConfig:
                                   "~/.cache/tfpretrain/tokens).")
     embedded_documents: int = _f(8000, "Number of stories generated for the embedded corpus.",
                                  min=10)
+    service: Optional[Union[str, list]] = _f(
+        None, "tf.data service feeders that make the training batches instead of this "
+        "process: `host:port` or a list of them, each started with `python -m "
+        "tfpretrain.data_service --port PORT` on a host that sees the token cache at the "
+        "same path. With N feeders, feeder i makes every N-th batch; batches, their order "
+        "and exact resume are those of a local run. Needs `data.cache: true` "
+        "(docs/distributed.md).")
+    service_timeout: int = _f(120, "Seconds a `data.service` feeder may stop answering "
+                              "before the run ends with exit code 75 (rerun to resume from "
+                              "the last checkpoint).", min=5)
 
 
 @dataclass
@@ -690,7 +700,23 @@ def _data_checks(c: Config) -> list[str]:
             p.append("`data.weights` works with `data.split: documents` and no `data.val_path`")
     if isinstance(path, list) and (not path or not all(isinstance(x, str) for x in path)):
         p.append(f"`data.path` must be a path or a non-empty list of paths. Received: {path!r}")
-    return p
+    return p + _service_checks(c)
+
+
+def _service_checks(c: Config) -> list[str]:
+    service = c.data.service
+    if service is None:
+        return []
+    items = [service] if isinstance(service, str) else service
+    bad = [a for a in items if not isinstance(a, str)
+           or not a.removeprefix("grpc://").rpartition(":")[0]
+           or not a.rpartition(":")[2].isdigit()]
+    if not items or bad:
+        return [f"`data.service` must be `host:port` or a non-empty list of them (feeders "
+                f"started with `python -m tfpretrain.data_service`). Received: {service!r}"]
+    if not c.data.cache:
+        return ["`data.service` needs `data.cache: true`: the feeders read the token cache"]
+    return []
 
 
 def _check_space(space: dict, tuner: str) -> list[str]:

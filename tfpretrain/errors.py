@@ -11,6 +11,9 @@ import os
 import sys
 
 
+TEMPFAIL_EXIT = 75  # EX_TEMPFAIL: a peer (worker, feeder) was lost; rerun to resume
+
+
 class UserError(Exception):
     """A problem the user can fix: printed as one message, exit code 2."""
 

@@ -217,7 +217,7 @@ def read_rows(rows: np.ndarray, index: tf.Tensor) -> tf.Tensor:
 
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
                   num_steps: int | None = None, poison=(), to_batch=None,
-                  part: tuple | None = None) -> tf.data.Dataset:
+                  part: tuple | None = None, service=()) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
 
     ``poison``: 0-based data positions whose sample weights become NaN (fault injection,
@@ -229,32 +229,42 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     batch, the same rows it would have in it). A row-wise ``to_batch`` (causal LM) reads only
     those rows from the cache; others (masked LM draws its masks for the whole batch) make
     the whole batch and keep the part, so the part is the same either way.
+    ``service``: tf.data service feeders (``grpc://host:port``) that make the batches, the
+    same ones in the same order (see :mod:`.service`).
     """
+    from tfpretrain.data import service as feeders
+
     to_batch = to_batch or _split_xy
     n = int(rows.shape[0])
     if batch_size > n:
         raise UserError(f"`train.batch_size`={batch_size} is larger than the {n} training rows "
                         "of the corpus; use a smaller batch or more text")
     end = start_step + num_steps if num_steps is not None else np.iinfo(np.int64).max
-    ds = tf.data.Dataset.range(start_step, end)
-
     poison = tf.constant(sorted(poison) or [-1], tf.int64)
-
     lo, hi = part or (0, batch_size)
     early = getattr(to_batch, "row_wise", False)
+    read = feeders.file_reader(rows) if service else (lambda index: read_rows(rows, index))
 
     def batch_for(step):
         idx = row_indices(step, batch_size, n, seed)
         if early:
             idx = idx[lo:hi]
-        x, y, w = to_batch(read_rows(rows, idx), tf.stack([tf.constant(seed, tf.int64), step]))
+        x, y, w = to_batch(read(idx), tf.stack([tf.constant(seed, tf.int64), step]))
         if not early and (lo, hi) != (0, batch_size):
             x, y, w = tf.nest.map_structure(lambda t: t[lo:hi], (x, y, w))
         bad = tf.reduce_any(tf.equal(poison, step))
         return x, y, tf.where(bad, float("nan"), w)
 
-    return ds.map(batch_for, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True).prefetch(tf.data.AUTOTUNE)
+    def batches(first, every=1, numbered=False):
+        return tf.data.Dataset.range(first, end, every).map(
+            lambda step: (step, batch_for(step)) if numbered else batch_for(step),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    if not service:
+        return batches(start_step).prefetch(tf.data.AUTOTUNE)
+    ds = feeders.round_robin(lambda first, every: batches(first, every, numbered=True),
+                             list(service), start_step, end)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 EVAL_SEED = 0x5EED  # masked-LM validation masks: fixed, so every evaluation sees the same

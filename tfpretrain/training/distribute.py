@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 
 from tfpretrain.config import Config
-from tfpretrain.errors import UserError
+from tfpretrain.errors import TEMPFAIL_EXIT, UserError
 
 EXAMPLE_TF_CONFIG = json.dumps({"cluster": {"worker": ["host1:2222", "host2:2222"]},
                                 "task": {"type": "worker", "index": 0}})
-LOST_WORKER_EXIT = 75  # EX_TEMPFAIL: rerun every worker to resume
+LOST_WORKER_EXIT = TEMPFAIL_EXIT  # rerun every worker to resume
 
 
 class WorkerLost(Exception):

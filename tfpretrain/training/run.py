@@ -7,6 +7,7 @@ tokenizer) fails before the run folder is created or touched. What happens after
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -139,6 +140,17 @@ class Run:
         log(f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocabulary_size} ids; "
             f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
+        self._check_feeders()
+
+    def _check_feeders(self) -> None:
+        """data.service: every feeder answers before anything is trained."""
+        from tfpretrain.data import service
+
+        targets = service.addresses(self.cfg.data.service)
+        if targets:
+            service.check_reachable(targets)
+            log(f"data: training batches from {len(targets)} tf.data service feeder"
+                f"{'s' if len(targets) > 1 else ''} ({', '.join(targets)})")
 
     def prepare_folder(self, resuming: bool) -> None:
         from tfpretrain.files import write_atomic
@@ -272,7 +284,7 @@ class Run:
         step = self.step
         while step < total and self.preemption.signum is None:
             first_epoch, partial = step // every, step % every
-            with self.placement.lost_worker(step=lambda: self.step):
+            with self.placement.lost_worker(step=lambda: self.step), self._feeders():
                 self.model.fit(self._train_data(step, batcher), validation_data=val_ds,
                                steps_per_epoch=every - partial if partial else every,
                                initial_epoch=first_epoch,
@@ -416,8 +428,19 @@ class Run:
             callbacks.append(EvaluationWeights())
         return callbacks, rollback, saver
 
+    @contextlib.contextmanager
+    def _feeders(self):
+        """data.service: the feeders' errors as one message, a lost feeder ends the run."""
+        from tfpretrain.data import service
+
+        targets = service.addresses(self.cfg.data.service)
+        with service.feeder_errors(targets), \
+                service.watchdog(targets, self.cfg.data.service_timeout):
+            yield
+
     def _train_data(self, step: int, batcher):
         from tfpretrain import faults
+        from tfpretrain.data import service
         from tfpretrain.data.pipeline import train_dataset
 
         cfg = self.cfg
@@ -425,5 +448,6 @@ class Run:
             lambda lo, hi: train_dataset(self.packed.train_rows, cfg.train.batch_size,
                                          cfg.train.seed, step + self.guard.data_offset,
                                          poison=faults.poisoned_positions(cfg),
-                                         to_batch=batcher, part=(lo, hi)),
+                                         to_batch=batcher, part=(lo, hi),
+                                         service=service.addresses(cfg.data.service)),
             cfg.train.batch_size)
