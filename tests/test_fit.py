@@ -175,6 +175,7 @@ def _cli_run(tmp_path):
     return cfg_path, run
 
 
+@pytest.mark.slow  # suite time: test_distributed's 2-worker test resumes by raising steps
 def test_cli_fit_then_more_steps_resumes(tmp_path):
     cfg_path, run = _cli_run(tmp_path)
     # raising train.steps continues from the last checkpoint

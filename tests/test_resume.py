@@ -252,6 +252,7 @@ def _same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # suite time: test_guarded_optimizer checks the same skip through CausalLM
 def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_path):
     model, snaps = _fit_with_weights_per_step(tmp_path, debug={"nan_at_step": 12})
     weights_11, moments_11, _ = snaps[11]
@@ -263,6 +264,7 @@ def test_injected_nan_step_is_skipped_with_weights_and_moments_unchanged(tmp_pat
     assert all(np.isfinite(w).all() for w in snaps[30][0])
 
 
+@pytest.mark.slow  # suite time: test_guarded_optimizer checks spike skips
 def test_synthetic_loss_spike_is_skipped(tmp_path):
     model, snaps = _fit_with_weights_per_step(tmp_path, debug={"spike_at_step": 25},
                                               train={"spike_window": 10,
