@@ -159,7 +159,9 @@ def test_a_run_fed_by_a_feeder_process_survives_losing_it_and_resumes_exactly(
                     *served)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed from" in r.stdout and "1 tf.data service feeder" in r.stdout
-        assert_same_run(run_dir, unbroken_dir, last_json_line(r.stdout), reference)
+        summary = last_json_line(r.stdout)
+        assert summary["data_service_feeders"] == 1 and reference["data_service_feeders"] == 0
+        assert_same_run(run_dir, unbroken_dir, summary, reference)
     finally:
         feeder.kill()
 

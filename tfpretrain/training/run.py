@@ -146,7 +146,7 @@ class Run:
         """data.service: every feeder answers before anything is trained."""
         from tfpretrain.data import service
 
-        targets = service.addresses(self.cfg.data.service)
+        self.feeders = targets = service.addresses(self.cfg.data.service)
         if targets:
             service.check_reachable(targets)
             log(f"data: training batches from {len(targets)} tf.data service feeder"
@@ -343,6 +343,7 @@ class Run:
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
             "strategy": self.placement.kind, "replicas": self.placement.replicas,
             "workers": self.placement.workers,
+            "data_service_feeders": len(self.feeders),
             "checkpoint_seconds": round(self.manager.seconds, 2),
             **rounded(metrics),
             "skipped_steps": self.skipped_total(),
@@ -433,14 +434,12 @@ class Run:
         """data.service: the feeders' errors as one message, a lost feeder ends the run."""
         from tfpretrain.data import service
 
-        targets = service.addresses(self.cfg.data.service)
-        with service.feeder_errors(targets), \
-                service.watchdog(targets, self.cfg.data.service_timeout):
+        with service.feeder_errors(self.feeders), \
+                service.watchdog(self.feeders, self.cfg.data.service_timeout):
             yield
 
     def _train_data(self, step: int, batcher):
         from tfpretrain import faults
-        from tfpretrain.data import service
         from tfpretrain.data.pipeline import train_dataset
 
         cfg = self.cfg
@@ -449,5 +448,5 @@ class Run:
                                          cfg.train.seed, step + self.guard.data_offset,
                                          poison=faults.poisoned_positions(cfg),
                                          to_batch=batcher, part=(lo, hi),
-                                         service=service.addresses(cfg.data.service)),
+                                         service=self.feeders),
             cfg.train.batch_size)
