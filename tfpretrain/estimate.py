@@ -3,7 +3,7 @@
     python -m tfpretrain.estimate [--config NAME|PATH] [--set KEY=VALUE ...]
         [--params 27.5M] [--tokens 4B] [--device l4] [--precision mixed_bfloat16]
         [--mfu 0.08 | --tokens-per-second 60000] [--price-per-hour 0.70]
-        [--tune configs/tune.yaml] [--measure]
+        [--tune tune] [--measure]
 
 Training FLOPs = tokens x FLOPs per token (6 N + 12 L H T, nanoGPT's and PaLM's
 convention, N without a learned position table). For each device of the table (datasheet
@@ -163,7 +163,19 @@ def _money(value) -> str:
     return f"{value:,.2f}" if value >= 1 else f"{value:.4f}"
 
 
+def _check_tune(path: str) -> None:
+    """``--tune`` checked before anything is printed, its errors naming ``--tune``."""
+    from tfpretrain.config import load_config
+
+    try:
+        load_config(path)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--config", "--tune", 1)) from None
+
+
 def estimate(cfg, args) -> dict:
+    if args.tune:
+        _check_tune(args.tune)
     info = plan(cfg, args.params, args.tokens)
     precision = args.precision or _table_precision(cfg.train.precision)
     table = rows(info, precision, args)
