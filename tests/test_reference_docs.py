@@ -32,6 +32,10 @@ MORE = {  # fewer steps, sizes and samples for the commands the guides do not us
                    "--train-steps", "4"],
     "bench synth": ["--count", "300", "--dedup-count", "200"],
     "synth augment": ["--n", "1"],
+    "synth distill": ["--count", "60", "--max-new-tokens", "32"],  # a student's corpus
+}
+PENDING = {  # pages whose commands have not been run through yet: skipped, with why
+    "benchmarks": "not yet run through (issue 15): its bench commands take long even tiny",
 }
 
 
@@ -102,6 +106,8 @@ def runnable(page: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
 def test_reference_commands_run_at_tiny_settings(page, tmp_path):
+    if page.stem in PENDING:
+        pytest.skip(PENDING[page.stem])
     for command in runnable(page):
         argv = tiny(command)
         argv += MORE.get(name_of(argv), [])
