@@ -55,8 +55,9 @@ def not_run(page: Path, command: str) -> bool:
 
 
 def synopsis(command: str) -> bool:
+    """Placeholders: ``[--flag X]``, ``<x>``, ``DIR``, or a value ``key=P`` in capitals."""
     return any(t.startswith("[") or t.startswith("<") or PLACEHOLDER.match(t)
-               for t in shlex.split(command)[1:])
+               or re.search(r"=[A-Z][A-Z_]*$", t) for t in shlex.split(command)[1:])
 
 
 def name_of(argv: list[str]) -> str:
