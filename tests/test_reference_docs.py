@@ -34,9 +34,6 @@ MORE = {  # fewer steps, sizes and samples for the commands the guides do not us
     "synth augment": ["--n", "1"],
     "synth distill": ["--count", "60", "--max-new-tokens", "32"],  # a student's corpus
 }
-PENDING = {  # pages whose commands have not been run through yet: skipped, with why
-    "benchmarks": "not yet run through (issue 15): its bench commands take long even tiny",
-}
 
 
 def not_run(page: Path, command: str) -> bool:
@@ -107,8 +104,6 @@ def runnable(page: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
 def test_reference_commands_run_at_tiny_settings(page, tmp_path):
-    if page.stem in PENDING:
-        pytest.skip(PENDING[page.stem])
     for command in runnable(page):
         argv = tiny(command)
         argv += MORE.get(name_of(argv), [])
