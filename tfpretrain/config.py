@@ -575,6 +575,13 @@ def build_config(raw: dict, name: str = "default", source: str = "config") -> Co
     return cfg
 
 
+def host_port(address) -> tuple[str, int] | None:
+    """``"host:port"`` -> (host, port); None unless both parts are there and the port is a
+    number (one parser for TF_CONFIG, tune's --chief/--oracle and ``data.service``)."""
+    host, _, port = str(address).rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
 def _check_plain_name(key: str, value) -> list[str]:
     """A name that becomes a folder name (runs/<name>, <export.dir>/<export.name>) must be a
     plain name: no path separators, not "." or "..", not absolute, not empty."""
@@ -709,8 +716,7 @@ def _service_checks(c: Config) -> list[str]:
         return []
     items = [service] if isinstance(service, str) else service
     bad = [a for a in items if not isinstance(a, str)
-           or not a.removeprefix("grpc://").rpartition(":")[0]
-           or not a.rpartition(":")[2].isdigit()]
+           or host_port(a.removeprefix("grpc://")) is None]
     if not items or bad:
         return [f"`data.service` must be `host:port` or a non-empty list of them (feeders "
                 f"started with `python -m tfpretrain.data_service`). Received: {service!r}"]

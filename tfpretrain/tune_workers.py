@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfpretrain.config import host_port
 from tfpretrain.errors import UserError
 
 ENV_ID, ENV_IP, ENV_PORT = "KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"
@@ -45,10 +46,10 @@ class Role:
 
 
 def _address(flag: str, value: str) -> tuple[str, str]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    parsed = host_port(value)
+    if parsed is None or not 0 < parsed[1] < 65536:
         raise UserError(f"{flag} {value!r}: expected HOST:PORT, e.g. 10.0.0.1:8000")
-    return host, port
+    return parsed[0], str(parsed[1])
 
 
 def resolve_role(chief: str | None, worker: str | None, oracle: str | None,

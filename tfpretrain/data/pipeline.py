@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from tfpretrain.data import service as feeders
 from tfpretrain.data.tokenizers import EOS_ID, PAD_ID, Tokenizer
 from tfpretrain.errors import UserError
 
@@ -232,8 +233,6 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     ``service``: tf.data service feeders (``grpc://host:port``) that make the batches, the
     same ones in the same order (see :mod:`.service`).
     """
-    from tfpretrain.data import service as feeders
-
     to_batch = to_batch or _split_xy
     n = int(rows.shape[0])
     if batch_size > n:

@@ -29,6 +29,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfpretrain.config import host_port
 from tfpretrain.errors import TEMPFAIL_EXIT, UserError
 
 ORDER_MARK = "tfpretrain data.service order"
@@ -44,8 +45,16 @@ def addresses(spec) -> list[str]:
 
 
 def _connect(target: str, timeout: float) -> None:
-    host, _, port = target[len("grpc://"):].rpartition(":")
-    socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+    host, port = host_port(target.removeprefix("grpc://"))
+    socket.create_connection((host.strip("[]"), port), timeout).close()
+
+
+def _answers(target: str, timeout: float) -> bool:
+    try:
+        _connect(target, timeout)
+        return True
+    except OSError:
+        return False
 
 
 def check_reachable(targets: list[str], timeout: float = 5.0) -> None:
@@ -71,25 +80,26 @@ def watchdog(targets: list[str], timeout: float, every: float = 5.0):
     done = threading.Event()
 
     def watch():
-        down = {}
+        down = {}  # target -> when it first stopped answering
         while not done.wait(every):
             for target in targets:
-                try:
-                    _connect(target, every)
+                if _answers(target, every):
                     down.pop(target, None)
-                except OSError:
-                    if time.monotonic() - down.setdefault(target, time.monotonic()) >= timeout:
-                        print(f"[tfpretrain] data.service: the feeder {target} has not "
-                              f"answered for {timeout:g} s (data.service_timeout). Restart "
-                              "it and rerun the same command: the run resumes from its last "
-                              f"checkpoint; exit {TEMPFAIL_EXIT}", file=sys.stderr, flush=True)
-                        os._exit(TEMPFAIL_EXIT)
+                elif time.monotonic() - down.setdefault(target, time.monotonic()) >= timeout:
+                    _lost(target, timeout)
 
     threading.Thread(target=watch, name="data.service watchdog", daemon=True).start()
     try:
         yield
     finally:
         done.set()
+
+
+def _lost(target: str, timeout: float) -> None:
+    print(f"[tfpretrain] data.service: the feeder {target} has not answered for {timeout:g} s "
+          "(data.service_timeout). Restart it and rerun the same command: the run resumes "
+          f"from its last checkpoint; exit {TEMPFAIL_EXIT}", file=sys.stderr, flush=True)
+    os._exit(TEMPFAIL_EXIT)
 
 
 def file_reader(rows: np.ndarray):

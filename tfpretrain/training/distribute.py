@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from tfpretrain.config import Config
+from tfpretrain.config import Config, host_port
 from tfpretrain.errors import TEMPFAIL_EXIT, UserError
 
 EXAMPLE_TF_CONFIG = json.dumps({"cluster": {"worker": ["host1:2222", "host2:2222"]},
@@ -91,8 +91,7 @@ def read_cluster(environ=os.environ) -> Cluster | None:
         if not isinstance(addresses, list) or not addresses:
             raise bad(f"cluster.{job} must be a non-empty list of \"host:port\" strings")
         for address in addresses:
-            host, _, port = str(address).rpartition(":")
-            if not host or not port.isdigit():
+            if host_port(address) is None:
                 raise bad(f"cluster.{job} has {address!r}, which is not \"host:port\"")
             if address in seen:
                 raise bad(f"lists {address} twice")
