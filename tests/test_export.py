@@ -54,6 +54,21 @@ def test_fit_export_was_validated_and_has_only_allowed_ops(tiny_run):
     assert "SentencepieceTokenizeOp" in ops     # the tokenizer is in the graph
 
 
+def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(tmp_path):
+    """The fresh checking process starts before the save (its imports overlap it): a
+    model it cannot load is a failure with the reason; an unused one is killed."""
+    from tfpretrain.serving.saved_model import Checker
+
+    request = tmp_path / "request.json"
+    request.write_text('{"token_ids": [[1, 2]], "prompts": ["a"]}')
+    with Checker() as checker:
+        code, _, err = checker.check(tmp_path / "no-model", request, str(tmp_path))
+    assert code != 0 and "no-model" in err
+    with Checker() as unused:
+        pass
+    assert unused.proc.returncode is not None
+
+
 def test_op_scan_flags_python_functions(tmp_path):
     from tfpretrain.serving.check import scan_ops
 

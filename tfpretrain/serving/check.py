@@ -1,6 +1,8 @@
 """Check an exported SavedModel the way a server sees it. Run as a script, in a fresh process:
 
-    python tfpretrain/serving_check.py SAVED_MODEL REQUEST.json OUT_DIR
+    python tfpretrain/serving/check.py SAVED_MODEL REQUEST.json OUT_DIR
+    python tfpretrain/serving/check.py --wait    # imports first, then reads the three
+                                                 # arguments as one JSON list on stdin
 
 It imports only tensorflow and tensorflow_text (never tfpretrain or keras_hub), so
 it proves the model loads where only TF Serving's ops exist. It:
@@ -14,6 +16,9 @@ it proves the model loads where only TF Serving's ops exist. It:
   ``saved_model_cli show`` see);
 - prints one JSON line: signatures and their input names, SignatureDef keys, op count,
   forbidden ops.
+
+``--wait`` lets the exporter start this process before it saves the model, so that
+TensorFlow's import (seconds) overlaps the save instead of following it.
 """
 import json
 import sys
@@ -95,4 +100,12 @@ def main(path, request_path, out_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1:] == ["--wait"]:
+        import tensorflow_text  # noqa: F401  imported while the exporter still saves
+
+        line = sys.stdin.readline()
+        if not line.strip():  # the exporter gave up (its save failed): nothing to check
+            sys.exit(0)
+        main(*json.loads(line))
+    else:
+        main(*sys.argv[1:4])

@@ -85,12 +85,44 @@ class ExportValidationError(RuntimeError):
     """The SavedModel does not behave like the Keras model, or uses forbidden ops."""
 
 
-def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
-    """Reload ``path`` in a fresh process importing only tensorflow and tensorflow_text;
-    compare logits (atol 1e-5) and greedy generation (identical tokens) with the Keras
-    model, check the SignatureDefs TF Serving reads, and scan the graph's ops."""
+class Checker:
+    """The fresh process of :func:`validate_saved_model` (``serving/check.py --wait``),
+    started before the model is saved so that its TensorFlow import overlaps the save; it
+    checks one SavedModel, and is killed if the block ends without one."""
+
+    def __init__(self):
+        import subprocess
+
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        script = Path(__file__).with_name("check.py")
+        self.proc = subprocess.Popen([sys.executable, str(script), "--wait"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def check(self, path: Path, request: Path, out_dir: str) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of checking ``path``; one use."""
+        import json
+
+        out, err = self.proc.communicate(json.dumps([str(path), str(request), out_dir]) + "\n",
+                                         timeout=600)
+        return self.proc.returncode, out, err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:  # never used (the save failed) or timed out
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | None = None
+                         ) -> dict:
+    """Reload ``path`` in a fresh process importing only tensorflow and tensorflow_text
+    (``checker``, or one started now); compare logits (atol 1e-5) and greedy generation
+    (identical tokens) with the Keras model, check the SignatureDefs TF Serving reads, and
+    scan the graph's ops."""
     import json
-    import subprocess
     import tempfile
 
     import numpy as np
@@ -99,18 +131,16 @@ def validate_saved_model(path: Path, model, tokenizer, cfg) -> dict:
 
     probe = get_objective(cfg).probe(model, tokenizer, cfg.eval.prompt, cfg.eval.sample_tokens)
     expected_logits, expected_tokens = probe.logits, probe.tokens
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            (contextlib.nullcontext(checker) if checker else Checker()) as process:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({"token_ids": probe.token_ids.tolist(),
                                    "prompts": probe.prompts}))
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        script = Path(__file__).with_name("check.py")
-        r = subprocess.run([sys.executable, str(script), str(path), str(req), tmp],
-                           capture_output=True, text=True, env=env, timeout=600)
-        if r.returncode != 0:
+        code, out, err = process.check(path, req, tmp)
+        if code != 0:
             raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
-                                        f"fresh process:\n{r.stderr[-3000:]}")
-        report = json.loads(r.stdout.strip().splitlines()[-1])
+                                        f"fresh process:\n{err[-3000:]}")
+        report = json.loads(out.strip().splitlines()[-1])
         logits = np.load(Path(tmp) / "logits.npy")
         tokens = np.load(Path(tmp) / "generate.npy")
     problems = []
@@ -150,7 +180,9 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     final = base / str(version or next_version(base))
     module, signatures = get_objective(cfg).serving_module(model, tokenizer,
                                                            cfg.eval.sample_tokens)
-    with staged(final, overwrite, hint="another --version") as tmp:
+    validate = cfg.export.validate if validate is None else validate
+    with (Checker() if validate else contextlib.nullcontext()) as checker, \
+            staged(final, overwrite, hint="another --version") as tmp:
         tmp.rmdir()  # tf.saved_model.save creates the folder
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         # the run's config and tokenizer travel with the model (assets.extra is ignored by
@@ -159,6 +191,6 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
         extra.mkdir(exist_ok=True)
         tokenizer.save(extra / "tokenizer")
         (extra / "config.yaml").write_text(cfg.to_yaml())
-        if cfg.export.validate if validate is None else validate:
-            validate_saved_model(tmp, model, tokenizer, cfg)
+        if validate:
+            validate_saved_model(tmp, model, tokenizer, cfg, checker)
     return final
