@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -13,12 +12,11 @@ from tfpretrain.config import Config
 
 @dataclass
 class Probe:
-    """What an export is checked against: inputs, and how to get the Keras model's outputs
-    on them (computed while the checking process runs the export)."""
+    """What an export is checked against: inputs and the Keras model's outputs."""
     token_ids: np.ndarray        # rows for the ``logits`` signature
     prompts: list                # texts for the generating signature
-    outputs: Callable            # () -> (the Keras model's logits on token_ids, its
-    #                              generated / predicted ids on prompts)
+    logits: np.ndarray           # the Keras model's logits on token_ids
+    tokens: np.ndarray           # the Keras model's generated / predicted ids on prompts
     mismatch: str                # what it means when the tokens differ
 
 

@@ -126,12 +126,10 @@ class CausalObjective(Objective):
         prompts = [prompt, "", "The", prompt * 60]  # the last: longer than the context
         rows = [([EOS_ID] + tokenizer.encode(p * 50))[:L] for p in (prompt, "Lily and Tom")]
         ids = np.array([r + [model.PAD_ID] * (L - len(r)) for r in rows], np.int32)
-
-        def outputs():
-            tokens, _ = Sampler(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
-            return model(ids, training=False).numpy(), tokens
-
-        return Probe(ids, prompts, outputs, "greedy generation differs from the Keras model's")
+        expected_logits = model(ids, training=False).numpy()
+        tokens, _ = Sampler(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
+        return Probe(ids, prompts, expected_logits, tokens,
+                     "greedy generation differs from the Keras model's")
 
     def keras_task(self, model):
         from tfpretrain.models.registry import arch_of

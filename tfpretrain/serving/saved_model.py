@@ -99,16 +99,12 @@ class Checker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
-    def send(self, path: Path, request: Path, out_dir: str) -> None:
-        """Start checking ``path`` (one use); :meth:`result` waits for it."""
+    def check(self, path: Path, request: Path, out_dir: str) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of checking ``path``; one use."""
         import json
 
-        self.proc.stdin.write(json.dumps([str(path), str(request), out_dir]) + "\n")
-        self.proc.stdin.flush()
-
-    def result(self) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) of the check."""
-        out, err = self.proc.communicate(timeout=600)
+        out, err = self.proc.communicate(json.dumps([str(path), str(request), out_dir]) + "\n",
+                                         timeout=600)
         return self.proc.returncode, out, err
 
     def __enter__(self):
@@ -134,14 +130,13 @@ def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | N
     from tfpretrain.objectives import get_objective
 
     probe = get_objective(cfg).probe(model, tokenizer, cfg.eval.prompt, cfg.eval.sample_tokens)
+    expected_logits, expected_tokens = probe.logits, probe.tokens
     with tempfile.TemporaryDirectory() as tmp, \
             (contextlib.nullcontext(checker) if checker else Checker()) as process:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({"token_ids": probe.token_ids.tolist(),
                                    "prompts": probe.prompts}))
-        process.send(path, req, tmp)
-        expected_logits, expected_tokens = probe.outputs()  # while the other process runs
-        code, out, err = process.result()
+        code, out, err = process.check(path, req, tmp)
         if code != 0:
             raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
                                         f"fresh process:\n{err[-3000:]}")
