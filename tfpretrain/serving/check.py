@@ -103,7 +103,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--wait"]:
         __import__("tensorflow_text")  # imported while the exporter still saves
         line = sys.stdin.readline()
-        if not line.strip():  # the exporter gave up (its save failed): nothing to check
+        if not line.strip():  # stdin closed: the exporter is gone, nothing to check
             sys.exit(0)
         main(*json.loads(line))
     else:

@@ -181,8 +181,8 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     module, signatures = get_objective(cfg).serving_module(model, tokenizer,
                                                            cfg.eval.sample_tokens)
     validate = cfg.export.validate if validate is None else validate
-    with (Checker() if validate else contextlib.nullcontext()) as checker, \
-            staged(final, overwrite, hint="another --version") as tmp:
+    with staged(final, overwrite, hint="another --version") as tmp, \
+            (Checker() if validate else contextlib.nullcontext()) as checker:
         tmp.rmdir()  # tf.saved_model.save creates the folder
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         # the run's config and tokenizer travel with the model (assets.extra is ignored by
