@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -52,6 +53,19 @@ def test_fit_export_was_validated_and_has_only_allowed_ops(tiny_run):
     assert not bad
     assert not any(op.startswith("Xla") for op in ops)
     assert "SentencepieceTokenizeOp" in ops     # the tokenizer is in the graph
+
+
+def test_the_saved_model_holds_the_weights_and_no_optimizer_state(tiny_run):
+    import numpy as np
+
+    _, _, summary = tiny_run
+    reader = tf.train.load_checkpoint(str(Path(summary["saved_model"]) / "variables"
+                                          / "variables"))
+    shapes = reader.get_variable_to_shape_map()
+    stored = sum(int(np.prod(s)) for name, s in shapes.items() if not name.startswith("_"))
+    # the fit's model was compiled with AdamW: its moments would make this 3x the weights
+    assert not [n for n in shapes if "optimizer" in n]
+    assert summary["params"] <= stored < 1.01 * summary["params"]
 
 
 def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(tmp_path):

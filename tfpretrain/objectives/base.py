@@ -98,14 +98,15 @@ class Objective:
 
 
 def new_module(model, tokenizer):
-    """A tf.Module holding the model and the tokenizer's trackable parts (tf_text ops'
-    resources, lookup tables, keras_hub tokenizer layers) so tf.saved_model.save captures
-    them."""
+    """A tf.Module holding the model's variables and the tokenizer's trackable parts (tf_text
+    ops' resources, lookup tables, keras_hub tokenizer layers) so tf.saved_model.save
+    captures them. Only the variables, not the model: a compiled model tracks its optimizer,
+    whose moments would otherwise triple the SavedModel (as keras.export.ExportArchive)."""
     import keras
     import tensorflow as tf
 
     module = tf.Module()
-    module.model = model
+    module.model_variables = list(model.variables)
     module.tokenizer_resources = [
         v for v in vars(tokenizer).values()
         if isinstance(v, (tf.Module, tf.lookup.StaticHashTable, keras.layers.Layer))]
