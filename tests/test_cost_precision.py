@@ -175,3 +175,31 @@ def test_auto_precision_on_this_cpu_follows_the_work_per_step(tmp_path):
     assert jit_compile(load_config("default", ["train.jit_compile=true"]), "mixed_bfloat16")
     assert resolve_precision(load_config("default", ["train.precision=mixed_float16"]),
                              2048) == "mixed_float16"
+
+
+def test_a_cpu_rate_above_the_cached_peak_raises_it_for_later_runs(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A peak measured while the machine was busy reads low (0.13 vs 0.24 TFLOP/s seen on
+    one machine), which made MFU read 115%: the run's own rate becomes the peak."""
+    import json
+
+    from tfpretrain import hardware
+    from tfpretrain.training.callbacks import Meter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = hardware.peak_cache_path()
+    path.parent.mkdir(parents=True)
+    low = {hardware._peak_key("float32"): 1e9, hardware._peak_key("bfloat16"): 2e9}
+    path.write_text(json.dumps(low))
+    device = hardware.cpu_device()               # read from the cache, not measured
+    assert (device.fp32, device.bf16) == (1e-3, 2e-3)
+    meter = Meter(device, 1000, device.peak("float32"), 0.1, 10)
+    assert meter.mfu(500_000) == pytest.approx(0.5)
+    assert meter.mfu(3_000_000) == 1.0          # 3e9 FLOP/s achieved > the 1e9 peak
+    assert "the peak is now 0.003 TFLOP/s" in capsys.readouterr().err
+    assert meter.mfu(1_500_000) == pytest.approx(0.5)
+    stored = json.loads(path.read_text())
+    assert stored[hardware._peak_key("float32")] == 3e9
+    assert stored[hardware._peak_key("bfloat16")] == 2e9      # other precisions untouched
+    assert hardware.raise_cpu_peak("float32", 2e9) is None    # never lowered
+    assert hardware.measured_cpu_peak("float32") == 3e9

@@ -116,8 +116,9 @@ def _plain_keras_hub(cfg, packed, vocabulary_size: int, steps: int, warmup: int)
 def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     """Our model and train step with fit's settings; tokens/s and MFU."""
     from tfpretrain.data.pipeline import train_dataset
-    from tfpretrain.hardware import detect, mfu
+    from tfpretrain.hardware import detect
     from tfpretrain.training.budget import model_flops_per_token
+    from tfpretrain.training.callbacks import Meter
     from tfpretrain.training.runtime import (build_and_compile, choose_steps_per_execution,
                                              jit_compile, resolve_precision, timed_fit)
 
@@ -130,7 +131,9 @@ def _ours(cfg, packed, vocabulary_size: int, steps: int, warmup: int) -> dict:
     tokens_per_second = steps * B * L / timed_fit(model, ds, steps, warmup)
     params = int(model.network.count_params())
     flops = model_flops_per_token(cfg, params, vocabulary_size)
-    u = mfu(tokens_per_second, flops, detect().peak(precision))
+    device = detect()
+    u = Meter(device, flops, device.peak(precision), 0.0, steps,
+              precision=precision).mfu(tokens_per_second)
     return {"tfpretrain_tokens_per_second": round(tokens_per_second, 1),
             "tfpretrain_jit_compile": jit_compile(cfg, precision), "steps_per_execution": spe,
             "precision": precision, "params": params, "model_flops_per_token": flops,

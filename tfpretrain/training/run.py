@@ -226,7 +226,8 @@ class Run:
         n = self.placement.physical  # several GPUs: their summed peak and price
         peak = device.peak(self.precision)
         meter = Meter(device, flops, peak * n if peak else peak,
-                      run_price(self.cfg, device) * n, self.cfg.train.steps)
+                      run_price(self.cfg, device) * n, self.cfg.train.steps,
+                      precision=self.precision, copies=n)
         peak = meter.peak_flops
         log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
             if peak else f"device: {device.label}; peak unknown for {self.precision}")
