@@ -89,10 +89,6 @@ class CausalObjective(Objective):
                                       temperature, top_k, top_p, seed)
             return {"text": text, "token_ids": new}
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
-        def generate(prompts):
-            return run_generate(prompts, default_new_tokens, 0.0, 0, 1.0, 0)
-
         @tf.function(input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"),
             tf.TensorSpec([], tf.int32, name="max_new_tokens"),
@@ -105,6 +101,11 @@ class CausalObjective(Objective):
                                                        top_p)):
                 max_new_tokens = tf.identity(max_new_tokens)
             return run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+        def generate(prompts):
+            # a call of sample's graph, not a second trace of the decoding loops
+            return sample(prompts, tf.constant(default_new_tokens, tf.int32), 0.0, 0, 1.0, 0)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
         def logits(token_ids):
