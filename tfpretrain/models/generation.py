@@ -196,11 +196,29 @@ class Sampler:
         self.context = context or model.sequence_length
         if has_kv_cache(model):
             decoder_task(model)
-        self._fn = tf.function(self._generate, reduce_retracing=True)
+        self._fns = {}
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, use_cache):
-        return generate_text(self.model, self.tokenizer, prompts, max_new_tokens, self.context,
-                             temperature, top_k, top_p, seed, use_cache)
+    @classmethod
+    def of(cls, model, tokenizer):
+        """The model's sampler, made once: fit's evaluation-time samples, its final sample
+        and the export's check reuse its traced graphs (a trace costs seconds)."""
+        sampler = getattr(model, "_tfpretrain_sampler", None)
+        if sampler is None or sampler.tokenizer is not tokenizer:
+            sampler = cls(model, tokenizer)
+            object.__setattr__(model, "_tfpretrain_sampler", sampler)  # not tracked
+        return sampler
+
+    def _fn(self, use_cache: bool):
+        """One graph per generation path, for any batch of prompts."""
+        if use_cache not in self._fns:
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)]
+                         + [tf.TensorSpec([], dtype) for dtype in
+                            (tf.int32, tf.float32, tf.int32, tf.float32, tf.int32)])
+            def generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+                return generate_text(self.model, self.tokenizer, prompts, max_new_tokens,
+                                     self.context, temperature, top_k, top_p, seed, use_cache)
+            self._fns[use_cache] = generate
+        return self._fns[use_cache]
 
     def run(self, prompts: list[str], max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
             seed=0):
@@ -210,10 +228,10 @@ class Sampler:
         # SavedModel makes in its graph)
         longest = int(self.tokenizer.tokenize(prompts).bounding_shape()[1])
         use_cache = longest + 1 + max_new_tokens <= self.context
-        ids, text = self._fn(prompts, tf.constant(max_new_tokens, tf.int32),
-                             tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
-                             tf.constant(top_p, tf.float32), tf.constant(seed, tf.int32),
-                             use_cache)
+        ids, text = self._fn(use_cache)(
+            prompts, tf.constant(max_new_tokens, tf.int32), tf.constant(temperature, tf.float32),
+            tf.constant(top_k, tf.int32), tf.constant(top_p, tf.float32),
+            tf.constant(seed, tf.int32))
         return ids.numpy(), [t.decode("utf-8", errors="replace") for t in text.numpy()]
 
     def __call__(self, prompts, **kwargs):

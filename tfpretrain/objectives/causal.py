@@ -59,7 +59,7 @@ class CausalObjective(Objective):
     def sampler(self, model, tokenizer):
         from tfpretrain.models.generation import Sampler
 
-        return Sampler(model, tokenizer)
+        return Sampler.of(model, tokenizer)
 
     def generate(self, model, tokenizer, a, cfg) -> list[str]:
         kwargs = {"greedy": dict(temperature=0.0),
@@ -128,7 +128,7 @@ class CausalObjective(Objective):
         rows = [([EOS_ID] + tokenizer.encode(p * 50))[:L] for p in (prompt, "Lily and Tom")]
         ids = np.array([r + [model.PAD_ID] * (L - len(r)) for r in rows], np.int32)
         expected_logits = model(ids, training=False).numpy()
-        tokens, _ = Sampler(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
+        tokens, _ = Sampler.of(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
         return Probe(ids, prompts, expected_logits, tokens,
                      "greedy generation differs from the Keras model's")
 
