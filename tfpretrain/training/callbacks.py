@@ -6,6 +6,7 @@ import sys
 import time
 
 import keras
+import numpy as np
 
 from tfpretrain.models.lm import LOG_FIELDS
 
@@ -102,15 +103,16 @@ class StepLogger(keras.callbacks.Callback):
         elapsed = now - self._t0
         self.train_seconds += elapsed
         self.trained_steps += n
-        values = self.model.step_log.numpy()
-        size = values.shape[0]
-        for s in range(step - n + 1, step + 1):
-            row = values[(s - 1) % size]
-            scalars = {f"train/{name}": float(v) for name, v in zip(LOG_FIELDS, row)}
-            if s == step and elapsed > 0 and n > 0:
-                scalars.update(self._speed(n * self.tokens_per_step / elapsed, logs))
+        if n > 0:
+            values = self.model.step_log.numpy()  # a ring buffer of the last steps' rows
+            steps = np.arange(step - n + 1, step + 1)
+            rows = values[(steps - 1) % values.shape[0]]
+            speed = self._speed(n * self.tokens_per_step / elapsed, logs) if elapsed > 0 \
+                else {}
             for sink in self.sinks:
-                sink.scalars(s, scalars)
+                sink.rows(steps, [f"train/{name}" for name in LOG_FIELDS], rows)
+                if speed:
+                    sink.scalars(step, speed)
         self._t0, self._last_step = time.perf_counter(), step
 
     def _speed(self, tokens_per_second: float, logs) -> dict:

@@ -1,8 +1,9 @@
 """Where metrics go: TensorBoard always; MLflow and Weights & Biases when asked (`track.*`).
 
 Each sink gets the same calls from :class:`~tfpretrain.training.callbacks.StepLogger`:
-``start(cfg)``, ``scalars(step, {tag: value})`` for every step, ``text(step, tag, text)``
-at evaluations, ``finish(summary, files)`` at the end. A resumed run continues its MLflow
+``start(cfg)``, ``rows(steps, tags, values)`` for every step's train scalars (several steps
+at once), ``scalars(step, {tag: value})``, ``text(step, tag, text)`` at evaluations,
+``finish(summary, files)`` at the end. A resumed run continues its MLflow
 and W&B runs (their ids are kept in ``<run>/tracking.json``).
 """
 from __future__ import annotations
@@ -30,13 +31,49 @@ class _Ids:
         self.path.write_text(json.dumps(data, indent=1))
 
 
-class TensorBoardSink:
+class Sink:
+    """What every sink shares: ``rows`` as one ``scalars`` call per step."""
+
+    def rows(self, steps, tags, values):
+        """The same tags for several steps: steps [n], tags [k], values [n, k]."""
+        for step, row in zip(steps, values):
+            self.scalars(int(step), {tag: float(v) for tag, v in zip(tags, row)})
+
+
+class TensorBoardSink(Sink):
     def __init__(self, log_dir: Path):
         import tensorflow as tf
 
         self._tf = tf
         self.train = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
         self.val = tf.summary.create_file_writer(str(Path(log_dir) / "val"))
+        self._writers = {}
+
+    def rows(self, steps, tags, values):
+        """One graph call for all of them: written from Python, each scalar is an eager op
+        (2.4 ms a step for the train scalars, 6% of a char-recipe step on 2 cores)."""
+        import numpy as np
+
+        tags = tuple(tags)
+        if tags not in self._writers:
+            self._writers[tags] = self._rows_function(tags)
+        self._writers[tags](np.asarray(steps, np.int64), np.asarray(values, np.float32))
+
+    def _rows_function(self, tags):
+        tf = self._tf
+        splits = {tag.split("/", 1)[0] for tag in tags}
+        writer = self.val if splits == {"val"} else self.train
+        names = [tag.split("/", 1)[1] for tag in tags]
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
+                                      tf.TensorSpec([None, len(tags)], tf.float32)])
+        def write(steps, values):
+            with writer.as_default():
+                for i in tf.range(tf.shape(steps)[0]):
+                    with tf.name_scope(""):  # the tags as given, not "while/<tag>"
+                        for j, name in enumerate(names):
+                            tf.summary.scalar(name, values[i, j], step=steps[i])
+        return write
 
     def start(self, cfg):
         pass
@@ -87,7 +124,7 @@ def mlflow_experiment(client, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
-class MlflowSink:
+class MlflowSink(Sink):
     """MLflow: params, per-step metrics (batched), text samples and artifacts."""
 
     def __init__(self, run_dir: Path, uri: str | None, experiment: str,
@@ -163,7 +200,7 @@ class MlflowSink:
         self.client.set_terminated(self.run_id, status="FINISHED" if summary else "KILLED")
 
 
-class WandbSink:
+class WandbSink(Sink):
     """Weights & Biases; offline mode (files under <run>/wandb) when no API key is set."""
 
     def __init__(self, run_dir: Path, project: str):
