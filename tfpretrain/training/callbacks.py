@@ -54,11 +54,15 @@ class Meter:
                 f"{format_duration(elapsed)}, ETA {format_duration(left)}, cost so far "
                 f"${self.cost(elapsed):,.4f}")
 
-    def summary(self, tokens_per_second: float, seconds: float) -> dict:
+    def summary(self, tokens_per_second: float, seconds: float,
+                steady_tokens_per_second: float | None = None) -> dict:
         u = self.mfu(tokens_per_second)
+        steady = None if steady_tokens_per_second is None \
+            else self.mfu(steady_tokens_per_second)
         return {"device": self.device.label, "model_flops_per_token": self.flops_per_token,
                 "peak_tflops": None if not self.peak_flops else round(self.peak_flops / 1e12, 4),
                 "mfu": None if u is None else round(u, 4),
+                "steady_mfu": None if steady is None else round(steady, 4),
                 "price_per_hour": self.price_per_hour,
                 "cost_usd": round(self.cost(seconds), 6)}
 
@@ -81,6 +85,7 @@ class StepLogger(keras.callbacks.Callback):
         self.trained_steps = 0
         self.last_sample = ""
         self.first_step_seconds = None  # process start -> first step done (imports, data, XLA)
+        self.first_execution = (0, 0.0)  # (steps, seconds) of the first call: compilation
         self._t0 = None
         self._last_step = None
 
@@ -101,6 +106,8 @@ class StepLogger(keras.callbacks.Callback):
             self.first_step_seconds = time.time() - PROCESS_START
         n = step - self._last_step
         elapsed = now - self._t0
+        if self.trained_steps == 0:  # this process's first execution: tracing and XLA
+            self.first_execution = (n, elapsed)
         self.train_seconds += elapsed
         self.trained_steps += n
         if n > 0:
@@ -135,7 +142,8 @@ class StepLogger(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if self.meter is not None and self.train_seconds > 0:
             print("[tfpretrain] " + self.meter.progress(
-                step, self.tokens_per_second, self.tokens_per_step,
+                step, self.steady_tokens_per_second or self.tokens_per_second,
+                self.tokens_per_step,
                 time.time() - self.started), flush=True)
         if "val_loss" in logs:  # every val_* metric the objective's model reports
             scalars = {f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
@@ -162,9 +170,21 @@ class StepLogger(keras.callbacks.Callback):
 
     @property
     def tokens_per_second(self) -> float:
+        """Over all of this process's training time, its first call's compilation included."""
         if self.train_seconds <= 0:
             return 0.0
         return self.trained_steps * self.tokens_per_step / self.train_seconds
+
+    @property
+    def steady_tokens_per_second(self) -> float | None:
+        """After the first call (tracing and XLA compilation excluded): the rate the run
+        keeps, and the one to compare with other tools' per-iteration figures. None when
+        the run had only one call."""
+        steps, seconds = self.first_execution
+        if self.trained_steps <= steps or self.train_seconds <= seconds:
+            return None
+        return ((self.trained_steps - steps) * self.tokens_per_step
+                / (self.train_seconds - seconds))
 
 
 class DivergenceStop(keras.callbacks.Callback):

@@ -334,6 +334,7 @@ class Run:
             extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
         extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
+        steady = logger.steady_tokens_per_second
         summary = {
             "run_dir": str(self.run_dir), **extra,
             "params": self.params, "arch": cfg.model.arch, "tokenizer": self.tokenizer.kind,
@@ -343,8 +344,9 @@ class Run:
             "wall_seconds": round(time.time() - self.t_start, 2),
             "train_seconds": round(logger.train_seconds, 2),
             "tokens_per_second": round(logger.tokens_per_second, 1),
+            "steady_tokens_per_second": None if steady is None else round(steady, 1),
             "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
-            **self.meter.summary(logger.tokens_per_second, time.time() - self.t_start),
+            **self.meter.summary(logger.tokens_per_second, time.time() - self.t_start, steady),
             "precision": self.precision,
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
             "strategy": self.placement.kind, "replicas": self.placement.replicas,
