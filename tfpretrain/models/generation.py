@@ -70,8 +70,8 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
     buf = prompts.to_tensor(default_value=PAD_ID, shape=tf.stack([batch, total]))
     width = tf.minimum(tf.constant(context, tf.int32), total)
     rows = tf.range(batch)
-    done = tf.zeros([batch], tf.bool)
-    for i in tf.range(max_new_tokens):
+
+    def step(i, buf, lens, done):
         start = tf.maximum(lens - width, 0)
         idx = tf.minimum(start[:, None] + tf.range(width)[None, :], total - 1)
         window = tf.gather(buf, idx, batch_dims=1)
@@ -80,10 +80,11 @@ def generate_ids(logits_fn, prompts: tf.RaggedTensor, max_new_tokens, context: i
         nxt = next_token(last, temperature, top_k, top_p, seed, i)
         nxt = tf.where(done, PAD_ID, nxt)
         buf = tf.tensor_scatter_nd_update(buf, tf.stack([rows, lens], axis=1), nxt)
-        lens = lens + 1
-        done = done | tf.equal(nxt, EOS_ID)
-        if tf.reduce_all(done):
-            break
+        return i + 1, buf, lens + 1, done | tf.equal(nxt, EOS_ID)
+
+    _, buf, lens, _ = tf.while_loop(
+        lambda i, buf, lens, done: (i < max_new_tokens) & ~tf.reduce_all(done), step,
+        [tf.constant(0), buf, lens, tf.zeros([batch], tf.bool)])
     idx = tf.minimum(start_lens[:, None] + tf.range(max_new_tokens)[None, :], total - 1)
     new = tf.gather(buf, idx, batch_dims=1)
     valid = tf.range(max_new_tokens)[None, :] < (lens - start_lens)[:, None]
@@ -123,28 +124,27 @@ def generate_ids_cached(task, prompts: tf.RaggedTensor, max_new_tokens, temperat
     lens = tf.cast(prompts.row_lengths(), tf.int32)
     total = tf.reduce_max(lens) + max_new_tokens
     buf = prompts.to_tensor(default_value=PAD_ID, shape=tf.stack([batch, total]))
+    columns = tf.range(total)[None, :]
+
+    def step(index, cache, buf, done):
+        logits, _, cache = compat.call_with_cache(task, buf[:, index - 1:index], cache,
+                                                  index - 1)
+        last = tf.cast(logits[:, 0, :], tf.float32)
+        nxt = next_token(last, temperature, top_k, top_p, seed, index)
+        in_prompt = index < lens
+        nxt = tf.where(in_prompt, buf[:, index], tf.where(done, PAD_ID, nxt))
+        buf = tf.where(tf.equal(columns, index), nxt[:, None], buf)
+        generated = index - lens + 1          # new tokens of the row so far
+        done = done | (~in_prompt & (tf.equal(nxt, EOS_ID) | (generated >= max_new_tokens)))
+        return index + 1, cache, buf, done
+
     with compat.pure_tf_slice_update():
         _, cache = compat.build_cache(task, buf)
-        index = tf.reduce_min(lens)
-        done = tf.zeros([batch], tf.bool)
-        columns = tf.range(total)[None, :]
-        for _ in tf.range(total - index):
-            tf.autograph.experimental.set_loop_options(shape_invariants=[
-                (cache, tf.TensorShape([None] * 6)), (buf, tf.TensorShape([None, None])),
-                (done, tf.TensorShape([None]))])
-            logits, _, cache = compat.call_with_cache(task, buf[:, index - 1:index], cache,
-                                                      index - 1)
-            last = tf.cast(logits[:, 0, :], tf.float32)
-            nxt = next_token(last, temperature, top_k, top_p, seed, index)
-            in_prompt = index < lens
-            nxt = tf.where(in_prompt, buf[:, index], tf.where(done, PAD_ID, nxt))
-            buf = tf.where(tf.equal(columns, index), nxt[:, None], buf)
-            generated = index - lens + 1          # new tokens of the row so far
-            done = done | (~in_prompt & (tf.equal(nxt, EOS_ID)
-                                         | (generated >= max_new_tokens)))
-            index = index + 1
-            if tf.reduce_all(done):
-                break
+        index, _, buf, _ = tf.while_loop(
+            lambda index, cache, buf, done: (index < total) & ~tf.reduce_all(done), step,
+            [tf.reduce_min(lens), cache, buf, tf.zeros([batch], tf.bool)],
+            shape_invariants=[tf.TensorShape([]), tf.TensorShape([None] * 6),
+                              tf.TensorShape([None, None]), tf.TensorShape([None])])
     idx = tf.minimum(lens[:, None] + tf.range(max_new_tokens)[None, :], total - 1)
     new = tf.gather(buf, idx, batch_dims=1)
     seen_eos = tf.cumsum(tf.cast(tf.equal(new, EOS_ID), tf.int32), axis=1, exclusive=True)
@@ -213,7 +213,8 @@ class Sampler:
         if use_cache not in self._fns:
             @tf.function(input_signature=[tf.TensorSpec([None], tf.string)]
                          + [tf.TensorSpec([], dtype) for dtype in
-                            (tf.int32, tf.float32, tf.int32, tf.float32, tf.int32)])
+                            (tf.int32, tf.float32, tf.int32, tf.float32, tf.int32)],
+                         autograph=False)  # explicit loops: no source conversion (seconds)
             def generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
                 return generate_text(self.model, self.tokenizer, prompts, max_new_tokens,
                                      self.context, temperature, top_k, top_p, seed, use_cache)
@@ -287,7 +288,7 @@ class FillMasker:
         self.context = context or model.sequence_length
         self._fn = tf.function(
             lambda texts, k: fill_mask(self.model, self.tokenizer, texts, self.context, k),
-            reduce_retracing=True)
+            reduce_retracing=True, autograph=False)
         self.top_k = top_k
 
     def run(self, texts: list[str], top_k: int | None = None) -> list[dict]:

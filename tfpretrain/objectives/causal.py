@@ -34,7 +34,7 @@ class CausalObjective(Objective):
 
         table = tf.constant(tokenizer.token_bytes(), tf.float32)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def batch_sums(x, y, w):
             losses = model.token_losses(y, model(x, training=False))
             return (tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(w, tf.float64)),
@@ -95,23 +95,26 @@ class CausalObjective(Objective):
             tf.TensorSpec([], tf.float32, name="temperature"),
             tf.TensorSpec([], tf.int32, name="top_k"),
             tf.TensorSpec([], tf.float32, name="top_p"),
-            tf.TensorSpec([], tf.int32, name="seed")])
+            tf.TensorSpec([], tf.int32, name="seed")], autograph=False)
         def sample(prompts, max_new_tokens, temperature, top_k, top_p, seed):
             with tf.control_dependencies(sample_checks(max_new_tokens, temperature, top_k,
                                                        top_p)):
                 max_new_tokens = tf.identity(max_new_tokens)
             return run_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")],
+                     autograph=False)
         def generate(prompts):
             # a call of sample's graph, not a second trace of the decoding loops
             return sample(prompts, tf.constant(default_new_tokens, tf.int32), 0.0, 0, 1.0, 0)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")],
+                     autograph=False)
         def logits(token_ids):
             return {"logits": model(token_ids, training=False)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")],
+                     autograph=False)
         def score(text):
             return score_texts(model, tokenizer, text)
 

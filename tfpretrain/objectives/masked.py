@@ -45,7 +45,7 @@ class MaskedObjective(Objective):
         best = int(np.argmax(counts[NUM_SPECIAL:])) + NUM_SPECIAL
         logp = tf.constant(unigram_log_probs(counts), tf.float64)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def batch_sums(x, y, w):
             logits = model(x, training=False)
             w64 = tf.cast(w, tf.float64)
@@ -105,11 +105,13 @@ class MaskedObjective(Objective):
         context = model.sequence_length
         module = new_module(model, tokenizer)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")],
+                     autograph=False)
         def fill_mask(text):
             return run_fill_mask(model, tokenizer, text, context, FILL_MASK_TOP_K)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")],
+                     autograph=False)
         def logits(token_ids):
             return {"logits": model.row_logits(token_ids)}
 

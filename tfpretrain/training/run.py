@@ -334,19 +334,12 @@ class Run:
             extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
         extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
-        steady = logger.steady_tokens_per_second
         summary = {
             "run_dir": str(self.run_dir), **extra,
             "params": self.params, "arch": cfg.model.arch, "tokenizer": self.tokenizer.kind,
             "vocabulary_size": self.tokenizer.vocabulary_size,
             "vocabulary_size_requested": cfg.tokenizer.vocabulary_size, "steps": steps,
-            "tokens_seen": steps * self.tokens_per_step,
-            "wall_seconds": round(time.time() - self.t_start, 2),
-            "train_seconds": round(logger.train_seconds, 2),
-            "tokens_per_second": round(logger.tokens_per_second, 1),
-            "steady_tokens_per_second": None if steady is None else round(steady, 1),
-            "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
-            **self.meter.summary(logger.tokens_per_second, time.time() - self.t_start, steady),
+            "tokens_seen": steps * self.tokens_per_step, **self._speed_summary(),
             "precision": self.precision,
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
             "strategy": self.placement.kind, "replicas": self.placement.replicas,
@@ -366,6 +359,17 @@ class Run:
         logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
         self.placement.finish()  # the workers wait for the chief's export before exiting
         return summary
+
+    def _speed_summary(self) -> dict:
+        """Times, rates, MFU and cost of this process's run."""
+        logger, seconds = self.logger, time.time() - self.t_start
+        steady = logger.steady_tokens_per_second
+        return {"wall_seconds": round(seconds, 2),
+                "train_seconds": round(logger.train_seconds, 2),
+                "tokens_per_second": round(logger.tokens_per_second, 1),
+                "steady_tokens_per_second": None if steady is None else round(steady, 1),
+                "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
+                **self.meter.summary(logger.tokens_per_second, seconds, steady)}
 
     def _teacher_metrics(self) -> dict:
         """The teacher's loss on the student's validation rows (distillation only)."""
