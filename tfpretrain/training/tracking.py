@@ -47,7 +47,12 @@ class TensorBoardSink(Sink):
         self._tf = tf
         self.train = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
         self.val = tf.summary.create_file_writer(str(Path(log_dir) / "val"))
-        self._writers = {}
+        self._row_functions = {}  # tags -> the tf.function writing them
+
+    def _writer(self, tag):
+        """(the val or train writer, the name under it) of a ``split/name`` tag."""
+        split, name = tag.split("/", 1)
+        return (self.val if split == "val" else self.train), name
 
     def rows(self, steps, tags, values):
         """One graph call for all of them: written from Python, each scalar is an eager op
@@ -55,15 +60,15 @@ class TensorBoardSink(Sink):
         import numpy as np
 
         tags = tuple(tags)
-        if tags not in self._writers:
-            self._writers[tags] = self._rows_function(tags)
-        self._writers[tags](np.asarray(steps, np.int64), np.asarray(values, np.float32))
+        if tags not in self._row_functions:
+            self._row_functions[tags] = self._rows_function(tags)
+        self._row_functions[tags](np.asarray(steps, np.int64), np.asarray(values, np.float32))
 
     def _rows_function(self, tags):
+        """Tags of one split (the first tag's writer takes them all)."""
         tf = self._tf
-        splits = {tag.split("/", 1)[0] for tag in tags}
-        writer = self.val if splits == {"val"} else self.train
-        names = [tag.split("/", 1)[1] for tag in tags]
+        writer = self._writer(tags[0])[0]
+        names = [self._writer(tag)[1] for tag in tags]
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
                                       tf.TensorSpec([None, len(tags)], tf.float32)])
@@ -80,13 +85,13 @@ class TensorBoardSink(Sink):
 
     def scalars(self, step, values: dict):
         for tag, value in values.items():
-            split, name = tag.split("/", 1)
-            with (self.val if split == "val" else self.train).as_default():
+            writer, name = self._writer(tag)
+            with writer.as_default():
                 self._tf.summary.scalar(name, value, step=step)
 
     def text(self, step, tag, text):
-        split, name = tag.split("/", 1)
-        with (self.val if split == "val" else self.train).as_default():
+        writer, name = self._writer(tag)
+        with writer.as_default():
             self._tf.summary.text(name, text, step=step)
 
     def flush(self):
