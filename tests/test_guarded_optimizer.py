@@ -83,3 +83,40 @@ def test_a_plain_optimizer_given_to_the_model_is_wrapped(tmp_path):
     model.train_on_batch(ids[:, :32], ids[:, 1:], weight)
     assert int(model.optimizer.skipped_steps.numpy()) == 1
     assert int(model.optimizer.iterations.numpy()) == 1
+
+
+def test_a_traced_step_evaluates_the_schedule_once_with_the_same_update():
+    """Keras's AdamW asks for the learning rate once per decayed variable; inside the
+    guard's apply the schedule is traced once per graph, and the update is the same as
+    plain AdamW's (weight decay included) at every step of a warmup schedule."""
+    import keras
+    import tensorflow as tf
+
+    from tfpretrain.models.guarded import GuardedOptimizer
+
+    class Counting(keras.optimizers.schedules.LearningRateSchedule):
+        calls = 0
+
+        def __call__(self, step):
+            Counting.calls += 1
+            return 0.1 * tf.minimum(tf.cast(step, tf.float32) + 1.0, 3.0) / 3.0
+
+    def variables():
+        return [keras.Variable(np.full((3, 2), 1.0 + i, np.float32), name=f"kernel{i}")
+                for i in range(4)]
+
+    ours, ref = variables(), variables()
+    opt = GuardedOptimizer(keras.optimizers.AdamW(Counting(), weight_decay=0.5))
+    plain = keras.optimizers.AdamW(Counting(), weight_decay=0.5)
+    opt.build(ours)
+    plain.build(ref)
+    grads = [tf.constant(np.full((3, 2), 0.1 * (i + 1), np.float32)) for i in range(4)]
+    step = tf.function(lambda: opt.apply(grads, ours, loss=tf.constant(1.0)))
+    step.get_concrete_function()
+    assert Counting.calls == 1          # plain AdamW would ask 5 times (4 decays + update)
+    for _ in range(4):
+        step()
+        plain.apply(grads, ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+    assert float(opt.learning_rate) == pytest.approx(0.1)

@@ -33,6 +33,8 @@ PRIVATE_SYMBOLS = (
     ("keras Muon's AdamW-or-Muon choice (widened to 3-D kernels)", "keras.optimizers.Muon",
      "_should_use_adamw"),
     ("keras optimizers' variable index", "keras.optimizers.Optimizer", "_get_variable_index"),
+    ("keras TF optimizer's weight decay (asks for the learning rate once per variable)",
+     "keras.src.backend.tensorflow.optimizer.TFOptimizer", "_apply_weight_decay"),
     ("keras TF optimizer's gradient all-reduce (skipped: the train step sums gradients)",
      "keras.src.backend.tensorflow.optimizer.TFOptimizer", "_all_reduce_sum_gradients"),
 )
@@ -84,6 +86,42 @@ def learning_rate_schedule(optimizer):
     public ``optimizer.learning_rate`` is the current value, not the schedule). ``optimizer``:
     the one doing the update, under any wrappers (``models.guarded.innermost``)."""
     return optimizer._learning_rate
+
+
+@contextlib.contextmanager
+def one_learning_rate_per_apply(optimizer):
+    """Within the block, ``optimizer``'s schedule is traced once per graph: keras's
+    TensorFlow optimizers ask for ``self.learning_rate`` once per weight-decayed variable
+    (``keras.src.backend.tensorflow.optimizer.TFOptimizer._apply_weight_decay``) and once
+    for the update, which put 26 copies of the warmup-cosine schedule (each with its own
+    conditional) in the char recipe's train graph: ~4 s of tracing and XLA compilation of
+    the first step. The step counter does not move inside one ``apply`` until its very end,
+    so every copy had the same value. Swaps ``optimizer._learning_rate`` (``optimizer``: the
+    one doing the update, ``models.guarded.innermost``) for the block."""
+    import keras
+
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if (keras.backend.backend() != "tensorflow"
+            or not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule)):
+        yield
+        return
+    import tensorflow as tf
+
+    class Once(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self):
+            self.values = {}
+
+        def __call__(self, step):
+            key = (id(tf.compat.v1.get_default_graph()), id(step))
+            if key not in self.values:
+                self.values[key] = schedule(step)
+            return self.values[key]
+
+    optimizer._learning_rate = Once()
+    try:
+        yield
+    finally:
+        optimizer._learning_rate = schedule
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from tfpretrain import compat
 from tfpretrain.models import stability
 
 COUNTERS = ("guard_accepted", "skipped_steps", "clipped_steps", "consecutive_skips")
@@ -140,7 +141,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if self.loss_scaled:
             scale = self.inner_optimizer.dynamic_scale
             grads = [g * ops.cast(scale, g.dtype) for g in grads]
-        self.inner_optimizer.apply(grads, variables)
+        with compat.one_learning_rate_per_apply(innermost(self.inner_optimizer)):
+            self.inner_optimizer.apply(grads, variables)
 
     def _skip(self, finite):
         """No update: only the step counter advances; an overflow halves the loss scale."""
