@@ -129,6 +129,39 @@ def test_evaluate_reproduces_the_runs_val_metrics(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+def test_whole_split_evaluation_is_every_row_once_in_any_batching(tiny_run):
+    """The whole-split evaluation batches rows by EVAL_TOKENS, not train.batch_size: the
+    loss is still the mean over every target token (checked against one batch of all rows),
+    and ``max_batches`` still counts batches of train.batch_size."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tfpretrain.data.pipeline import _split_xy
+    from tfpretrain.objectives.causal import EVAL_TOKENS
+    from tfpretrain.training.evaluation import evaluate_split
+    from tfpretrain.training.runfolder import load_run
+
+    _, run_dir, _ = tiny_run
+    cfg, tokenizer, model = load_run(run_dir)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(3, tokenizer.vocabulary_size, (EVAL_TOKENS // 32 + 7, 33))
+    rows[-1, 20:] = 0  # padding targets carry no weight
+    counts = np.ones(tokenizer.vocabulary_size)
+
+    def reference(r):
+        x, y, w = _split_xy(tf.constant(r, tf.int32))
+        losses = model.token_losses(y, model(x, training=False)).numpy()
+        return float((losses * w.numpy()).sum() / w.numpy().sum())
+
+    out = evaluate_split(cfg, model, tokenizer, rows, counts)
+    assert out["val_tokens"] == 32 * len(rows) - 13
+    assert out["val_loss"] == pytest.approx(reference(rows), rel=1e-6)
+    two = evaluate_split(cfg, model, tokenizer, rows, counts, max_batches=2)
+    assert two["val_tokens"] == 2 * cfg.train.batch_size * 32
+    assert two["val_loss"] == pytest.approx(reference(rows[:2 * cfg.train.batch_size]),
+                                            rel=1e-6)
+
+
 @pytest.mark.slow  # suite time; run with -m slow
 @pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_keras_preset_export_reloads_with_keras_hub(arch, tmp_path):
