@@ -177,6 +177,26 @@ def test_auto_precision_on_this_cpu_follows_the_work_per_step(tmp_path):
                              2048) == "mixed_float16"
 
 
+def test_steps_per_execution_is_the_largest_divisor_up_to_16_of_every_mark():
+    """eval.every 250 (nanoGPT's interval, the char recipe's) ran 2 steps per call when
+    only powers of two were tried; any divisor up to 16 of eval.every, checkpoint_every and
+    steps now counts."""
+    from tfpretrain.config import load_config
+    from tfpretrain.training.runtime import choose_steps_per_execution
+
+    def spe(*sets):
+        return choose_steps_per_execution(load_config("default", list(sets)))
+
+    assert choose_steps_per_execution(load_config("char-cpu")) == 10  # 250, 2000
+    assert spe("eval.every=200", "train.steps=800") == 10
+    assert spe("eval.every=64", "train.steps=1024") == 16
+    assert spe("eval.every=250", "train.steps=2000", "train.checkpoint_every=100") == 10
+    assert spe("eval.every=7", "train.steps=700") == 7
+    assert spe("eval.every=17", "train.steps=1700") == 1
+    assert spe("train.steps_per_execution=5") == 5
+    assert choose_steps_per_execution(load_config("default"), distributed=True) == 1
+
+
 def test_a_cpu_rate_above_the_cached_peak_raises_it_for_later_runs(tmp_path, monkeypatch,
                                                                    capsys):
     """A peak measured while the machine was busy reads low (0.13 vs 0.24 TFLOP/s seen on

@@ -25,18 +25,16 @@ def configure_tensorflow(cfg: Config) -> None:
 
 
 def choose_steps_per_execution(cfg: Config, distributed: bool = False) -> int:
-    """Largest of 16..1 dividing every step count at which something must happen; 1 under
-    a tf.distribute strategy (the guard's cross-replica cond cannot sit inside Keras's
-    multi-step while loop: TensorFlow fails with an unfed placeholder)."""
+    """The largest n <= 16 dividing every step count at which something must happen (so
+    eval.every 250 runs 10 steps per call, not 2); 1 under a tf.distribute strategy (the
+    guard's cross-replica cond cannot sit inside Keras's multi-step while loop: TensorFlow
+    fails with an unfed placeholder)."""
     if distributed:
         return 1
     if cfg.train.steps_per_execution:
         return cfg.train.steps_per_execution
     marks = (cfg.eval.every, cfg.train.steps, cfg.train.checkpoint_every or cfg.eval.every)
-    for n in (16, 8, 4, 2, 1):
-        if all(m % n == 0 for m in marks):
-            return n
-    return 1
+    return next(n for n in range(16, 0, -1) if all(m % n == 0 for m in marks))
 
 
 def jit_compile(cfg: Config, precision: str = "float32", distributed: bool = False) -> bool:
