@@ -237,8 +237,9 @@ class TrainConfig:
     seed: int = _f(1337, "Seed for data generation, split, shuffling and initialization.",
                    min=0)
     steps_per_execution: int = _f(0, "Steps run per tf.function call (0 = auto: the "
-                                  "largest of 16, 8, 4, 2, 1 that divides eval.every, "
-                                  "checkpoint_every and steps).", min=0)
+                                  "largest number up to 16 that divides eval.every, "
+                                  "checkpoint_every and steps, e.g. 10 for eval.every 250 "
+                                  "and steps 2000).", min=0)
     jit_compile: Optional[bool] = _f(None, "XLA-compile the train step (unset = on, except "
                                      "bfloat16 on a CPU, where XLA measured slower, and "
                                      "under a tf.distribute strategy, where true is only "
