@@ -197,6 +197,22 @@ def test_steps_per_execution_is_the_largest_divisor_up_to_16_of_every_mark():
     assert choose_steps_per_execution(load_config("default"), distributed=True) == 1
 
 
+def test_the_cpu_name_tells_generations_apart():
+    """Two EPYC generations both read "AMD EPYC" in /proc/cpuinfo; their measured peaks
+    (cached under the name) and speeds differ by about 2x."""
+    from tfpretrain.hardware import cpu_model_from
+
+    block = "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\n" \
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\n"
+    zen5 = block.format(i=0, f=26, m=2) + block.format(i=1, f=26, m=2)
+    older = block.format(i=0, f=25, m=17)
+    assert cpu_model_from(zen5) == "AMD EPYC (family 26 model 2)"
+    assert cpu_model_from(older) == "AMD EPYC (family 25 model 17)"
+    assert cpu_model_from("processor\t: 0\nmodel name\t: ARMv8 Processor\n") == \
+        "ARMv8 Processor"
+    assert cpu_model_from("processor\t: 0\nBogoMIPS\t: 50.00\n") is None
+
+
 def test_a_cpu_rate_above_the_cached_peak_raises_it_for_later_runs(tmp_path, monkeypatch,
                                                                    capsys):
     """A peak measured while the machine was busy reads low (0.13 vs 0.24 TFLOP/s seen on

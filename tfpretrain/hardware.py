@@ -77,12 +77,27 @@ def match_device(driver_name: str) -> Optional[Device]:
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        name = cpu_model_from(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        name = None
+    return name or platform.processor() or platform.machine()
+
+
+def cpu_model_from(cpuinfo: str) -> str | None:
+    """The first processor's model name in /proc/cpuinfo text, with its family and model
+    numbers where given: cloud VMs often report only "AMD EPYC", which hides generations
+    whose speeds differ by 2x (the measured peak is cached under this name)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip() and fields:
+            break  # the end of the first processor's block
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return None
+    if "cpu family" in fields and "model" in fields:
+        return f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+    return fields["model name"]
 
 
 def cpu_has_bf16() -> bool:
