@@ -32,6 +32,8 @@ PRIVATE_SYMBOLS = (
     ("keras_hub CausalLM cached call", "keras_hub.models.LlamaCausalLM", "call_with_cache"),
     ("keras Muon's AdamW-or-Muon choice (widened to 3-D kernels)", "keras.optimizers.Muon",
      "_should_use_adamw"),
+    ("keras Layer's walk over its sublayers (fused activations)", "keras.Layer",
+     "_flatten_layers"),
     ("keras optimizers' variable index", "keras.optimizers.Optimizer", "_get_variable_index"),
     ("keras TF optimizer's weight decay (asks for the learning rate once per variable)",
      "keras.src.backend.tensorflow.optimizer.TFOptimizer", "_apply_weight_decay"),
@@ -296,6 +298,11 @@ def backbone_parts(backbone) -> dict:
     the position table, the embeddings add and its dropout."""
     name = type(backbone).__name__
     return {a: getattr(backbone, a) for a in BACKBONE_ATTRIBUTES[name]}
+
+
+def sublayers(model) -> list:
+    """Every layer inside ``model``, depth first (``model`` itself excluded)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def fix_llama_preset_config(preset_dir, tie_embeddings: bool) -> None:

@@ -15,7 +15,7 @@ import keras_hub
 import tensorflow as tf
 from keras import ops
 
-from tfpretrain.models import stability
+from tfpretrain.models import fused, stability
 from tfpretrain.models.guarded import GuardedOptimizer
 from tfpretrain.models.network import DecoderNet
 from tfpretrain.data.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -103,6 +103,12 @@ class CausalLM(DecoderNet):
     def _mean_loss(self, y, logits, sample_weight):
         return stability.weighted_mean(self.token_losses(y, logits), sample_weight)
 
+    def step_forward(self, x, training: bool):
+        """The forward pass of a train or eval step: as ``self(x)``, with the activations
+        fused by XLA when the step itself is not XLA-compiled (:mod:`.fused`)."""
+        with fused.fused_ops(self.network, enabled=not self.jit_compile):
+            return self(x, training=training)
+
     def _micro_batches(self, x, y, sample_weight):
         """The batch as ``grad_accumulation_steps`` equal slices (the batch itself if 1)."""
         k = self.accumulation
@@ -125,7 +131,7 @@ class CausalLM(DecoderNet):
         for mx, my, mw in self._micro_batches(x, y, sample_weight):
             deps = [] if summed is None else [g for g in summed if g is not None]
             with tf.control_dependencies(deps), tf.GradientTape() as tape:
-                logits = self(mx, training=True)
+                logits = self.step_forward(mx, training=True)
                 part = stability.weighted_share(self.token_losses(my, logits), mw, total)
                 part_objective = self.distill_objective(mx, logits, part, mw, total)
                 if self.z_loss:
@@ -168,7 +174,7 @@ class CausalLM(DecoderNet):
 
     def test_step(self, data):
         x, y, sample_weight = data
-        logits = self(x, training=False)
+        logits = self.step_forward(x, training=False)
         loss = self._mean_loss(y, logits, sample_weight)
         self.loss_tracker.update_state(loss, sample_weight=tf.reduce_sum(sample_weight))
         return {"loss": self.loss_tracker.result()}
@@ -220,7 +226,7 @@ class MaskedLM(CausalLM):
 
     def test_step(self, data):
         x, y, sample_weight = data
-        logits = self(x, training=False)
+        logits = self.step_forward(x, training=False)
         loss = self._mean_loss(y, logits, sample_weight)
         self.loss_tracker.update_state(loss, sample_weight=tf.reduce_sum(sample_weight))
         self.accuracy_tracker.update_state(self.correct(y, logits), sample_weight=sample_weight)
