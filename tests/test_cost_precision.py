@@ -1,4 +1,5 @@
 """FLOPs, MFU and cost; the estimate command; mixed precision; gradient accumulation."""
+import os
 import subprocess
 import sys
 
@@ -175,6 +176,21 @@ def test_auto_precision_on_this_cpu_follows_the_work_per_step(tmp_path):
     assert jit_compile(load_config("default", ["train.jit_compile=true"]), "mixed_bfloat16")
     assert resolve_precision(load_config("default", ["train.precision=mixed_float16"]),
                              2048) == "mixed_float16"
+
+
+def test_two_cores_get_one_inter_op_thread_only_for_an_xla_compiled_step():
+    """Set in a fresh process (TensorFlow fixes its threads when it starts): 1 for the
+    quickstart's float32 + XLA step; TensorFlow's default (0) for a step run op by op."""
+    code = ("import sys; from tfpretrain.config import load_config; "
+            "from tfpretrain.training.runtime import configure_tensorflow; "
+            "configure_tensorflow(load_config('default', sys.argv[1:])); import tensorflow as tf; "
+            "print(tf.config.threading.get_inter_op_parallelism_threads())")
+    for sets, expected in (([], 1), (["train.jit_compile=false"], 0)):
+        r = subprocess.run([sys.executable, "-c", code, *sets], capture_output=True, text=True,
+                           cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        threads = int(r.stdout.strip().splitlines()[-1])
+        assert threads == (expected if (os.cpu_count() or 1) <= 4 else 0), (sets, threads)
 
 
 def test_steps_per_execution_is_the_largest_divisor_up_to_16_of_every_mark():

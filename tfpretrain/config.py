@@ -244,7 +244,9 @@ class TrainConfig:
                                      "bfloat16 on a CPU, where XLA measured slower, and "
                                      "under a tf.distribute strategy, where true is only "
                                      "possible on GPUs/TPUs).")
-    threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default).", min=0)
+    threads: int = _f(0, "Intra-op CPU threads (0 = TensorFlow's default). Inter-op "
+                      "threads are set for you: 1 on up to 4 cores when the step is "
+                      "XLA-compiled, else TensorFlow's default.", min=0)
     strategy: str = _f("auto", "tf.distribute placement: `one_device`; `mirrored` "
                        "(MirroredStrategy: data parallel over this host's GPUs, or over "
                        "`logical_cpu_devices`); `multi_worker` (MultiWorkerMirroredStrategy "

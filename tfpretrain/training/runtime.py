@@ -17,11 +17,19 @@ def configure_tensorflow(cfg: Config) -> None:
     try:
         if cfg.train.threads:
             tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
-        # Two cores: one inter-op thread avoids the bimodal step times seen on this CPU.
-        if (os.cpu_count() or 1) <= 4:
+        if (os.cpu_count() or 1) <= 4 and _step_is_compiled(cfg):
             tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass  # TF already initialized in this process (tests, notebooks): keep its settings
+
+
+def _step_is_compiled(cfg: Config) -> bool:
+    """Whether the run's step will be XLA-compiled (judged before the tokenizer exists, with
+    the vocabulary asked for). On two cores such a step runs best with one inter-op thread
+    (bimodal step times otherwise; char recipe 1.05-1.10x), a step TensorFlow runs op by op
+    (bf16 on a CPU) with its default two, which overlap independent ops (1.02-1.07x at
+    10.7M parameters; docs/benchmarks.md)."""
+    return jit_compile(cfg, resolve_precision(cfg, cfg.tokenizer.vocabulary_size))
 
 
 def choose_steps_per_execution(cfg: Config, distributed: bool = False) -> int:
