@@ -105,7 +105,8 @@ class CausalLM(DecoderNet):
 
     def step_forward(self, x, training: bool):
         """The forward pass of a train or eval step: as ``self(x)``, with the activations
-        fused by XLA when the step itself is not XLA-compiled (:mod:`.fused`)."""
+        and layer norms fused by XLA when the step itself is not XLA-compiled
+        (:mod:`.fused`)."""
         with fused.fused_ops(self.network, enabled=not self.jit_compile):
             return self(x, training=training)
 
