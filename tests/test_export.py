@@ -83,6 +83,54 @@ def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(t
     assert unused.proc.returncode is not None
 
 
+def test_the_check_runs_during_the_block_and_a_failed_verdict_publishes_nothing(
+        tiny_run, tmp_path):
+    """``exporting`` saves, hands the version to the fresh process and lets the caller work
+    (fit's final evaluation) while that process checks it: the process is done inside the
+    block, the version appears only after it. A verdict that fails (here: the Keras model
+    changed after the save) raises and leaves no version and no staging folder."""
+    from tfpretrain.serving.saved_model import Checker, ExportValidationError, exporting
+    from tfpretrain.training.runfolder import load_run
+
+    cfg, tokenizer, model = load_run(tiny_run[1])
+    out = tmp_path / "models"
+    with Checker() as checker, exporting(model, tokenizer, cfg, tiny_run[1], out=out,
+                                         checker=checker) as final:
+        assert (out / ".tmp-1" / "saved_model.pb").is_file() and not final.exists()
+        assert checker.proc.wait(timeout=300) == 0  # the check finished within the block
+    assert final == out / "1" and (final / "saved_model.pb").is_file()
+
+    weights = model.get_weights()
+    with pytest.raises(ExportValidationError, match="differ from the Keras model"):
+        with exporting(model, tokenizer, cfg, tiny_run[1], out=out):
+            model.set_weights([w * 1.5 for w in weights])
+    model.set_weights(weights)
+    assert versions(out) == ["1"]
+
+
+def test_fit_starts_the_check_process_with_the_run_only_where_it_exports(tmp_path,
+                                                                          monkeypatch):
+    """fit starts the export check's process before training, so its imports overlap the
+    run's; not when nothing is validated, nor on a worker that is not the chief."""
+    import json
+
+    from conftest import tiny_config
+    from tfpretrain.fit import checker_for
+    from tfpretrain.serving.saved_model import Checker
+
+    with checker_for(tiny_config(tmp_path)) as checker:
+        assert isinstance(checker, Checker) and checker.proc.poll() is None
+    assert checker.proc.returncode is not None  # killed, never used
+    for key in ("enabled", "validate"):
+        with checker_for(tiny_config(tmp_path, export={key: False})) as none:
+            assert none is None
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 1}}))
+    with checker_for(tiny_config(tmp_path, train={"strategy": "multi_worker"})) as none:
+        assert none is None
+
+
 def test_op_scan_flags_python_functions(tmp_path):
     from tfpretrain.serving.check import scan_ops
 

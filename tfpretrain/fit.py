@@ -10,6 +10,8 @@ the run summary as one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -65,23 +67,49 @@ def dry_run(cfg) -> dict:
     return {**info, **projected}
 
 
-def export_after_training(model, tokenizer, cfg, run_dir, log) -> dict:
-    """fit's finish hook: the SavedModel (``export.enabled``), checked in a fresh process.
-    A failed check keeps the trained run and says why in the summary (``export_error``)."""
+@contextlib.contextmanager
+def export_after_training(model, tokenizer, cfg, run_dir, log, checker=None):
+    """fit's finish hook: saves the SavedModel (``export.enabled``) and hands it to the fresh
+    process's check (``checker``: started with the run), then yields the summary's fields;
+    the run's final evaluation and sample run in the block while that process loads and
+    runs the model. A failed check keeps the trained run and says why in the summary
+    (``export_error``)."""
     import time
 
-    from tfpretrain.serving.saved_model import ExportValidationError, export_saved_model
+    from tfpretrain.serving.saved_model import ExportValidationError, exporting
 
+    fields = {"saved_model": None}
     if not cfg.export.enabled:
-        return {"saved_model": None}
+        yield fields
+        return
     t0 = time.time()
     try:
-        path = export_saved_model(model, tokenizer, cfg, run_dir)
+        with exporting(model, tokenizer, cfg, run_dir, checker=checker) as path:
+            saved = time.time()
+            yield fields
+            waited = time.time()
     except ExportValidationError as exc:  # the trained run is kept; nothing published
         log(f"warning: the export was not published: {exc}")
-        return {"saved_model": None, "export_error": str(exc)}
-    log(f"exported {path} ({time.time() - t0:.1f}s)")
-    return {"saved_model": str(path)}
+        fields["export_error"] = str(exc)
+        return
+    fields["saved_model"] = str(path)
+    log(f"exported {path} (saved in {saved - t0:.1f}s; the fresh process's check took "
+        f"{time.time() - waited:.1f}s more after the final evaluation)")
+
+
+def checker_for(cfg) -> contextlib.AbstractContextManager:
+    """The export check's fresh process, started now so that its imports overlap the run's
+    (a Checker), where this process will export; else a context of None."""
+    from tfpretrain.training.distribute import worker_cluster
+
+    if not (cfg.export.enabled and cfg.export.validate):
+        return contextlib.nullcontext()
+    cluster = worker_cluster(cfg)
+    if cluster and not cluster.is_chief:
+        return contextlib.nullcontext()
+    from tfpretrain.serving.saved_model import Checker
+
+    return Checker()
 
 
 def fit(cfg, run_dir: Path, resume: str = "auto", allow_config_change: bool = False) -> dict:
@@ -89,8 +117,9 @@ def fit(cfg, run_dir: Path, resume: str = "auto", allow_config_change: bool = Fa
     Raises UserError, training.preemption.Preempted."""
     from tfpretrain.training.run import train
 
-    return train(cfg, Path(run_dir), resume, allow_config_change,
-                 finish=export_after_training)
+    with checker_for(cfg) as checker:
+        return train(cfg, Path(run_dir), resume, allow_config_change,
+                     finish=functools.partial(export_after_training, checker=checker))
 
 
 @cli_main

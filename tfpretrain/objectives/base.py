@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -12,11 +13,12 @@ from tfpretrain.config import Config
 
 @dataclass
 class Probe:
-    """What an export is checked against: inputs and the Keras model's outputs."""
+    """What an export is checked against: inputs, and a function computing the Keras
+    model's outputs on them (called while the fresh process runs the SavedModel)."""
     token_ids: np.ndarray        # rows for the ``logits`` signature
     prompts: list                # texts for the generating signature
-    logits: np.ndarray           # the Keras model's logits on token_ids
-    tokens: np.ndarray           # the Keras model's generated / predicted ids on prompts
+    # () -> (the Keras model's logits on token_ids, its generated / predicted ids on prompts)
+    expected: Callable[[], tuple[np.ndarray, np.ndarray]]
     mismatch: str                # what it means when the tokens differ
 
 

@@ -134,10 +134,12 @@ class CausalObjective(Objective):
         prompts = [prompt, "", "The", prompt * 60]  # the last: longer than the context
         rows = [([EOS_ID] + tokenizer.encode(p * 50))[:L] for p in (prompt, "Lily and Tom")]
         ids = np.array([r + [model.PAD_ID] * (L - len(r)) for r in rows], np.int32)
-        expected_logits = model(ids, training=False).numpy()
-        tokens, _ = Sampler.of(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
-        return Probe(ids, prompts, expected_logits, tokens,
-                     "greedy generation differs from the Keras model's")
+
+        def expected():
+            tokens, _ = Sampler.of(model, tokenizer).run(prompts, max_new_tokens=sample_tokens)
+            return model(ids, training=False).numpy(), tokens
+
+        return Probe(ids, prompts, expected, "greedy generation differs from the Keras model's")
 
     def keras_task(self, model):
         from tfpretrain.models.registry import arch_of

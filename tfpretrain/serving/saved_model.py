@@ -86,9 +86,10 @@ class ExportValidationError(RuntimeError):
 
 
 class Checker:
-    """The fresh process of :func:`validate_saved_model` (``serving/check.py --wait``),
-    started before the model is saved so that its TensorFlow import overlaps the save; it
-    checks one SavedModel, and is killed if the block ends without one."""
+    """The fresh process of :func:`validate_saved_model` (``serving/check.py --wait``). Start
+    it early (fit starts it with the run, the exporter before it saves) so that its
+    TensorFlow import overlaps other work; it checks one SavedModel, and is killed if the
+    block ends without one."""
 
     def __init__(self):
         import subprocess
@@ -99,13 +100,22 @@ class Checker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
-    def check(self, path: Path, request: Path, out_dir: str) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) of checking ``path``; one use."""
+    def send(self, path: Path, request: Path, out_dir: str) -> None:
+        """Hand the process its SavedModel; it starts loading it at once."""
         import json
 
-        out, err = self.proc.communicate(json.dumps([str(path), str(request), out_dir]) + "\n",
-                                         timeout=600)
+        self.proc.stdin.write(json.dumps([str(path), str(request), out_dir]) + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of the check :meth:`send` started."""
+        out, err = self.proc.communicate(timeout=600)
         return self.proc.returncode, out, err
+
+    def check(self, path: Path, request: Path, out_dir: str) -> tuple[int, str, str]:
+        """:meth:`send` then :meth:`wait`; one use."""
+        self.send(path, request, out_dir)
+        return self.wait()
 
     def __enter__(self):
         return self
@@ -116,33 +126,54 @@ class Checker:
             self.proc.communicate()
 
 
-def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | None = None
-                         ) -> dict:
-    """Reload ``path`` in a fresh process importing only tensorflow and tensorflow_text
-    (``checker``, or one started now); compare logits (atol 1e-5) and greedy generation
-    (identical tokens) with the Keras model, check the SignatureDefs TF Serving reads, and
-    scan the graph's ops."""
+@contextlib.contextmanager
+def checking(path: Path, model, tokenizer, cfg, checker: Checker | None = None):
+    """Hand ``path`` to a fresh process importing only tensorflow and tensorflow_text
+    (``checker``, or one started now), which loads and runs it while the block runs; yields
+    a function to call at the block's end: it computes the Keras model's outputs, compares
+    (logits atol 1e-5, identical greedy tokens), checks the SignatureDefs TF Serving reads
+    and the graph's ops, and raises ExportValidationError or returns a report."""
     import json
     import tempfile
-
-    import numpy as np
 
     from tfpretrain.objectives import get_objective
 
     probe = get_objective(cfg).probe(model, tokenizer, cfg.eval.prompt, cfg.eval.sample_tokens)
-    expected_logits, expected_tokens = probe.logits, probe.tokens
     with tempfile.TemporaryDirectory() as tmp, \
             (contextlib.nullcontext(checker) if checker else Checker()) as process:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({"token_ids": probe.token_ids.tolist(),
                                    "prompts": probe.prompts}))
-        code, out, err = process.check(path, req, tmp)
-        if code != 0:
-            raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
-                                        f"fresh process:\n{err[-3000:]}")
-        report = json.loads(out.strip().splitlines()[-1])
-        logits = np.load(Path(tmp) / "logits.npy")
-        tokens = np.load(Path(tmp) / "generate.npy")
+        process.send(path, req, tmp)
+
+        def verdict() -> dict:
+            expected = probe.expected()  # in this process, while the fresh one runs
+            return compare_with_probe(path, probe, expected, *process.wait(), Path(tmp))
+
+        yield verdict
+
+
+def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | None = None
+                         ) -> dict:
+    """:func:`checking` with nothing else to do meanwhile."""
+    with checking(path, model, tokenizer, cfg, checker) as verdict:
+        return verdict()
+
+
+def compare_with_probe(path: Path, probe, expected, code: int, out: str, err: str,
+                       tmp: Path) -> dict:
+    """The fresh process's outputs (in ``tmp``) against the Keras model's (``expected``)."""
+    import json
+
+    import numpy as np
+
+    expected_logits, expected_tokens = expected
+    if code != 0:
+        raise ExportValidationError(f"the SavedModel at {path} failed to load or run in a "
+                                    f"fresh process:\n{err[-3000:]}")
+    report = json.loads(out.strip().splitlines()[-1])
+    logits = np.load(tmp / "logits.npy")
+    tokens = np.load(tmp / "generate.npy")
     problems = []
     if report["forbidden_ops"]:
         problems.append(f"forbidden ops in the graph: {report['forbidden_ops']}")
@@ -171,6 +202,20 @@ def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | N
 def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
                        version: int | None = None, overwrite: bool = False,
                        validate: bool | None = None) -> Path:
+    """Save, check and publish a version; returns its folder."""
+    with exporting(model, tokenizer, cfg, run_dir, out, version, overwrite, validate) as final:
+        pass
+    return final
+
+
+@contextlib.contextmanager
+def exporting(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
+              version: int | None = None, overwrite: bool = False,
+              validate: bool | None = None, checker: Checker | None = None):
+    """Save a version (into its hidden staging folder) and hand it to the fresh process's
+    check (``checker``, or one started now); the block runs while that process loads and
+    runs it (fit's final evaluation does); when the block ends the check's verdict is taken
+    and the version published. Yields the version's folder (it exists after the block)."""
     import tensorflow as tf
 
     from tfpretrain.objectives import get_objective
@@ -181,8 +226,11 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
     module, signatures = get_objective(cfg).serving_module(model, tokenizer,
                                                            cfg.eval.sample_tokens)
     validate = cfg.export.validate if validate is None else validate
+    if checker is not None and checker.proc.poll() is not None:
+        checker = None  # the early process is gone (killed meanwhile): start another
     with staged(final, overwrite, hint="another --version") as tmp, \
-            (Checker() if validate else contextlib.nullcontext()) as checker:
+            (Checker() if validate and checker is None  # started before the save
+             else contextlib.nullcontext(checker)) as checker:
         tmp.rmdir()  # tf.saved_model.save creates the folder
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         # the run's config and tokenizer travel with the model (assets.extra is ignored by
@@ -191,6 +239,9 @@ def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = 
         extra.mkdir(exist_ok=True)
         tokenizer.save(extra / "tokenizer")
         (extra / "config.yaml").write_text(cfg.to_yaml())
-        if validate:
-            validate_saved_model(tmp, model, tokenizer, cfg, checker)
-    return final
+        if not validate:
+            yield final
+            return
+        with checking(tmp, model, tokenizer, cfg, checker) as verdict:
+            yield final
+            verdict()

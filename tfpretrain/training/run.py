@@ -29,8 +29,9 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
           finish=None) -> dict:
     """Train ``cfg`` in ``run_dir``; returns the summary (also written to summary.json).
 
-    ``finish(model, tokenizer, cfg, run_dir, log) -> dict``: called after the final
-    evaluation; its fields join the summary (fit's export). Raises UserError, Preempted."""
+    ``finish(model, tokenizer, cfg, run_dir, log)``: a context manager (fit's export) that
+    yields a dict; the final evaluation and sample run in its block, and the dict's fields
+    join the summary once it ends. Raises UserError, Preempted."""
     from tfpretrain.training import distill
     from tfpretrain.training.distribute import worker_cluster
     from tfpretrain.training.runfolder import claim_run_dir
@@ -43,6 +44,11 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
     # locked and marked before anything is read or written: nobody else may be writing it
     with claim_run_dir(run_dir), PreemptionHandler() as preemption:
         return Run(cfg, run_dir, preemption).fit(resume, allow_config_change, finish)
+
+
+def no_finish(*_args):
+    """The finish hook of a run that exports nothing."""
+    return contextlib.nullcontext({})
 
 
 def _train_worker(cfg: Config, run_dir: Path, resume: str, allow_config_change: bool) -> dict:
@@ -313,7 +319,7 @@ class Run:
         from tfpretrain.training.evaluation import evaluate_split, rounded
         from tfpretrain.training.optimizers import evaluation_weights
 
-        cfg, t0 = self.cfg, time.time()
+        cfg = self.cfg
         # the objects training made (traced graphs, Keras state) live until exit: freezing
         # them spares the evaluation's and export's tracing their full collections (up to
         # 3.5 s each, 35 s in a 400-step quickstart run)
@@ -324,14 +330,16 @@ class Run:
             # evaluated, sampled and exported in float32 whatever the training precision
             final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size,
                                  always=self.placement.distributed)
-            metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
-                                     self.packed.unigram_counts, cfg.eval.final_steps)
-            sampler = (self.sampler if final is self.model
-                       else self.objective.sampler(final, self.tokenizer))
-            sample = sampler(self.prompt, **self.sample_kwargs)
-            log(f"eval: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
-            log(f"sample: {sample!r}")
-            extra = finish(final, self.tokenizer, cfg, self.run_dir, log) if finish else {}
+            # the export saves first; its fresh-process check runs during the evaluation
+            with (finish or no_finish)(final, self.tokenizer, cfg, self.run_dir, log) as extra:
+                t1 = time.time()
+                metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
+                                         self.packed.unigram_counts, cfg.eval.final_steps)
+                sampler = (self.sampler if final is self.model
+                           else self.objective.sampler(final, self.tokenizer))
+                sample = sampler(self.prompt, **self.sample_kwargs)
+                log(f"eval: {self.objective.describe(metrics)} ({time.time() - t1:.1f}s)")
+                log(f"sample: {sample!r}")
         extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
         summary = {
