@@ -88,7 +88,8 @@ def test_the_check_runs_during_the_block_and_a_failed_verdict_publishes_nothing(
     """``exporting`` saves, hands the version to the fresh process and lets the caller work
     (fit's final evaluation) while that process checks it: the process is done inside the
     block, the version appears only after it. A verdict that fails (here: the Keras model
-    changed after the save) raises and leaves no version and no staging folder."""
+    changed after the save) raises and leaves no version and no staging folder; a dead
+    early process is replaced."""
     from tfpretrain.serving.saved_model import Checker, ExportValidationError, exporting
     from tfpretrain.training.runfolder import load_run
 
@@ -100,16 +101,19 @@ def test_the_check_runs_during_the_block_and_a_failed_verdict_publishes_nothing(
         assert checker.proc.wait(timeout=300) == 0  # the check finished within the block
     assert final == out / "1" and (final / "saved_model.pb").is_file()
 
-    weights = model.get_weights()
+    # an early process that died meanwhile (say, the OOM killer) is replaced by a new one
+    weights, dead = model.get_weights(), Checker()
+    dead.proc.kill()
+    dead.proc.wait()
     with pytest.raises(ExportValidationError, match="differ from the Keras model"):
-        with exporting(model, tokenizer, cfg, tiny_run[1], out=out):
+        with exporting(model, tokenizer, cfg, tiny_run[1], out=out, checker=dead):
             model.set_weights([w * 1.5 for w in weights])
     model.set_weights(weights)
     assert versions(out) == ["1"]
 
 
-def test_fit_starts_the_check_process_with_the_run_only_where_it_exports(tmp_path,
-                                                                          monkeypatch):
+def test_fit_starts_the_check_process_with_the_run_only_where_it_exports(
+        tmp_path, monkeypatch):
     """fit starts the export check's process before training, so its imports overlap the
     run's; not when nothing is validated, nor on a worker that is not the chief."""
     import json

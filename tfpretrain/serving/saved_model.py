@@ -104,8 +104,11 @@ class Checker:
         """Hand the process its SavedModel; it starts loading it at once."""
         import json
 
-        self.proc.stdin.write(json.dumps([str(path), str(request), out_dir]) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps([str(path), str(request), out_dir]) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died (e.g. its imports failed): wait() says how
+            pass
 
     def wait(self) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of the check :meth:`send` started."""
