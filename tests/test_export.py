@@ -76,7 +76,8 @@ def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(t
     request = tmp_path / "request.json"
     request.write_text('{"token_ids": [[1, 2]], "prompts": ["a"]}')
     with Checker() as checker:
-        code, _, err = checker.check(tmp_path / "no-model", request, str(tmp_path))
+        checker.send(tmp_path / "no-model", request, str(tmp_path))
+        code, _, err = checker.wait()
     assert code != 0 and "no-model" in err
     with Checker() as unused:
         pass

@@ -86,7 +86,7 @@ class ExportValidationError(RuntimeError):
 
 
 class Checker:
-    """The fresh process of :func:`validate_saved_model` (``serving/check.py --wait``). Start
+    """The fresh process of :func:`checking` (``serving/check.py --wait``). Start
     it early (fit starts it with the run, the exporter before it saves) so that its
     TensorFlow import overlaps other work; it checks one SavedModel, and is killed if the
     block ends without one."""
@@ -114,11 +114,6 @@ class Checker:
         """(exit code, stdout, stderr) of the check :meth:`send` started."""
         out, err = self.proc.communicate(timeout=600)
         return self.proc.returncode, out, err
-
-    def check(self, path: Path, request: Path, out_dir: str) -> tuple[int, str, str]:
-        """:meth:`send` then :meth:`wait`; one use."""
-        self.send(path, request, out_dir)
-        return self.wait()
 
     def __enter__(self):
         return self
@@ -154,13 +149,6 @@ def checking(path: Path, model, tokenizer, cfg, checker: Checker | None = None):
             return compare_with_probe(path, probe, expected, *process.wait(), Path(tmp))
 
         yield verdict
-
-
-def validate_saved_model(path: Path, model, tokenizer, cfg, checker: Checker | None = None
-                         ) -> dict:
-    """:func:`checking` with nothing else to do meanwhile."""
-    with checking(path, model, tokenizer, cfg, checker) as verdict:
-        return verdict()
 
 
 def compare_with_probe(path: Path, probe, expected, code: int, out: str, err: str,
