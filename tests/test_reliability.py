@@ -1,6 +1,6 @@
 """Nothing lost, ever (docs/reliability.md): a user's files are byte-identical after every
 refused command, the run lock is atomic, the stability guard cannot storm, and bad input
-ends in one message and exit 2, never a traceback."""
+ends in one message and exit 2 (a full disk: exit 74), never a traceback."""
 from __future__ import annotations
 
 import gzip
@@ -351,6 +351,112 @@ def test_a_full_disk_during_a_checkpoint_is_one_message_and_keeps_the_last_one(t
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith((".tmp", "step"))] \
         == ["step-00000010"]
     assert CheckpointManager.validate(tmp_path / "ck" / "step-00000010") is not None
+
+
+# --- a real full disk (a small tmpfs: needs root, as CI has) ---------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(folder, kib)``: a real filesystem of ``kib`` KiB at ``folder`` (tmpfs), so
+    writes fail with the kernel's ENOSPC; unmounted afterwards."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder: Path, kib: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        options = f"size={kib}k" if folder not in mounted else f"remount,size={kib}k"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in dict.fromkeys(reversed(mounted)):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def assert_write_refused(r, *needles):
+    """Exit 74, one message naming the disk's refusal, no traceback."""
+    assert r.returncode == 74, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], r.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def du_kib(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file()) // 1024
+
+
+def test_refused_writes_are_told_apart_from_bugs():
+    """write_failure recognises the OS's and TensorFlow's words for a refused write (the
+    message cli_main prints, exit 74) and nothing else (a bug keeps its traceback)."""
+    import errno
+
+    import tensorflow as tf
+
+    from tfpretrain.errors import WriteError, failed_path, write_failure, writing
+
+    assert write_failure(OSError(errno.ENOSPC, "x")) == os.strerror(errno.ENOSPC)
+    assert write_failure(OSError(errno.EROFS, "x")) == os.strerror(errno.EROFS)
+    assert write_failure(OSError(errno.ENOENT, "x")) is None
+    assert write_failure(ValueError("boom")) is None
+    # TensorFlow's words, as a full disk under logs/ gave them (op name, file; a traceback)
+    tf_error = tf.errors.ResourceExhaustedError(None, None, (
+        '{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost/replica:0}} '
+        'File "/src/tfpretrain/fit.py", line 146, in main\n'
+        '/runs/r/logs/train/events.out.tfevents.1; No space left on device\n'
+        '\tFailed to flush 7 events'))
+    assert write_failure(tf_error) == "No space left on device"
+    assert failed_path(tf_error) == "/runs/r/logs/train/events.out.tfevents.1"
+    with pytest.raises(WriteError, match="cannot write the thing: No space left on device"):
+        with writing("the thing"):
+            raise tf_error
+    with pytest.raises(ValueError):
+        with writing("the thing"):
+            raise ValueError("a bug")
+
+
+def test_a_full_token_cache_disk_is_one_message_and_leaves_nothing(tmp_path, small_disk):
+    cache = small_disk(tmp_path / "cache", 64)
+    cfg = write_yaml(tmp_path / "c.yaml", quick_raw(tmp_path, data={"cache_dir": str(cache)}))
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert_write_refused(r, "the token cache entry", "data.cache_dir")
+    assert not [p for p in cache.rglob(".tmp-*")], "a partial entry was left in the cache"
+    assert not (tmp_path / "run").exists(), "the failed run left its folder behind"
+
+
+def test_a_full_disk_mid_training_keeps_the_last_checkpoint_and_resumes(
+        small_run, tmp_path, small_disk):
+    """The run folder on a disk with room for one checkpoint: the second fails with one
+    message naming the intact first; with room made, the same command resumes from it.
+    A full export disk at the end keeps the trained run: summary, evaluation, export_error."""
+    cfg, ref = small_run  # the same config, finished on a roomy disk: its sizes
+    one_ckpt = du_kib(ref / "checkpoints" / "step-00000010")
+    setup = du_kib(ref) - du_kib(ref / "checkpoints")
+    disk = small_disk(tmp_path / "disk", setup + one_ckpt * 3 // 2)
+    run = disk / "run"
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
+    assert_write_refused(r, "checkpoint of step 20", "step-00000010 is intact",
+                         "rerun the same command")
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["latest", "step-00000010"], kept
+    small_disk(disk, 8192)  # room made
+    exports = small_disk(tmp_path / "exports", 64)
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run),
+                "--set", "export.enabled=true", "--set", f"export.dir={exports}")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 10" in r.stdout, r.stdout[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["val_loss"] > 0
+    assert summary["saved_model"] is None
+    assert "No space left on device" in summary["export_error"]
+    assert f"tfpretrain.export --run-dir {run}" in summary["export_error"]
+    assert not [p for p in exports.rglob("*") if p.is_file()], "a partial export was left"
 
 
 def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):

@@ -1,21 +1,92 @@
-"""User-facing errors and the one place that turns them into exit code 2.
+"""User-facing errors and the one place that turns them into exit codes.
 
 Every command's ``main`` goes through :func:`cli_main`: a :class:`UserError` (bad config,
 missing file, empty corpus, ...) prints one readable message and exits 2 without a
-traceback. Anything else is a bug and keeps its traceback.
+traceback; a write the disk refused (full, quota, read-only, permissions: a
+:class:`WriteError`, or any error :func:`write_failure` recognises) prints one message
+naming the file, the free space and the fix, and exits 74. Anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import re
+import shutil
 import sys
+from pathlib import Path
 
 
 TEMPFAIL_EXIT = 75  # EX_TEMPFAIL: a peer (worker, feeder) was lost; rerun to resume
+IOERR_EXIT = 74  # EX_IOERR: a file could not be written (disk full, quota, read-only)
+# the errors that mean the disk or the folder refused a write, not a bug
+REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.EFBIG)
+FREEABLE = ("old runs under runs/, exports under saved_models/, the token cache under "
+            "~/.cache/tfpretrain")
+FREE_SPACE_HINT = (f"Free disk space ({FREEABLE}) or make the folder writable, then rerun the "
+                   "same command; a run resumes from its last checkpoint")
 
 
 class UserError(Exception):
     """A problem the user can fix: printed as one message, exit code 2."""
+
+    exit_code = 2
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, quota, read-only): one message, exit 74."""
+
+    exit_code = IOERR_EXIT
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The operating system's words for an error that means a write was refused ("No space
+    left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+    ...), else None. Covers OSError and the errors TensorFlow and other native libraries
+    raise, which carry those words in their message."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno) if exc.errno in REFUSED_WRITES else None
+    text = str(getattr(exc, "message", None) or exc)
+    return next((os.strerror(e) for e in REFUSED_WRITES if os.strerror(e) in text), None)
+
+
+def failed_path(exc: BaseException) -> str | None:
+    """The file an OSError or a native library's error names, if any."""
+    if isinstance(exc, OSError) and exc.filename:
+        return str(exc.filename)
+    text = str(getattr(exc, "message", None) or exc)
+    reason = write_failure(exc)
+    # TF says "<path>; <reason>" (after its op's name in {{...}}, before a Python traceback)
+    found = reason and re.search(r"(/[^\s;'\"]+);?\s*" + re.escape(reason), text)
+    return found.group(1) if found else None
+
+
+def free_space(path) -> str:
+    """"; N MiB free there" for the filesystem holding ``path`` (or its nearest existing
+    parent), or "" where that cannot be found out."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f"; {free / 2**30:,.1f} GiB free there" if free >= 2**30 else \
+        f"; {free / 2**20:.1f} MiB free there"
+
+
+def refused_write(exc: BaseException, what: str, fix: str = FREE_SPACE_HINT,
+                  where=None) -> WriteError:
+    """One message for a refused write: ``what`` could not be written, why, the free space
+    where it failed (``where``, else the path the error names), and ``fix``. Use as
+    ``raise refused_write(exc, ...) from None``."""
+    where = where or failed_path(exc)
+    reason = write_failure(exc) or str(exc).splitlines()[0][:200]
+    return WriteError(f"cannot write {what}: {reason}{free_space(where) if where else ''}. "
+                      f"{fix}")
 
 
 def quiet_tensorflow() -> None:
@@ -23,6 +94,20 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def writing(what: str, fix: str = FREE_SPACE_HINT, where=None):
+    """A refused write inside the block (see :func:`write_failure`) becomes one
+    :class:`WriteError` naming ``what``; anything else passes through unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as exc:
+        if write_failure(exc) is None:
+            raise
+        raise refused_write(exc, what, fix, where) from None
 
 
 def cli_main(fn):
@@ -34,7 +119,13 @@ def cli_main(fn):
             return fn(argv)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_code
+        except Exception as exc:
+            if write_failure(exc) is None:
+                raise
+            where = failed_path(exc)
+            print(f"error: {refused_write(exc, where or 'a file')}", file=sys.stderr)
+            return IOERR_EXIT
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -35,12 +35,19 @@ def sha256_file(path: Path) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """``text`` into ``path`` through a hidden temporary sibling, fsynced and renamed: a
-    reader sees the old file or the new one, never a part."""
+    reader sees the old file or the new one, never a part (nor, after a failed write such
+    as a full disk, the temporary one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(path)  # a failed write or flush names no file by itself
+        raise
     fsync_dir(path.parent)

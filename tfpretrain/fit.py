@@ -72,25 +72,30 @@ def export_after_training(model, tokenizer, cfg, run_dir, log, checker=None):
     """fit's finish hook: saves the SavedModel (``export.enabled``) and hands it to the fresh
     process's check (``checker``: started with the run), then yields the summary's fields;
     the run's final evaluation and sample run in the block while that process loads and
-    runs the model. A failed check keeps the trained run and says why in the summary
-    (``export_error``)."""
+    runs the model. A failed check or a save the disk refused keeps the trained run and says
+    why in the summary (``export_error``); the evaluation still runs."""
     import time
 
+    from tfpretrain.errors import WriteError
     from tfpretrain.serving.saved_model import ExportValidationError, exporting
 
     fields = {"saved_model": None}
     if not cfg.export.enabled:
         yield fields
         return
-    t0 = time.time()
+    t0, saved, waited = time.time(), None, None
     try:
         with exporting(model, tokenizer, cfg, run_dir, checker=checker) as path:
             saved = time.time()
             yield fields
             waited = time.time()
-    except ExportValidationError as exc:  # the trained run is kept; nothing published
+    except (ExportValidationError, WriteError) as exc:  # the trained run is kept
+        if saved is not None and waited is None:
+            raise  # from the block (the evaluation), not the export
         log(f"warning: the export was not published: {exc}")
         fields["export_error"] = str(exc)
+        if saved is None:  # the save failed: the evaluation runs all the same
+            yield fields
         return
     fields["saved_model"] = str(path)
     log(f"exported {path} (saved in {saved - t0:.1f}s; the fresh process's check took "

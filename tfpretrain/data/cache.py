@@ -32,10 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from tfpretrain.data.sources import HF_PREFIX, TFDS_PREFIX, resolve_paths
+from tfpretrain.errors import FREEABLE, writing
 from tfpretrain.files import cache_root, sha256_file
 
 CACHE_VERSION = 3  # 3: row format in the key, sizes and SHA-256 of every file in meta.json
 ENTRY_FILES = ("train.rows", "val.rows", "counts.npy")
+CACHE_FIX = (f"Nothing was kept of it. Free disk space ({FREEABLE}), or set data.cache_dir to "
+             "a folder on a bigger disk, then rerun the same command")
 
 
 def default_cache_dir() -> Path:
@@ -328,7 +331,11 @@ class TokenCache:
         if new_tokenizer or not (target / "tokenizer.json").is_file():
             tok_tmp = self.tok_dir / f".tmp-tokenizer-{os.getpid()}"
             shutil.rmtree(tok_tmp, ignore_errors=True)
-            tokenizer.save(tok_tmp)
+            try:
+                tokenizer.save(tok_tmp)
+            except BaseException:
+                shutil.rmtree(tok_tmp, ignore_errors=True)
+                raise
             if new_tokenizer:
                 shutil.rmtree(target, ignore_errors=True)
             try:
@@ -384,13 +391,17 @@ def prepare(cfg, fmt, run_tokenizer_dir: Path | None = None, log=print, force: b
     # a resumed run's own tokenizer never goes into the cache (the cache's tokenizer is the
     # one this config trains); its rows are kept in memory instead
     keep = cache is not None and run_tokenizer_dir is None
-    tmp = cache.new_entry() if keep else Path(tempfile.mkdtemp(prefix="tfpretrain-rows-"))
+    what = f"the token cache entry {cache.rows_dir}" if keep else "the packed rows"
+    with writing(what, CACHE_FIX):
+        tmp = cache.new_entry() if keep else Path(tempfile.mkdtemp(prefix="tfpretrain-rows-"))
     try:
-        meta = write_rows(tmp, tokenizer, plan.route(), fmt, log)
+        with writing(what, CACHE_FIX, where=tmp.parent):
+            meta = write_rows(tmp, tokenizer, plan.route(), fmt, log)
         check_split(meta["train_documents"], meta["val_documents"], cfg.data)
         meta.update(description=plan.description, prepare_seconds=round(time.time() - t0, 2))
         if keep:
-            meta = cache.publish(tmp, tokenizer, meta, new_tokenizer=retrain)
+            with writing(what, CACHE_FIX, where=tmp.parent):
+                meta = cache.publish(tmp, tokenizer, meta, new_tokenizer=retrain)
             packed = load_rows(cache.rows_dir, meta)
         else:
             mapped = load_rows(tmp, meta)  # copied into memory: tmp goes away

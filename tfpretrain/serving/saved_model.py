@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from tfpretrain import faults
-from tfpretrain.errors import UserError
+from tfpretrain.errors import FREEABLE, UserError, writing
 
 
 @contextlib.contextmanager
@@ -190,6 +190,26 @@ def compare_with_probe(path: Path, probe, expected, code: int, out: str, err: st
             "signatures": report["signatures"]}
 
 
+def save_version(module, signatures, tmp: Path, tokenizer, cfg) -> None:
+    """The SavedModel, with the run's config and tokenizer in ``assets.extra`` (ignored by
+    TF Serving, but lets people and ``evaluate --saved-model`` see what made it)."""
+    import tensorflow as tf
+
+    tmp.rmdir()  # tf.saved_model.save creates the folder
+    tf.saved_model.save(module, str(tmp), signatures=signatures)
+    extra = tmp / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    tokenizer.save(extra / "tokenizer")
+    (extra / "config.yaml").write_text(cfg.to_yaml())
+
+
+def export_fix(base: Path, run_dir: Path) -> str:
+    """What to do when a version could not be written under ``base``."""
+    return (f"Nothing was published. Free disk space ({FREEABLE}) or make {base} writable "
+            f"(or choose another export.dir), then export the run again: python -m "
+            f"tfpretrain.export --run-dir {run_dir}")
+
+
 def export_saved_model(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
                        version: int | None = None, overwrite: bool = False,
                        validate: bool | None = None) -> Path:
@@ -206,9 +226,8 @@ def exporting(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
     """Save a version (into its hidden staging folder) and hand it to the fresh process's
     check (``checker``, or one started now); the block runs while that process loads and
     runs it (fit's final evaluation does); when the block ends the check's verdict is taken
-    and the version published. Yields the version's folder (it exists after the block)."""
-    import tensorflow as tf
-
+    and the version published. Yields the version's folder (it exists after the block).
+    A write the disk refuses is a WriteError, with nothing left behind."""
     from tfpretrain.objectives import get_objective
 
     base = Path(out) if out else Path(cfg.export.dir) / export_name(cfg, run_dir)
@@ -222,14 +241,8 @@ def exporting(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
     with staged(final, overwrite, hint="another --version") as tmp, \
             (Checker() if validate and checker is None  # started before the save
              else contextlib.nullcontext(checker)) as checker:
-        tmp.rmdir()  # tf.saved_model.save creates the folder
-        tf.saved_model.save(module, str(tmp), signatures=signatures)
-        # the run's config and tokenizer travel with the model (assets.extra is ignored by
-        # TF Serving but lets people and `evaluate --saved-model` see what made it)
-        extra = tmp / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        tokenizer.save(extra / "tokenizer")
-        (extra / "config.yaml").write_text(cfg.to_yaml())
+        with writing(f"the SavedModel {final}", export_fix(base, run_dir), where=base):
+            save_version(module, signatures, tmp, tokenizer, cfg)
         if not validate:
             yield final
             return

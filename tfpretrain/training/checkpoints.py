@@ -56,20 +56,15 @@ class CheckpointManager:
 
     def _write_error(self, step: int, exc) -> Exception:
         """One message saying what failed, that the previous checkpoint is intact and what
-        to free (a UserError: exit 2, no traceback)."""
-        from tfpretrain.errors import UserError
+        to free (a WriteError: exit 74, no traceback)."""
+        from tfpretrain.errors import FREEABLE, refused_write
 
-        reason = getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
         kept = self.list()
-        usage = shutil.disk_usage(self.directory) if self.directory.exists() else None
-        free = f"; {usage.free / 2**20:,.0f} MiB free there" if usage else ""
-        return UserError(
-            f"cannot write the checkpoint of step {step} in {self.directory}: "
-            f"{str(reason).splitlines()[0][:200]}{free}. "
-            f"{'The previous checkpoint ' + kept[-1].name + ' is intact. ' if kept else ''}"
-            "Free disk space (old runs under runs/, exports under saved_models/, the token "
-            "cache under ~/.cache/tfpretrain) or lower train.keep_checkpoints, then rerun the "
-            "same command to resume")
+        intact = f"The previous checkpoint {kept[-1].name} is intact. " if kept else ""
+        return refused_write(exc, f"the checkpoint of step {step} in {self.directory}",
+                             f"{intact}Free disk space ({FREEABLE}) or lower "
+                             "train.keep_checkpoints, then rerun the same command to resume",
+                             where=self.directory)
 
     def _save(self, step: int, extra: dict | None) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -160,14 +160,16 @@ class Run:
                 f"{'s' if len(targets) > 1 else ''} ({', '.join(targets)})")
 
     def prepare_folder(self, resuming: bool) -> None:
+        from tfpretrain.errors import writing
         from tfpretrain.files import write_atomic
 
         run_dir = self.run_dir
-        if not resuming:
-            shutil.rmtree(run_dir / "logs", ignore_errors=True)
-            (run_dir / "tracking.json").unlink(missing_ok=True)
-            self.tokenizer.save(run_dir / "tokenizer")
-        write_atomic(run_dir / "config.yaml", self.cfg.to_yaml())
+        with writing(f"the run folder {run_dir}", where=run_dir):
+            if not resuming:
+                shutil.rmtree(run_dir / "logs", ignore_errors=True)
+                (run_dir / "tracking.json").unlink(missing_ok=True)
+                self.tokenizer.save(run_dir / "tokenizer")
+            write_atomic(run_dir / "config.yaml", self.cfg.to_yaml())
 
     def build_model(self) -> None:
         """Model and optimizer, compiled explicitly; the checkpoint manager over both."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ NOT_CRITICAL = ("data.cache", "data.cache_dir")  # where data is cached, not wha
 
 MARKER = ".tfpretrain-run"
 LOCK = ".lock"
+# what a run writes before it trains: a folder it created holding no more than these is
+# removed again when the run fails (nothing trained, nothing logged)
+SETUP = {LOCK, MARKER, "config.yaml", "tokenizer"}
 
 
 class RunLock:
@@ -80,7 +84,8 @@ def claim_run_dir(run_dir: Path):
     """Create (if needed), lock and mark ``run_dir`` before anything else is written; refuse
     a folder that is not ours. The lock is taken atomically whether or not the folder
     existed, so two runs started on one new folder cannot both train into it. A folder this
-    call created is removed again if the run fails before writing anything but the marker."""
+    call created is removed again if the run fails before it trained or logged anything
+    (e.g. on bad data, or a full disk while it wrote its tokenizer)."""
     from tfpretrain.files import write_atomic
 
     run_dir = Path(run_dir)
@@ -106,10 +111,8 @@ def claim_run_dir(run_dir: Path):
             write_atomic(run_dir / MARKER, "tfpretrain run folder\n")
         yield lock
     except BaseException:
-        if created and set(os.listdir(run_dir)) <= {LOCK, MARKER}:
-            for name in (MARKER, LOCK):
-                (run_dir / name).unlink(missing_ok=True)
-            run_dir.rmdir()
+        if created and set(os.listdir(run_dir)) <= SETUP:
+            shutil.rmtree(run_dir, ignore_errors=True)
         elif made_lock and not (run_dir / MARKER).exists():
             lock.path.unlink(missing_ok=True)  # a refused folder is left as it was
         raise
