@@ -195,6 +195,38 @@ def test_one_console_command_dispatches_to_every_command():
     assert "upper bound" not in dry.stdout
 
 
+def test_tensorflows_startup_chatter_is_filtered_and_nothing_else(tmp_path):
+    """quiet_tensorflow: the lines TF prints before its logging is set up (absl's notice,
+    oneDNN, CUDA) are dropped while it imports; any other line, native or Python, passes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "quiet.py"
+    script.write_text("""
+import os, sys
+from tfpretrain.errors import filtered_stderr, quiet_tensorflow
+quiet_tensorflow()
+import tensorflow as tf
+tf.constant(1.0) + 1
+with filtered_stderr():
+    os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see\\n")
+    os.write(2, b"a native line to keep\\n")
+    print("a Python line to keep", file=sys.stderr)
+print("after", file=sys.stderr)
+""")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit"):
+        assert noise not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-3:] == ["a native line to keep", "a Python line to keep",
+                                          "after"], r.stderr
+
+
 @pytest.mark.slow  # suite time; run with -m slow
 def test_loss_and_guard_math_is_backend_neutral(tmp_path):
     """models/stability.py under Keras's JAX backend (CPU), TensorFlow blocked from import,

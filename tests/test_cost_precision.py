@@ -255,3 +255,27 @@ def test_a_cpu_rate_above_the_cached_peak_raises_it_for_later_runs(tmp_path, mon
     assert stored[hardware._peak_key("bfloat16")] == 2e9      # other precisions untouched
     assert hardware.raise_cpu_peak("float32", 2e9) is None    # never lowered
     assert hardware.measured_cpu_peak("float32") == 3e9
+
+
+def test_the_progress_line_carries_the_losses_then_speed_eta_and_cost(tmp_path, monkeypatch):
+    """The one line per evaluation interval (the only one in a log file: Keras's own epoch
+    lines are off there): the interval's loss, val_loss and lr from Keras's logs, then
+    tokens/s, MFU, elapsed, ETA and the cost so far."""
+    import json
+
+    from tfpretrain import hardware
+    from tfpretrain.training.callbacks import Meter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = hardware.peak_cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({hardware._peak_key("float32"): 1e10,
+                                hardware._peak_key("bfloat16"): 2e10}))
+    meter = Meter(hardware.cpu_device(), 1000, 1e10, 3.6, 1000)
+    logs = {"loss": 3.81634, "lr": 0.0029, "val_loss": 1.44601, "tok/s": 5e6, "mfu": 0.5}
+    assert meter.progress(200, 5e6, 10_000, 40.0, logs) == (
+        "step 200/1,000: loss 3.8163, val_loss 1.4460, lr 2.90e-03 | 5,000,000 tok/s, "
+        "MFU 50.0%, elapsed 0:40, ETA 0:01, cost so far $0.0400")
+    assert meter.progress(200, 5e6, 10_000, 40.0) == (
+        "step 200/1,000: 5,000,000 tok/s, MFU 50.0%, elapsed 0:40, ETA 0:01, cost so far "
+        "$0.0400")

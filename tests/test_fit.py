@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -186,7 +187,16 @@ def test_cli_fit_then_more_steps_resumes(tmp_path):
                 "--set", "train.steps=30")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 20" in r.stdout
-    assert last_json_line(r.stdout)["steps"] == 30
+    summary = last_json_line(r.stdout)
+    assert summary["steps"] == 30
+    # into a log file (not a terminal): one line per interval, with the losses, no Keras
+    # epoch lines
+    line = re.search(r"step 30/30: loss ([0-9.]+), val_loss ([0-9.]+), lr [0-9.e+-]+ \| "
+                     r"[0-9,]+ tok/s, MFU [0-9.]+%, elapsed", r.stdout)
+    assert line, r.stdout
+    # (the interval's validation reads eval.steps batches, the summary's the whole split)
+    assert float(line.group(2)) == pytest.approx(summary["val_loss"], rel=0.1)
+    assert "Epoch " not in r.stdout and "ms/step" not in r.stdout, r.stdout
 
 
 @pytest.mark.slow  # suite time; run with -m slow

@@ -90,10 +90,83 @@ def refused_write(exc: BaseException, what: str, fix: str = FREE_SPACE_HINT,
 
 
 def quiet_tensorflow() -> None:
-    """Silence TF's C++ start-up chatter before tensorflow is imported."""
+    """Silence TF's C++ start-up chatter before tensorflow is imported: its log level, and
+    for the lines it prints before its logging is set up (which no level silences) a filter
+    on the process's stderr while tensorflow imports and lists its devices."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] >= "2" and \
+            not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport())
+
+
+# TF's start-up lines that say nothing to a user: absl's notice that it is not set up yet
+# (upstream: abseil/abseil-cpp#1718, #1957), oneDNN being on, no CUDA driver or device
+STARTUP_NOISE = re.compile(rb"All log messages before absl::InitializeLog\(\) is called|"
+                           rb"oneDNN custom operations are on|Could not find cuda drivers|"
+                           rb"failed call to cuInit")
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern = STARTUP_NOISE):
+    """File descriptor 2 (native code's stderr too) through a pipe that drops the lines
+    ``noise`` matches and passes every other line on as it arrives."""
+    import threading
+
+    sys.stderr.flush()
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump():
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not noise.search(line):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last writer closes: the pump sees its end
+        thread.join(5)
+        os.close(real)
+
+
+class _QuietImport:
+    """A one-shot import hook: ``import tensorflow`` (and its device listing, where the
+    CUDA lines come from) runs inside :func:`filtered_stderr`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        import importlib.machinery
+
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):  # get_source, is_package, ...: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with filtered_stderr():
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()  # before the runtime starts: no side effect
 
 
 @contextlib.contextmanager

@@ -43,13 +43,17 @@ class Meter:
         return seconds / 3600 * self.price_per_hour
 
     def progress(self, step: int, tokens_per_second: float, tokens_per_step: int,
-                 elapsed: float) -> str:
-        """One log line: step, tokens/s, MFU, elapsed, ETA, cost so far."""
+                 elapsed: float, logs: dict | None = None) -> str:
+        """One log line: step, the interval's loss, val_loss and learning rate (from Keras's
+        ``logs``), tokens/s, MFU, elapsed, ETA, cost so far."""
         from tfpretrain.training.budget import format_duration
 
         left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
         u = self.mfu(tokens_per_second)
-        return (f"step {step:,}/{self.total_steps:,}: {tokens_per_second:,.0f} tok/s, MFU "
+        shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss") if k in (logs or {})]
+        shown += [f"lr {logs['lr']:.2e}"] if "lr" in (logs or {}) else []
+        return (f"step {step:,}/{self.total_steps:,}: "
+                f"{', '.join(shown) + ' | ' if shown else ''}{tokens_per_second:,.0f} tok/s, MFU "
                 f"{'n/a' if u is None else f'{100 * u:.1f}%'}, elapsed "
                 f"{format_duration(elapsed)}, ETA {format_duration(left)}, cost so far "
                 f"${self.cost(elapsed):,.4f}")
@@ -143,8 +147,7 @@ class StepLogger(keras.callbacks.Callback):
         if self.meter is not None and self.train_seconds > 0:
             print("[tfpretrain] " + self.meter.progress(
                 step, self.steady_tokens_per_second or self.tokens_per_second,
-                self.tokens_per_step,
-                time.time() - self.started), flush=True)
+                self.tokens_per_step, time.time() - self.started, logs), flush=True)
         if "val_loss" in logs:  # every val_* metric the objective's model reports
             scalars = {f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
             scalars["val/perplexity"] = math.exp(min(scalars["val/loss"], 50.0))

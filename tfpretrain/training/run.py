@@ -300,7 +300,9 @@ class Run:
                                initial_epoch=first_epoch,
                                epochs=first_epoch + 1 if partial else math.ceil(total / every),
                                callbacks=callbacks, shuffle=False,
-                               verbose=1 if sys.stdout.isatty() else 2)
+                               # a terminal gets Keras's live bar; a log file only our
+                               # line per interval (StepLogger: loss, val_loss, speed)
+                               verbose=1 if sys.stdout.isatty() else 0)
             step = self.step
             if rollback.requested:
                 rollback.requested = False
