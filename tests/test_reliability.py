@@ -139,6 +139,22 @@ def test_export_out_that_is_a_file_is_refused(small_run, tmp_path):
     assert out.read_text() == "mine\n"
 
 
+def test_more_bad_arguments_exit_2_and_plots_make_their_folder(small_run, tmp_path):
+    _, run = small_run
+    mine = tmp_path / "mine"
+    mine.write_text("mine\n")
+    r = run_cli("tfpretrain.runs", str(run.parent), "--plot", str(tmp_path / "curves"))
+    assert_refused(r, "--plot must name a .png file")  # matplotlib would write curves.png
+    assert not list(tmp_path.glob("curves*"))
+    r = run_cli("tfpretrain.runs", str(run.parent), "--plot", str(tmp_path / "new" / "c.png"))
+    assert r.returncode == 0 and (tmp_path / "new" / "c.png").stat().st_size > 1000, r.stderr
+    r = run_cli("tfpretrain.data", "--cache-dir", str(mine / "sub"))
+    assert_refused(r, "data.cache_dir", "is a file, not a folder")
+    assert mine.read_text() == "mine\n"
+    r = run_cli("tfpretrain.bench", "fit", "--rows", str(tmp_path / "rows.npy"))
+    assert_refused(r, "--rows is for --backend jax")  # not silently ignored
+
+
 # --- the guard -------------------------------------------------------------------------
 
 @pytest.mark.slow  # suite time (tests/test_guarded_optimizer.py re-baselines in the default suite)

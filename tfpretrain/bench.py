@@ -629,6 +629,10 @@ def _fit(args) -> dict:
     cfg = load_config(args.config, overrides)
     if args.backend == "jax":
         return bench_fit_jax(cfg, args.steps, args.warmup, args.rows, guard=not args.no_guard)
+    if args.rows or args.no_guard:  # the TF path reads the token cache, always guarded
+        raise UserError(f"{'--rows' if args.rows else '--no-guard'} is for --backend jax; "
+                        "the TensorFlow benchmark reads the config's token cache (give "
+                        "--data or --set data.path=...)")
     return bench_fit(cfg, args.steps, args.warmup, plain=not args.no_plain)
 
 

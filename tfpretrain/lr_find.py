@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+from tfpretrain.plots import png_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,10 +92,7 @@ def main(argv=None) -> int:
     from tfpretrain.config import load_config
 
     cfg = load_config(a.config, a.overrides)
-    png = Path(a.png) if a.png else Path("runs") / f"{cfg.name}-lr_find.png"
-    if png.suffix.lower() != ".png":
-        raise UserError(f"--png must name a .png file. Received: {png}")
-    png.parent.mkdir(parents=True, exist_ok=True)
+    png = png_path(a.png or Path("runs") / f"{cfg.name}-lr_find.png", "--png")
     from tfpretrain.training.lr_range import range_test
 
     print(f"[tfpretrain] lr_find: {cfg.optimizer.name}, {a.min:g} -> {a.max:g} over "

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+from tfpretrain.plots import png_path
 
 COLUMNS = ("run", "arch", "size", "tokenizer", "params", "tokens_seen", "val_loss",
            "val_perplexity", "val_bits_per_byte", "tokens_per_second", "wall_seconds",
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a = p.parse_args(argv)
     root = Path(a.dir)
+    path = png_path(a.plot or root / f"{a.metric}.png", "--plot") if a.plot is not None \
+        else None
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
     runs = find_runs(root)
@@ -176,8 +179,7 @@ def main(argv=None) -> int:
             print(json.dumps(r))
     else:
         print(table(rows))
-    if a.plot is not None:
-        path = Path(a.plot) if a.plot else root / f"{a.metric}.png"
+    if path is not None:
         print(f"wrote {plot(rows, root, path, a.metric)}")
     return 0
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+from tfpretrain.plots import png_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,8 +76,7 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.points < 2:
         raise UserError(f"--points must be >= 2. Received: {a.points}")
-    if a.png and Path(a.png).suffix.lower() != ".png":
-        raise UserError(f"--png must name a .png file. Received: {a.png}")
+    png = png_path(a.png, "--png") if a.png else None
     from tfpretrain.config import load_config
     from tfpretrain.tables import render
 
@@ -86,9 +86,8 @@ def main(argv=None) -> int:
     shown = sorted({round(i * (total - 1) / (a.points - 1)) for i in range(a.points)}
                    | {min(cfg.optimizer.warmup_steps, total - 1)})
     print(render(["step", "learning_rate"], [[f"{s + 1:,}", f"{lrs[s]:.4g}"] for s in shown]))
-    if a.png:
-        Path(a.png).parent.mkdir(parents=True, exist_ok=True)
-        plot(cfg, lrs, Path(a.png))
+    if png:
+        plot(cfg, lrs, png)
         print(f"[tfpretrain] wrote {a.png}")
     print(json.dumps({"schedule": cfg.optimizer.resolved_schedule,
                       "steps": [s + 1 for s in shown],

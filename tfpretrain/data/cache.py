@@ -260,6 +260,12 @@ class TokenCache:
     def __init__(self, cfg, fmt, root: Path | None = None):
         self.cfg, self.fmt = cfg, fmt
         self.root = Path(root or cfg.data.cache_dir or default_cache_dir()).expanduser()
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir():
+            from tfpretrain.errors import UserError
+
+            raise UserError(f"data.cache_dir: {existing} is a file, not a folder; choose "
+                            "another data.cache_dir (or --cache-dir)")
         self.tok_dir = self.root / tokenizer_key(cfg)[:20]
         self.rows_dir = self.tok_dir / f"rows-{rows_key(cfg, fmt)[:20]}"
         self._fingerprints = None
