@@ -205,9 +205,10 @@ def test_tensorflows_startup_chatter_is_filtered_and_nothing_else(tmp_path):
 
     script = tmp_path / "quiet.py"
     script.write_text("""
-import os, sys
+import importlib.util, os, sys
 from tfpretrain.errors import filtered_stderr, quiet_tensorflow
 quiet_tensorflow()
+assert importlib.util.find_spec("tensorflow")  # a probe (Keras makes some) keeps the hook
 import tensorflow as tf
 tf.constant(1.0) + 1
 with filtered_stderr():

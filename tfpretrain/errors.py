@@ -139,23 +139,23 @@ def filtered_stderr(noise: re.Pattern = STARTUP_NOISE):
 
 class _QuietImport:
     """A one-shot import hook: ``import tensorflow`` (and its device listing, where the
-    CUDA lines come from) runs inside :func:`filtered_stderr`."""
+    CUDA lines come from) runs inside :func:`filtered_stderr`; the hook then removes itself
+    (a mere ``importlib.util.find_spec`` probe leaves it in place)."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
             return None
         import importlib.machinery
 
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
+            spec.loader = _QuietLoader(spec.loader, self)
         return spec
 
 
 class _QuietLoader:
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
 
     def __getattr__(self, name):  # get_source, is_package, ...: the real loader's
         return getattr(self.loader, name)
@@ -164,6 +164,8 @@ class _QuietLoader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        if self.hook in sys.meta_path:
+            sys.meta_path.remove(self.hook)
         with filtered_stderr():
             self.loader.exec_module(module)
             module.config.list_physical_devices()  # before the runtime starts: no side effect
