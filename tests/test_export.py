@@ -71,6 +71,8 @@ def test_the_saved_model_holds_the_weights_and_no_optimizer_state(tiny_run):
 def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(tmp_path):
     """The fresh checking process starts before the save (its imports overlap it): a
     model it cannot load is a failure with the reason; an unused one is killed."""
+    import time
+
     from tfpretrain.serving.saved_model import Checker
 
     request = tmp_path / "request.json"
@@ -80,7 +82,14 @@ def test_the_early_checker_reports_a_broken_model_and_never_outlives_its_block(t
         code, _, err = checker.wait()
     assert code != 0 and "no-model" in err
     with Checker() as unused:
-        pass
+        # never on a GPU: the training process holds its memory (docs/serving.md)
+        environ = b""
+        for _ in range(100):  # empty until the new program's memory is in place
+            environ = Path(f"/proc/{unused.proc.pid}/environ").read_bytes()
+            if environ:
+                break
+            time.sleep(0.05)
+        assert b"CUDA_VISIBLE_DEVICES=-1" in environ.split(b"\0")
     assert unused.proc.returncode is not None
 
 

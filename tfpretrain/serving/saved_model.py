@@ -94,7 +94,10 @@ class Checker:
     def __init__(self):
         import subprocess
 
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        # on the CPU, always: on a GPU the training process holds the device's memory (TF
+        # reserves nearly all of it), and the comparison is between CPU numerics on both
+        # sides (see checking)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
         script = Path(__file__).with_name("check.py")
         self.proc = subprocess.Popen([sys.executable, str(script), "--wait"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -145,7 +148,12 @@ def checking(path: Path, model, tokenizer, cfg, checker: Checker | None = None):
         process.send(path, req, tmp)
 
         def verdict() -> dict:
-            expected = probe.expected()  # in this process, while the fresh one runs
+            import tensorflow as tf
+
+            # in this process, while the fresh one runs; on the CPU like the fresh process,
+            # so that a GPU's TF32 matmuls do not stand between the two at atol 1e-5
+            with tf.device("/CPU:0"):
+                expected = probe.expected()
             return compare_with_probe(path, probe, expected, *process.wait(), Path(tmp))
 
         yield verdict
