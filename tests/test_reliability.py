@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import last_json_line, run_cli, tiny_raw, write_yaml
+from conftest import assert_write_refused, last_json_line, run_cli, tiny_raw, write_yaml
 
 
 def snapshot(folder: Path) -> dict:
@@ -370,39 +370,6 @@ def test_a_full_disk_during_a_checkpoint_is_one_message_and_keeps_the_last_one(t
 
 
 # --- a real full disk (a small tmpfs: needs root, as CI has) ---------------------------
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """``mount(folder, kib)``: a real filesystem of ``kib`` KiB at ``folder`` (tmpfs), so
-    writes fail with the kernel's ENOSPC; unmounted afterwards."""
-    import subprocess
-
-    mounted = []
-
-    def mount(folder: Path, kib: int) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        options = f"size={kib}k" if folder not in mounted else f"remount,size={kib}k"
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in dict.fromkeys(reversed(mounted)):
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def assert_write_refused(r, *needles):
-    """Exit 74, one message naming the disk's refusal, no traceback."""
-    assert r.returncode == 74, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "No space left on device" in errors[0], r.stderr[-3000:]
-    for n in needles:
-        assert n in errors[0], errors[0]
-
 
 def du_kib(folder: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file()) // 1024

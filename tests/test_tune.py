@@ -5,7 +5,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, last_json_line, run_cli, tiny_raw, write_yaml
+from conftest import REPO, assert_write_refused, last_json_line, run_cli, tiny_raw, write_yaml
 from test_fit import read_scalars
 
 
@@ -109,6 +109,18 @@ def test_failed_trial_is_recorded_and_search_goes_on(tmp_path):
     assert result["best_values"] == {"train.guard": True}
     errors = list((tmp_path / "f" / "trials").glob("*/error.txt"))
     assert len(errors) == 1 and "training diverged at step 5" in errors[0].read_text()
+
+
+def test_a_full_disk_stops_the_search_instead_of_failing_every_trial(tmp_path, small_disk):
+    """A failed trial lets the search go on, but a write the disk refuses would fail every
+    later trial too: the whole search stops with one message, exit 74, after trial one."""
+    raw = tune_raw(tmp_path)
+    raw["data"]["cache_dir"] = str(small_disk(tmp_path / "cache", 64))
+    cfg_path = write_yaml(tmp_path / "d.yaml", raw)
+    r = run_cli("tfpretrain.tune", "--config", str(cfg_path), "--run-dir", str(tmp_path / "d"))
+    assert_write_refused(r, "the token cache entry")
+    assert r.stdout.count("Running Trial #") == 1, r.stdout[-3000:]
+    assert not list((tmp_path / "d" / "trials").glob("*/error.txt"))
 
 
 @pytest.mark.slow  # the distributed kill-and-resume test is slow too; both: -m slow

@@ -96,6 +96,19 @@ def trial_raw(base: dict, values: dict, steps: int, budget_fraction: float = 1.0
     return raw
 
 
+def stop_if_the_disk_refused(exc: Exception, trial_id: str) -> None:
+    """A write the disk refused (full, quota, read-only) would fail every later trial too:
+    one message and exit 74 for the whole search (SystemExit: KerasTuner would record an
+    Exception as a failed trial and go on); the rerun resumes the search."""
+    from tfpretrain.errors import IOERR_EXIT, WriteError, refused_write, write_failure
+
+    if write_failure(exc) is None:
+        return
+    err = exc if isinstance(exc, WriteError) else refused_write(exc, f"trial {trial_id}")
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(IOERR_EXIT)
+
+
 def make_oracle(cfg):
     """The KerasTuner oracle of ``tune.tuner`` over ``tune.space``."""
     import keras_tuner as kt
@@ -172,7 +185,8 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path, parent_run=lambda: None):
                 summary = fit(trial_cfg, trial_dir)
             except Preempted as exc:
                 raise SystemExit(exc.exit_code)  # stop the whole search; rerun resumes
-            except Exception as exc:  # a failed trial must not end the search
+            except Exception as exc:  # a failed trial must not end the search...
+                stop_if_the_disk_refused(exc, trial.trial_id)  # ...but a full disk fails all
                 trial_dir.mkdir(parents=True, exist_ok=True)
                 (trial_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
                 print(f"[tfpretrain] trial {trial.trial_id} failed: {exc}", flush=True)
