@@ -96,7 +96,7 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
-    if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] >= "2" and \
+    if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("2", "3") and \
             not any(isinstance(f, _QuietImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietImport())
 
@@ -115,7 +115,11 @@ def filtered_stderr(noise: re.Pattern = STARTUP_NOISE):
     import threading
 
     sys.stderr.flush()
-    real = os.dup(2)
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all: nothing to filter
+        yield
+        return
     read, write = os.pipe()
     os.dup2(write, 2)
     os.close(write)
@@ -134,7 +138,8 @@ def filtered_stderr(noise: re.Pattern = STARTUP_NOISE):
         sys.stderr.flush()
         os.dup2(real, 2)  # the pipe's last writer closes: the pump sees its end
         thread.join(5)
-        os.close(real)
+        if not thread.is_alive():  # else a child holds the pipe: the pump still forwards
+            os.close(real)
 
 
 class _QuietImport:
@@ -168,7 +173,10 @@ class _QuietLoader:
             sys.meta_path.remove(self.hook)
         with filtered_stderr():
             self.loader.exec_module(module)
-            module.config.list_physical_devices()  # before the runtime starts: no side effect
+            try:  # before the runtime starts: no side effect (the CUDA lines come from here)
+                module.config.list_physical_devices()
+            except Exception:  # noqa: BLE001 - a quieter start is not worth a failed import
+                pass
 
 
 @contextlib.contextmanager
@@ -196,10 +204,15 @@ def cli_main(fn):
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
         except Exception as exc:
-            if write_failure(exc) is None:
+            reason = write_failure(exc)
+            if reason is None:
                 raise
-            where = failed_path(exc)
-            print(f"error: {refused_write(exc, where or 'a file')}", file=sys.stderr)
+            where = failed_path(exc) or "a file"
+            if reason in (os.strerror(errno.EACCES), os.strerror(errno.EPERM)):  # or a read
+                print(f"error: {reason}: {where}. Give this user access to it (or choose "
+                      "another path), then rerun the same command", file=sys.stderr)
+            else:
+                print(f"error: {refused_write(exc, where)}", file=sys.stderr)
             return IOERR_EXIT
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

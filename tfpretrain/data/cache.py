@@ -38,7 +38,7 @@ from tfpretrain.files import cache_root, sha256_file
 CACHE_VERSION = 3  # 3: row format in the key, sizes and SHA-256 of every file in meta.json
 ENTRY_FILES = ("train.rows", "val.rows", "counts.npy")
 CACHE_FIX = (f"Nothing was kept of it. Free disk space ({FREEABLE}), or set data.cache_dir to "
-             "a folder on a bigger disk, then rerun the same command")
+             "a writable folder with room, then rerun the same command")
 
 
 def default_cache_dir() -> Path:
