@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,45 @@ def test_a_checkpoint_with_the_guard_state_on_the_model_still_resumes(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for name in GUARD_STATE:
         np.testing.assert_array_equal(getattr(new.optimizer, name).numpy(), values[name])
+
+
+def test_ctrl_c_after_training_stops_at_once_cleans_up_and_the_rerun_exports(tmp_path):
+    """A signal outside the training loop (here: in the export, after its save) stops the
+    run at once, as a terminal's Ctrl-C to the whole process group: exit 130, one line, the
+    staged version and the check's process gone, no summary; the same command then
+    evaluates and exports the finished run (it is not trained again)."""
+    raw = tiny_raw(tmp_path, train={"steps": 20}, eval={"every": 10, "steps": 2},
+                   debug={"slow_export_seconds": 120})
+    cfg = write_yaml(tmp_path / "c.yaml", raw)
+    run, exports = tmp_path / "run", tmp_path / "saved_models" / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg),
+                             "--run-dir", str(run)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    t0 = time.time()
+    while not (exports / ".tmp-1" / "assets.extra" / "config.yaml").exists():  # saved
+        assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    checkers = [p for p in Path("/proc").glob("[0-9]*") if _child_running(p, proc.pid,
+                                                                          b"check.py")]
+    assert len(checkers) == 1
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by signal 2 after training" in err and "Traceback" not in err, err[-3000:]
+    assert not list(exports.iterdir()) and not (run / "summary.json").exists()
+    assert not checkers[0].exists(), "the export check's process outlived the run"
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run),
+                "--set", "debug.slow_export_seconds=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "nothing to train" in r.stdout
+    assert last_json_line(r.stdout)["saved_model"] == str(exports / "1")
+
+
+def _child_running(proc_dir: Path, parent: int, needle: bytes) -> bool:
+    try:
+        ppid = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        return ppid == parent and needle in (proc_dir / "cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False

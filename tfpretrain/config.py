@@ -397,6 +397,9 @@ class DebugConfig:
                               "makes a sustained, finite level shift).", min=1)
     slow_checkpoint_seconds: float = _f(0.0, "Fault injection: sleep this long inside every "
                                         "checkpoint write, before it is committed.", min=0.0)
+    slow_export_seconds: float = _f(0.0, "Fault injection: sleep this long inside the export, "
+                                    "after the save and before the check and publish.",
+                                    min=0.0)
 
 
 @dataclass

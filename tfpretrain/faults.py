@@ -10,6 +10,8 @@ Production code asks this module, never ``cfg.debug`` or the environment directl
   sustained level shift);
 - ``debug.slow_checkpoint_seconds`` (config): :func:`checkpoint_delay`, a sleep inside every
   checkpoint write before it is committed (to kill a run mid-write);
+- ``debug.slow_export_seconds`` (config): :func:`export_delay`, a sleep inside the export
+  after the save, before its check and publish (to signal a run in its final phase);
 - ``TFPRETRAIN_FAULT=<point>`` (environment): :func:`crash_point` exits the process at once
   (like kill -9) when the named point is reached. Points: ``export_before_rename``.
 
@@ -38,6 +40,11 @@ def spike_steps(cfg) -> tuple[int, int]:
 def checkpoint_delay(cfg) -> float:
     """Seconds to sleep inside each checkpoint write, before it is committed."""
     return cfg.debug.slow_checkpoint_seconds
+
+
+def export_delay(cfg) -> float:
+    """Seconds to sleep inside the export, after the save."""
+    return cfg.debug.slow_export_seconds
 
 
 def crash_point(name: str) -> None:

@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from tfpretrain import faults
@@ -99,9 +100,11 @@ class Checker:
         # sides (see checking)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
         script = Path(__file__).with_name("check.py")
+        # its own session: a terminal's Ctrl-C goes to the run, which decides (it ends this
+        # process); the process also exits by itself when the run dies (its input closes)
         self.proc = subprocess.Popen([sys.executable, str(script), "--wait"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def send(self, path: Path, request: Path, out_dir: str) -> None:
         """Hand the process its SavedModel; it starts loading it at once."""
@@ -251,6 +254,7 @@ def exporting(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
              else contextlib.nullcontext(checker)) as checker:
         with writing(f"the SavedModel {final}", export_fix(base, run_dir), where=base):
             save_version(module, signatures, tmp, tokenizer, cfg)
+        time.sleep(faults.export_delay(cfg))  # tests: signal the run in its final phase
         if not validate:
             yield final
             return

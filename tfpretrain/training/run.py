@@ -98,7 +98,10 @@ class Run:
         self.prepare_folder(resuming)
         self.start_logging()
         try:
-            self.train_loop()
+            with self.preemption.deferred():  # outside it, a signal stops the run at once
+                self.train_loop()
+            if self.preemption.signum is not None:
+                raise Preempted(self.preemption.signum, self.step)
             return self.finish(finish)
         except BaseException:
             self.logger.finish(None)  # external trackers see the run end (KILLED), not hang
@@ -282,7 +285,7 @@ class Run:
     def train_loop(self) -> None:
         """model.fit, one evaluation interval per "epoch"; a run resumed mid-interval first
         finishes that interval, so evaluations and checkpoints land on the same steps as in
-        an unbroken run. Stops for a rollback or a preemption signal."""
+        an unbroken run. Stops for a rollback or a preemption signal (at a step boundary)."""
         from tfpretrain.data.pipeline import eval_dataset
         from tfpretrain.training.guard import check_rollback_budget, roll_back
 
@@ -312,8 +315,6 @@ class Run:
                                  cfg.train.rollback_lr_scale, log)
                 saver.last_saved, saver.pending = None, False
                 self._log_guard(step)
-        if self.preemption.signum is not None:
-            raise Preempted(self.preemption.signum, self.step)
 
     def finish(self, finish=None) -> dict:
         """Final evaluation and sample, the caller's finish hook (export), summary.json."""
