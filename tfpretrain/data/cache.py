@@ -398,23 +398,23 @@ def prepare(cfg, fmt, run_tokenizer_dir: Path | None = None, log=print, force: b
     # one this config trains); its rows are kept in memory instead
     keep = cache is not None and run_tokenizer_dir is None
     what = f"the token cache entry {cache.rows_dir}" if keep else "the packed rows"
-    with writing(what, CACHE_FIX):
+    where = cache.tok_dir if keep else Path(tempfile.gettempdir())
+    with writing(what, CACHE_FIX, where=where):  # a full disk: one message, nothing kept
         tmp = cache.new_entry() if keep else Path(tempfile.mkdtemp(prefix="tfpretrain-rows-"))
-    try:
-        with writing(what, CACHE_FIX, where=tmp.parent):
+        try:
             meta = write_rows(tmp, tokenizer, plan.route(), fmt, log)
-        check_split(meta["train_documents"], meta["val_documents"], cfg.data)
-        meta.update(description=plan.description, prepare_seconds=round(time.time() - t0, 2))
-        if keep:
-            with writing(what, CACHE_FIX, where=tmp.parent):
+            check_split(meta["train_documents"], meta["val_documents"], cfg.data)
+            meta.update(description=plan.description,
+                        prepare_seconds=round(time.time() - t0, 2))
+            if keep:
                 meta = cache.publish(tmp, tokenizer, meta, new_tokenizer=retrain)
-            packed = load_rows(cache.rows_dir, meta)
-        else:
-            mapped = load_rows(tmp, meta)  # copied into memory: tmp goes away
-            packed = dataclasses.replace(mapped, train_rows=np.array(mapped.train_rows),
-                                         val_rows=np.array(mapped.val_rows))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                packed = load_rows(cache.rows_dir, meta)
+            else:
+                mapped = load_rows(tmp, meta)  # copied into memory: tmp goes away
+                packed = dataclasses.replace(mapped, train_rows=np.array(mapped.train_rows),
+                                             val_rows=np.array(mapped.val_rows))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer, packed, _info(meta, cache.rows_dir if keep else None, hit=False)
 
 

@@ -49,9 +49,9 @@ class Meter:
         from tfpretrain.training.budget import format_duration
 
         left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
-        u = self.mfu(tokens_per_second)
-        shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss") if k in (logs or {})]
-        shown += [f"lr {logs['lr']:.2e}"] if "lr" in (logs or {}) else []
+        u, logs = self.mfu(tokens_per_second), logs or {}
+        shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss") if k in logs]
+        shown += [f"lr {logs['lr']:.2e}"] if "lr" in logs else []
         return (f"step {step:,}/{self.total_steps:,}: "
                 f"{', '.join(shown) + ' | ' if shown else ''}{tokens_per_second:,.0f} tok/s, MFU "
                 f"{'n/a' if u is None else f'{100 * u:.1f}%'}, elapsed "
