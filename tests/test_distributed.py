@@ -95,10 +95,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_workers(cfg_path, run_dir, steps, *extra):
+def start_workers(cfg_path, run_dir, steps, *extra, worker1=()):
     """Two `python -m tfpretrain.fit` processes, worker 0 (the chief) and worker 1, with the
     TF_CONFIG Kubeflow/Vertex would set; stdout and stderr to files next to the run
-    folder (<run>.worker<i>.log / .err)."""
+    folder (<run>.worker<i>.log / .err). ``worker1``: arguments for worker 1 alone."""
     import json
     import os
     import subprocess
@@ -115,9 +115,36 @@ def start_workers(cfg_path, run_dir, steps, *extra):
         out, err = open(f"{run_dir}.worker{i}.log", "w"), open(f"{run_dir}.worker{i}.err", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg_path), "--run-dir",
-             str(run_dir), "--set", f"train.steps={steps}", *extra],
+             str(run_dir), "--set", f"train.steps={steps}", *extra, *(worker1 if i else ())],
             cwd=REPO, env=env, stdout=out, stderr=err, text=True))
     return procs
+
+
+def most_threads(proc, name: str, every: float = 0.2) -> list[int]:
+    """While ``proc`` runs: the largest number of its threads called ``name`` at once
+    (from /proc/<pid>/task/*/comm), kept up to date in the returned one-item list."""
+    import threading
+    import time
+    from pathlib import Path
+
+    most = [0]
+
+    def count():
+        n = 0
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                n += (task / "comm").read_text().strip() == name
+            except OSError:
+                pass
+        return n
+
+    def sample():
+        while proc.poll() is None:
+            most[0] = max(most[0], count())
+            time.sleep(every)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return most
 
 
 def finish_workers(procs, run_dir, timeout=300):
@@ -134,10 +161,14 @@ def test_two_workers_on_loopback_train_one_devices_curve(setup, tmp_path):
     """A 2-process MultiWorkerMirroredStrategy run (TF_CONFIG, 127.0.0.1): both workers end
     with identical weights, only the chief writes results, every step's loss follows one
     device's within 1e-4 (the NaN batch skipped on both), and the 2-worker checkpoint
-    resumes on one device for steps 21-40, still on one device's curve."""
+    resumes on one device for steps 21-40, still on one device's curve. TensorFlow's
+    collective threads stay few (a per-collective timeout parked ~22 more every step)."""
     cfg_path, one_dir, one = setup
     run_dir = tmp_path / "run"
-    codes, logs = finish_workers(start_workers(cfg_path, run_dir, 20), run_dir)
+    procs = start_workers(cfg_path, run_dir, 20)
+    collective_threads = most_threads(procs[0], "collective_ops")
+    codes, logs = finish_workers(procs, run_dir)
+    assert collective_threads[0] < 40, collective_threads
     chief, worker = (last_json_line(log) for log in logs)
     assert chief["strategy"] == "multi_worker" and chief["workers"] == 2
     assert chief["replicas"] == 2 and worker["role"] == "worker 1"
@@ -209,3 +240,66 @@ def test_xla_under_a_strategy_on_a_cpu_is_refused(tmp_path):
     with pytest.raises(UserError, match="needs GPUs or TPUs"):
         jit_compile(cfg, distributed=True)
     assert jit_compile(tiny_config(tmp_path), distributed=True) is False
+
+
+def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(setup, tmp_path):
+    """SIGTERM to worker 1 alone (its VM preempted): within seconds both workers stop
+    after the same step, the chief commits that step's checkpoint, worker 1 exits 143
+    (128 + 15) and the chief 75 naming worker 1, without tracebacks; started again, both
+    resume from that step and finish with identical weights."""
+    import re
+    import signal
+    import time
+
+    cfg_path, _, _ = setup
+    run_dir = tmp_path / "run"
+    procs = start_workers(cfg_path, run_dir, 2000)
+    log0 = lambda: (tmp_path / "run.worker0.log").read_text()  # noqa: E731
+    deadline = time.time() + 240
+    while "step 20/" not in log0() and time.time() < deadline:
+        time.sleep(0.2)
+    assert "step 20/" in log0(), log0()[-3000:]
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    assert [procs[1].wait(timeout=60), procs[0].wait(timeout=60)] == [143, 75]
+    assert time.time() - t0 < 30
+    err0, err1 = ((tmp_path / f"run.worker{i}.err").read_text() for i in range(2))
+    stop = int(re.search(r"stopped at step (\d+) with worker 1, which got signal 15",
+                         err0).group(1))
+    assert f"stopped by signal 15 at step {stop}; exit 143" in err1
+    assert "Traceback" not in err0 + err1
+    assert (run_dir / "checkpoints" / f"step-{stop:08d}").is_dir()
+    codes, logs = finish_workers(start_workers(cfg_path, run_dir, stop + 10), run_dir)
+    assert all(f"at step {stop}" in log and "resumed from" in log for log in logs)
+    chief, worker = (last_json_line(log) for log in logs)
+    assert chief["steps"] == stop + 10 and chief["weights_sha256"] == worker["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_ends_the_run_after_worker_timeout(setup, tmp_path):
+    """Worker 1 alive but not taking part: asleep for 60 s inside its checkpoint write at
+    step 10 (debug.slow_checkpoint_seconds), while its process still answers the health
+    check's pings. The chief, in step 11, gives up after train.worker_timeout (15 s) with
+    exit 75 and a message naming that setting; worker 1 exits 75 once it wakes."""
+    import time
+
+    cfg_path, _, _ = setup
+    run_dir = tmp_path / "run"
+    procs = start_workers(cfg_path, run_dir, 40, "--set", "train.worker_timeout=15",
+                          "--set", "eval.every=20",  # step 11 follows the save at once
+                          worker1=("--set", "debug.slow_checkpoint_seconds=60"))
+    log0 = lambda: (tmp_path / "run.worker0.log").read_text()  # noqa: E731
+    deadline = time.time() + 240
+    checkpoint = run_dir / "checkpoints" / "step-00000010"
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), log0()[-3000:]
+    t0 = time.time()
+    assert procs[0].wait(timeout=120) == 75
+    waited = time.time() - t0
+    err0 = (tmp_path / "run.worker0.err").read_text()
+    assert 14 < waited < 45, waited
+    assert "a step waited over 15 s for the other workers, train.worker_timeout" in err0
+    assert "lost contact with the other workers at step 10" in err0
+    assert "Traceback" not in err0
+    assert procs[1].wait(timeout=180) == 75

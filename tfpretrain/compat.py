@@ -356,6 +356,8 @@ PRIVATE_SYMBOLS += (
     ("TF MWMS peer health check (how fast a lost worker is noticed)",
      "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended",
      "_check_health_interval"),
+    ("TF eager context's collective abort (a stalled peer ends the run)",
+     "tensorflow.python.eager.context.Context", "abort_collective_ops"),
     ("TF MWMS peer health check's stop (workers finishing one after another)",
      "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended",
      "_stop_check_health_thread"),
@@ -426,6 +428,16 @@ def multi_worker_health_check(interval: int, timeout: int, startup: int) -> None
     ext._check_health_interval = interval
     ext._check_health_timeout = timeout
     ext._check_health_initial_timeout = startup
+
+
+def abort_collectives(message: str) -> None:
+    """Fail every collective this process is waiting in, now and later, with ``message``
+    (a DeadlineExceededError): how MWMS's own health check ends a run whose peer is down
+    (TF 2.21: the eager context's ``abort_collective_ops``, private)."""
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    context.context().abort_collective_ops(tf.errors.DEADLINE_EXCEEDED, message)
 
 
 def stop_multi_worker_health_check(strategy) -> None:

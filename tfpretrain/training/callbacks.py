@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 
 import keras
@@ -263,19 +264,90 @@ class CheckpointEvery(keras.callbacks.Callback):
 
 
 class PreemptionCheckpoint(keras.callbacks.Callback):
-    """After SIGTERM/SIGINT: commit a checkpoint at the next step boundary and stop."""
+    """After SIGTERM/SIGINT: commit a checkpoint at the next step boundary and stop.
+    ``signals(signum, step)`` (multi_worker, ``Placement.signals``): {worker: signal} of
+    every worker that had one when they last asked each other, the same answer on every
+    worker after the same step, so all stop there together (None: not asked this step)."""
 
-    def __init__(self, manager, extra, preemption):
+    def __init__(self, manager, extra, preemption, signals=None):
         super().__init__()
         self.manager, self.extra, self.preemption = manager, extra, preemption
+        self.signals = signals
+
+    def _stop_now(self, step: int) -> bool:
+        if self.signals is None:
+            return self.preemption.stopping
+        agreed = self.signals(self.preemption.signum, step)
+        for worker, signum in (agreed or {}).items():
+            self.preemption.stop_with(worker, signum)
+        return bool(agreed)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.preemption.signum is not None and not self.model.stop_training:
-            step = int(self.model.optimizer.iterations.numpy())
+        step = int(self.model.optimizer.iterations.numpy())
+        if self._stop_now(step) and not self.model.stop_training:
             path = self.manager.save(step, self.extra())
             print(f"[tfpretrain] checkpoint {path} committed at step {step}; rerun the same "
                   "command to resume", flush=True)
             self.model.stop_training = True
+
+
+class StallWatch(keras.callbacks.Callback):
+    """multi_worker: a training step or evaluation batch that waits more than ``timeout``
+    seconds (on a peer that is alive but not taking part: stuck, or slow in a write of its
+    own) aborts this worker's collectives, and the run ends as for a lost peer (exit 75).
+    TensorFlow's own per-collective timeout is not used: it parks one thread per collective
+    for the whole timeout (base_collective_executor.cc), ~11 per step here, which
+    exhausted the process's threads after ~1,400 steps. A kind of batch is watched once one
+    of its kind has finished in this process, so tracing and compiling the first one is not
+    counted. One thread, waking every ``every`` seconds."""
+
+    def __init__(self, timeout: float, every: float = 1.0):
+        super().__init__()
+        self.timeout, self.every = timeout, every
+        self.since = None  # when the watched batch in progress began
+        self.seen = set()  # kinds of batch ("train", "test") finished in this process
+        self.stalled = None  # the abort's message, once given
+        self._stop = threading.Event()
+
+    def on_train_begin(self, logs=None):
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, args=(self._stop,), daemon=True,
+                         name="tfpretrain stall watch").start()
+
+    def on_train_end(self, logs=None):
+        self._stop.set()
+        self.since = None
+
+    def _begin(self, kind: str) -> None:
+        if kind in self.seen:
+            self.since = time.monotonic()
+
+    def _end(self, kind: str) -> None:
+        self.since = None
+        self.seen.add(kind)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin("train")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._end("train")
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._begin("test")
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._end("test")
+
+    def _watch(self, stop: threading.Event) -> None:
+        from tfpretrain import compat
+
+        while not stop.wait(self.every):
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.stalled = (f"a step waited over {self.timeout:g} s for the other "
+                                "workers, train.worker_timeout")
+                compat.abort_collectives(self.stalled)
+                return
 
 
 class RollbackMonitor(keras.callbacks.Callback):

@@ -7,6 +7,8 @@ import contextlib
 import os
 import sys
 
+from tfpretrain.errors import TEMPFAIL_EXIT
+
 BEFORE = "before training (nothing new was trained)"
 AFTER = ("after training: its last checkpoint is committed; rerun the same command to "
          "evaluate and export")
@@ -14,13 +16,20 @@ AFTER = ("after training: its last checkpoint is committed; rerun the same comma
 
 class Preempted(Exception):
     """Stopped on SIGTERM/SIGINT: in training after committing a checkpoint (``step``), or
-    outside it at once (``when`` says where)."""
+    outside it at once (``when`` says where). ``by``: multi_worker, the other worker that
+    got the signal (this one stopped with it, exit 75: rerun every worker)."""
 
-    def __init__(self, signum: int, step: int | None = None, when: str = ""):
-        super().__init__(f"stopped by signal {signum} "
-                         + (f"at step {step}" if step is not None else when))
+    def __init__(self, signum: int, step: int | None = None, when: str = "", by: str = ""):
+        if by:
+            super().__init__(f"stopped at step {step} with {by}, which got signal {signum}: "
+                             "every worker stopped at this step and the chief committed its "
+                             "checkpoint. Start every worker again with the same command to "
+                             "resume")
+        else:
+            super().__init__(f"stopped by signal {signum} "
+                             + (f"at step {step}" if step is not None else when))
         self.signum, self.step = signum, step
-        self.exit_code = 128 + signum
+        self.exit_code = TEMPFAIL_EXIT if by else 128 + signum
 
 
 class PreemptionHandler:
@@ -30,16 +39,39 @@ class PreemptionHandler:
 
     def __init__(self):
         self.signum = None
+        self.peer = None  # multi_worker: (the worker that got a signal, its number)
         self.deferring = False
         self.outside = BEFORE  # what stopping at once means now
         self._old = {}
 
     def __enter__(self):
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT (again: making a MultiWorkerMirroredStrategy replaces
+        the process's SIGTERM handler with TensorFlow's own, so ours never ran)."""
         import signal
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
+            old = signal.signal(sig, self._handle)
+            self._old.setdefault(sig, old)
+
+    @property
+    def stopping(self) -> bool:
+        """A signal came, to this worker or (multi_worker) to another."""
+        return self.signum is not None or self.peer is not None
+
+    def stop_with(self, worker: str, signum: int) -> None:
+        """multi_worker: ``worker`` got ``signum``; this one stops at the same step."""
+        if self.signum is None and self.peer is None:
+            self.peer = (worker, signum)
+
+    def stopped(self, step: int) -> Preempted:
+        """What ends a run that stopped training for a signal at ``step``."""
+        if self.signum is not None:
+            return Preempted(self.signum, step)
+        return Preempted(self.peer[1], step, by=self.peer[0])
 
     def _handle(self, signum, frame):
         if self.signum is not None:

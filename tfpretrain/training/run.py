@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tfpretrain.config import Config
 from tfpretrain.training.guard import GuardState
-from tfpretrain.training.preemption import Preempted, PreemptionHandler
+from tfpretrain.training.preemption import PreemptionHandler
 
 
 def log(msg: str) -> None:
@@ -100,8 +100,8 @@ class Run:
         try:
             with self.preemption.deferred():  # outside it, a signal stops the run at once
                 self.train_loop()
-            if self.preemption.signum is not None:
-                raise Preempted(self.preemption.signum, self.step)
+            if self.preemption.stopping:
+                raise self.preemption.stopped(self.step)
             return self.finish(finish)
         except BaseException:
             self.logger.finish(None)  # external trackers see the run end (KILLED), not hang
@@ -115,6 +115,7 @@ class Run:
 
         configure_tensorflow(self.cfg)
         self.place()  # a multi-worker strategy must exist before TensorFlow starts
+        self.preemption.install()  # MWMS replaced the SIGTERM handler with TensorFlow's
         if self.cfg.train.deterministic:
             tf.config.experimental.enable_op_determinism()
         # Seed first: tf.random.set_seed resets TF's eager context, which invalidates
@@ -295,7 +296,7 @@ class Run:
         val_ds = eval_dataset(self.packed.val_rows, cfg.train.batch_size, cfg.eval.steps,
                               batcher)
         step = self.step
-        while step < total and self.preemption.signum is None:
+        while step < total and not self.preemption.stopping:
             first_epoch, partial = step // every, step % every
             with self.placement.lost_worker(step=lambda: self.step), self._feeders():
                 self.model.fit(self._train_data(step, batcher), validation_data=val_ds,
@@ -437,7 +438,7 @@ class Run:
     def _callbacks(self):
         from tfpretrain.training.callbacks import (CheckpointEvery, DivergenceStop,
                                                    EvaluationWeights, PreemptionCheckpoint,
-                                                   RollbackMonitor, StopAtStep)
+                                                   RollbackMonitor, StallWatch, StopAtStep)
         from tfpretrain.training.optimizers import is_schedule_free
 
         cfg = self.cfg
@@ -447,11 +448,13 @@ class Run:
                                 hold=lambda: rollback.requested)
         callbacks = [self.logger, StopAtStep(cfg.train.steps), rollback, saver,
                      PreemptionCheckpoint(self.manager, self._checkpoint_state,
-                                          self.preemption)]
+                                          self.preemption, self.placement.signals)]
         if not cfg.train.guard:  # a non-finite step was applied: stop before it spreads
             callbacks.insert(1, DivergenceStop(self.rollback_source))
         if is_schedule_free(self.optimizer):
             callbacks.append(EvaluationWeights())
+        if self.placement.kind == "multi_worker":  # first: a batch ends before the saves
+            callbacks.insert(0, StallWatch(cfg.train.worker_timeout))
         return callbacks, rollback, saver
 
     @contextlib.contextmanager
