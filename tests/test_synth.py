@@ -324,3 +324,58 @@ def test_fit_distils_from_a_teacher_and_refuses_another_tokenizer(tiny_run, tmp_
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "not the teacher's tokenizer" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_top_k_distillation_is_exact_over_the_whole_vocabulary_and_a_bound_below_it():
+    """distill.topk's KL over the k ids and "the rest": the full KL when k is the
+    vocabulary (float16 log-probabilities, as cached), smaller than it otherwise, and 0
+    for a student equal to its teacher."""
+    import tensorflow as tf
+
+    from tfpretrain.models import stability
+
+    rng = np.random.default_rng(0)
+    s, t = (rng.normal(size=(2, 3, 50)).astype(np.float32) * 2 for _ in range(2))
+    full = stability.distill_values(s, t, 2.0).numpy()
+    log_p = tf.nn.log_softmax(t / 2.0)
+    values, ids = tf.math.top_k(log_p, 50)
+    exact = stability.top_k_distill_values(s, ids, tf.cast(values, tf.float16), 2.0).numpy()
+    np.testing.assert_allclose(exact, full, atol=5e-3)
+    values, ids = tf.math.top_k(log_p, 5)
+    bound = stability.top_k_distill_values(s, ids, values, 2.0).numpy()
+    assert np.all(bound <= full + 1e-5) and np.all(bound > 0)
+    same = stability.top_k_distill_values(t, ids, values, 2.0).numpy()
+    assert np.all(np.abs(same) < 1e-5)
+
+
+def test_fit_with_a_cached_top_k_teacher_trains_and_reuses_the_cache(tiny_run, tmp_path):
+    """distill.topk: the teacher's top-k of every training row are made once into the run
+    folder, match the teacher's own predictions, train a student whose loss falls, and are
+    reused (not remade) when the run is extended; a masked-LM config is refused."""
+    import tensorflow as tf
+
+    from tfpretrain.data.cache import prepare
+    from tfpretrain.fit import fit
+    from tfpretrain.objectives import row_format
+    from tfpretrain.training import distill
+    from tfpretrain.training.runfolder import load_run
+
+    _, teacher_dir, teacher_summary = tiny_run
+    kwargs = dict(model={"hidden_dim": 16, "intermediate_dim": 32}, eval={"every": 20},
+                  export={"enabled": False},
+                  distill={"teacher": str(teacher_dir), "alpha": 0.5, "topk": 8})
+    summary = fit(tiny_config(tmp_path, train={"steps": 20}, **kwargs), tmp_path / "s")
+    assert summary["teacher_val_loss"] == pytest.approx(teacher_summary["val_loss"], rel=1e-4)
+    cache = tmp_path / "s" / "teacher_topk"
+    ids, log_p = np.load(cache / "ids.npy"), np.load(cache / "log_p.npy")
+    assert ids.shape[2] == log_p.shape[2] == 8 and ids.dtype == np.uint16
+    _, _, teacher = load_run(teacher_dir)
+    cfg = distill.resolve(tiny_config(tmp_path, **kwargs))  # the teacher's tokenizer
+    rows = prepare(cfg, row_format(cfg), log=lambda *a: None)[1].train_rows[:4]
+    expected = tf.math.top_k(tf.nn.log_softmax(teacher(rows[:, :-1]) / 2.0), 8)
+    np.testing.assert_array_equal(ids[:4], expected.indices.numpy())
+    np.testing.assert_allclose(log_p[:4], expected.values.numpy(), atol=2e-2)
+    stamp = (cache / "ids.npy").stat().st_mtime_ns
+    longer = fit(tiny_config(tmp_path, train={"steps": 40}, **kwargs), tmp_path / "s")
+    assert (cache / "ids.npy").stat().st_mtime_ns == stamp  # reused, not remade
+    assert longer["val_loss"] < summary["val_loss"]

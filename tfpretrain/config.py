@@ -351,6 +351,12 @@ class DistillConfig:
                       "The logged `loss` stays the cross-entropy.", min=0.0, max=1.0)
     temperature: float = _f(2.0, "Softmax temperature T of both distributions in the KL term.",
                             min=0.0, min_exclusive=True)
+    topk: int = _f(0, "0 = the teacher runs inside every train step. K > 0 (causal LM): the "
+                   "teacher's K most likely ids and their log-probabilities at temperature T "
+                   "are computed once for every training row, kept in the run folder "
+                   "(`teacher_topk/`, 4*K bytes a token) and read with the batches; the KL "
+                   "term is taken over those K ids and \"the rest\". The teacher then costs "
+                   "one forward pass over the corpus instead of one per step.", min=0)
 
 
 TUNERS = ("random", "grid", "bayesian", "hyperband")
@@ -649,6 +655,13 @@ def _objective_checks(c: Config) -> list[str]:
                      "runs report val_loss and val_masked_accuracy")
         if m.sequence_length < 3:
             p.append("masked-LM rows need `model.sequence_length` >= 3 ([CLS] text [SEP])")
+    if c.distill.topk and (not c.distill.teacher or m.objective in MASKED_OBJECTIVES
+                           or c.data.service):
+        p.append("`distill.topk` caches a causal teacher's predictions per training row: it "
+                 "needs `distill.teacher`, `model.objective: causal` (masked-LM masks change "
+                 "every step) and no `data.service` (its feeders make batches without them). "
+                 f"Received: teacher={c.distill.teacher}, objective={m.objective}, "
+                 f"service={c.data.service}")
     if c.data.document_mask and (m.objective in MASKED_OBJECTIVES
                                  or c.data.packing != "concat"):
         p.append("`data.document_mask: true` is for causal `concat` rows (pad rows and "

@@ -208,17 +208,19 @@ def row_indices(step, batch_size: int, num_rows: int, seed: int) -> tf.Tensor:
 
 
 def read_rows(rows: np.ndarray, index: tf.Tensor) -> tf.Tensor:
-    """``rows[index]`` as an int32 tensor, read from the numpy array (the token cache's
-    memory-mapped file, usually) when the batch is made: the corpus is never copied into a
-    TensorFlow constant, so training holds one batch of it in memory, not all of it."""
-    out = tf.numpy_function(lambda i: np.asarray(rows[i], np.int32), [index], tf.int32,
-                            stateful=False)
+    """``rows[index]`` as an int32 tensor (float32 for float rows), read from the numpy
+    array (the token cache's memory-mapped file, usually) when the batch is made: the
+    corpus is never copied into a TensorFlow constant, so training holds one batch of it in
+    memory, not all of it."""
+    dtype = tf.float32 if np.issubdtype(rows.dtype, np.floating) else tf.int32
+    out = tf.numpy_function(lambda i: np.asarray(rows[i], dtype.as_numpy_dtype), [index],
+                            dtype, stateful=False)
     return tf.ensure_shape(out, index.shape.concatenate(rows.shape[1:]))
 
 
 def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
                   num_steps: int | None = None, poison=(), to_batch=None,
-                  part: tuple | None = None, service=()) -> tf.data.Dataset:
+                  part: tuple | None = None, service=(), targets=()) -> tf.data.Dataset:
     """Batches for data positions start_step, start_step+1, ... (forever unless num_steps).
 
     ``poison``: 0-based data positions whose sample weights become NaN (fault injection,
@@ -232,6 +234,9 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
     the whole batch and keep the part, so the part is the same either way.
     ``service``: tf.data service feeders (``grpc://host:port``) that make the batches, the
     same ones in the same order (see :mod:`.service`).
+    ``targets``: arrays with one entry per row (``distill.topk``'s teacher ids and
+    log-probabilities), read with the batch's rows: ``y`` becomes ``(y, *targets)``.
+    Row-wise batchers (causal LM) only.
     """
     to_batch = to_batch or _split_xy
     n = int(rows.shape[0])
@@ -249,6 +254,8 @@ def train_dataset(rows: np.ndarray, batch_size: int, seed: int, start_step: int 
         if early:
             idx = idx[lo:hi]
         x, y, w = to_batch(read(idx), tf.stack([tf.constant(seed, tf.int64), step]))
+        if targets:
+            y = (y, *(read_rows(t, idx) for t in targets))
         if not early and (lo, hi) != (0, batch_size):
             x, y, w = tf.nest.map_structure(lambda t: t[lo:hi], (x, y, w))
         bad = tf.reduce_any(tf.equal(poison, step))

@@ -86,13 +86,18 @@ class CausalLM(DecoderNet):
         in inference mode, join the training objective (see :meth:`distill_objective`)."""
         object.__setattr__(self, "teacher", teacher)
 
-    def distill_objective(self, x, logits, ce_share, weight, total):
+    def distill_objective(self, x, logits, ce_share, weight, total, top_k=None):
         """alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), each a share of the
-        mean over the batch's real tokens; the CE share alone without a teacher."""
-        if self.teacher is None:
+        mean over the batch's real tokens; the CE share alone without a teacher. ``top_k``:
+        the teacher's cached (ids, log-probabilities) for these positions
+        (``distill.topk``), used instead of running the teacher."""
+        if top_k is not None:
+            kd = stability.top_k_distill_values(logits, *top_k, self.distill_temperature)
+        elif self.teacher is not None:
+            teacher_logits = tf.stop_gradient(self.teacher(x, training=False))
+            kd = stability.distill_values(logits, teacher_logits, self.distill_temperature)
+        else:
             return ce_share
-        teacher_logits = tf.stop_gradient(self.teacher(x, training=False))
-        kd = stability.distill_values(logits, teacher_logits, self.distill_temperature)
         a = self.distill_alpha
         return a * ce_share + (1.0 - a) * stability.weighted_share(kd, weight, total)
 
@@ -131,10 +136,12 @@ class CausalLM(DecoderNet):
         loss, summed = tf.constant(0.0), None
         for mx, my, mw in self._micro_batches(x, y, sample_weight):
             deps = [] if summed is None else [g for g in summed if g is not None]
+            # y: the labels, or (labels, the teacher's cached top-k ids, log-probabilities)
+            my, top_k = (my[0], my[1:]) if isinstance(my, tuple) else (my, None)
             with tf.control_dependencies(deps), tf.GradientTape() as tape:
                 logits = self.step_forward(mx, training=True)
                 part = stability.weighted_share(self.token_losses(my, logits), mw, total)
-                part_objective = self.distill_objective(mx, logits, part, mw, total)
+                part_objective = self.distill_objective(mx, logits, part, mw, total, top_k)
                 if self.z_loss:
                     part_objective += self.z_loss * stability.weighted_share(
                         stability.z_values(logits), mw, total)

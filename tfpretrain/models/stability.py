@@ -24,6 +24,22 @@ def distill_values(student_logits, teacher_logits, temperature):
     return t * t * ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def top_k_distill_values(student_logits, teacher_ids, teacher_log_p, temperature):
+    """:func:`distill_values` from the teacher's top k only (``distill.topk``): ids [..., k]
+    and their log-probabilities at temperature T. The KL is taken over k + 1 outcomes, the
+    k ids and "any other id" (the teacher's remaining mass against the student's), so it is
+    exact when k covers the vocabulary and a lower bound of the full KL otherwise."""
+    t = ops.cast(temperature, "float32")
+    log_q_all = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
+    log_q = ops.take_along_axis(log_q_all, ops.cast(teacher_ids, "int32"), axis=-1)
+    log_p = ops.cast(teacher_log_p, "float32")
+    p = ops.exp(log_p)
+    tail_p = ops.maximum(1.0 - ops.sum(p, axis=-1), 0.0)
+    tail_q = ops.maximum(1.0 - ops.sum(ops.exp(log_q), axis=-1), 1e-7)
+    tail = tail_p * (ops.log(ops.maximum(tail_p, 1e-7)) - ops.log(tail_q))
+    return t * t * (ops.sum(p * (log_p - log_q), axis=-1) + tail)
+
+
 def weighted_mean(values, weight):
     """sum(values * weight) / max(sum(weight), 1): the mean over real (weighted) tokens,
     padding (weight 0) never counts."""

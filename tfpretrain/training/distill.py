@@ -76,3 +76,89 @@ def load_teacher(cfg: Config, vocabulary_size: int):
                         f"differs from the student's ({vocabulary_size})")
     model.trainable = False
     return teacher_cfg, model
+
+
+TOPK_FOLDER = "teacher_topk"
+
+
+def teacher_top_k(cfg: Config, teacher, rows, folder: Path, vocabulary_size: int,
+                  log=print):
+    """``distill.topk``: (ids [rows, seq, k] uint16/int32, log-probabilities at temperature
+    T [rows, seq, k] float16) of the teacher's k most likely next ids at every position of
+    every training row (causal LM: the input is the row less its last id), memory-mapped
+    from ``folder`` (``<run>/teacher_topk``). Made by one
+    teacher forward pass over the rows, and made again only when the teacher's weights, the
+    rows, k or T change (``meta.json``)."""
+    import json
+
+    import numpy as np
+
+    from tfpretrain.errors import writing
+
+    from tfpretrain.models.lm import weights_sha256
+
+    k = min(cfg.distill.topk, vocabulary_size)
+    meta = {"k": k, "temperature": cfg.distill.temperature, "rows": list(rows.shape),
+            "rows_digest": _rows_digest(rows), "teacher": str(Path(cfg.distill.teacher)),
+            "teacher_weights": weights_sha256(teacher)}
+    folder = Path(folder)
+    if (folder / "meta.json").is_file() and \
+            json.loads((folder / "meta.json").read_text()) == meta:
+        log(f"distill: the teacher's top-{k} ids of {len(rows):,} rows from {folder}")
+        return (np.load(folder / "ids.npy", mmap_mode="r"),
+                np.load(folder / "log_p.npy", mmap_mode="r"))
+    import time
+
+    from tfpretrain.files import write_atomic
+
+    t0 = time.time()
+    with writing(f"the teacher's top-k predictions ({folder})", where=folder.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)  # stale until the new one is whole
+        ids, log_p = _predict_top_k(teacher, rows, k, cfg.distill.temperature,
+                                    folder, np.uint16 if vocabulary_size <= 65536 else np.int32)
+        write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+    log(f"distill: the teacher's top-{k} ids at T={cfg.distill.temperature:g} for "
+        f"{len(rows):,} rows in {time.time() - t0:.1f}s ({folder}, "
+        f"{(ids.nbytes + log_p.nbytes) / 2**20:.1f} MiB)")
+    return ids, log_p
+
+
+def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_dtype):
+    """One teacher pass over ``rows`` in batches, written into ``ids.npy``/``log_p.npy``."""
+    import numpy as np
+    import tensorflow as tf
+
+    width = int(rows.shape[1]) - 1
+    ids = np.lib.format.open_memmap(folder / ".ids.npy", "w+", id_dtype, (len(rows), width, k))
+    log_p = np.lib.format.open_memmap(folder / ".log_p.npy", "w+", np.float16,
+                                      (len(rows), width, k))
+
+    @tf.function(reduce_retracing=True)
+    def top(x):
+        logits = tf.cast(teacher(x, training=False), tf.float32) / temperature
+        values, index = tf.math.top_k(tf.nn.log_softmax(logits, axis=-1), k)
+        return index, values
+
+    step = 64
+    for lo in range(0, len(rows), step):
+        index, values = top(tf.constant(np.asarray(rows[lo:lo + step, :-1], np.int32)))
+        ids[lo:lo + step] = index.numpy().astype(id_dtype)
+        log_p[lo:lo + step] = values.numpy().astype(np.float16)
+    for array, name in ((ids, "ids.npy"), (log_p, "log_p.npy")):
+        array.flush()
+        Path(array.filename).replace(folder / name)
+    return (np.load(folder / "ids.npy", mmap_mode="r"),
+            np.load(folder / "log_p.npy", mmap_mode="r"))
+
+
+def _rows_digest(rows) -> str:
+    """sha256 of the rows' shape and of up to 1,024 rows spread evenly over them."""
+    import hashlib
+
+    import numpy as np
+
+    picks = np.linspace(0, len(rows) - 1, num=min(len(rows), 1024)).astype(np.int64)
+    digest = hashlib.sha256(repr(tuple(rows.shape)).encode())
+    digest.update(np.ascontiguousarray(np.asarray(rows[picks], np.int32)).tobytes())
+    return digest.hexdigest()

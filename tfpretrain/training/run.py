@@ -96,6 +96,7 @@ class Run:
         if resuming:  # before anything is written: an incompatible checkpoint changes nothing
             self.restore(state.resume_from, state.resume_guard)
         self.prepare_folder(resuming)
+        self.targets = self.teacher_targets()
         self.start_logging()
         try:
             with self.preemption.deferred():  # outside it, a signal stops the run at once
@@ -218,11 +219,24 @@ class Run:
         if not cfg.distill.teacher:
             return None
         self.teacher_cfg, teacher = load_teacher(cfg, self.tokenizer.vocabulary_size)
-        self.model.set_teacher(teacher)
+        if not cfg.distill.topk:  # else its cached top-k come with the batches
+            self.model.set_teacher(teacher)
         log(f"distill: teacher {cfg.distill.teacher} "
             f"({int(teacher.network.count_params()):,} parameters), alpha "
-            f"{cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+            f"{cfg.distill.alpha}, temperature {cfg.distill.temperature}"
+            + (f", its top-{cfg.distill.topk} ids cached" if cfg.distill.topk else ""))
         return teacher
+
+    def teacher_targets(self) -> tuple:
+        """``distill.topk``: the teacher's cached (ids, log-probabilities) of every training
+        row, made once in ``<run>/teacher_topk``; () otherwise."""
+        from tfpretrain.training.distill import TOPK_FOLDER, teacher_top_k
+
+        if not self.cfg.distill.topk:
+            return ()
+        return teacher_top_k(self.cfg, self.teacher, self.packed.train_rows,
+                             self.run_dir / TOPK_FOLDER, self.tokenizer.vocabulary_size,
+                             log=log)
 
     def _meter(self):
         """FLOPs, the device's peak and price: MFU, ETA and cost in the log and summary."""
@@ -233,7 +247,8 @@ class Run:
         device = detect()
         vocab = self.tokenizer.vocabulary_size
         flops = model_flops_per_token(self.cfg, self.params, vocab)
-        if self.teacher is not None:  # its forward pass (a third of its 6N + 12LHT) counts
+        if self.model.teacher is not None:  # its forward pass (a third of its 6N + 12LHT)
+            # counts; a cached top-k (distill.topk) costs one pass, in wall time only
             flops += model_flops_per_token(self.teacher_cfg,
                                            int(self.teacher.network.count_params()), vocab) // 3
         n = self.placement.physical  # several GPUs: their summed peak and price
@@ -244,7 +259,8 @@ class Run:
         peak = meter.peak_flops
         log(f"device: {device.label}; peak {peak / 1e12:,.2f} TFLOP/s ({self.precision})"
             if peak else f"device: {device.label}; peak unknown for {self.precision}")
-        teacher = "; + the teacher forward 2N + 4LHT" if self.teacher is not None else ""
+        teacher = "; + the teacher forward 2N + 4LHT" if self.model.teacher is not None \
+            else ""
         log(f"flops: {flops:,} per token (6N + 12LHT{teacher}); price "
             f"${meter.price_per_hour:.2f}/h (train.price_per_hour)")
         return meter
@@ -476,5 +492,5 @@ class Run:
                                          cfg.train.seed, step + self.guard.data_offset,
                                          poison=faults.poisoned_positions(cfg),
                                          to_batch=batcher, part=(lo, hi),
-                                         service=self.feeders),
+                                         service=self.feeders, targets=self.targets),
             cfg.train.batch_size)
