@@ -348,10 +348,12 @@ def test_top_k_distillation_is_exact_over_the_whole_vocabulary_and_a_bound_below
     assert np.all(np.abs(same) < 1e-5)
 
 
-def test_fit_with_a_cached_top_k_teacher_trains_and_reuses_the_cache(tiny_run, tmp_path):
-    """distill.topk: the teacher's top-k of every training row are made once into the run
-    folder, match the teacher's own predictions, train a student whose loss falls, and are
-    reused (not remade) when the run is extended; a masked-LM config is refused."""
+def test_a_cached_top_k_over_the_whole_vocabulary_trains_as_the_teacher_in_the_step(
+        tiny_run, tmp_path):
+    """distill.topk = the vocabulary: the teacher's predictions, made once per training row
+    into the token cache, are the teacher's own, and the student trains as with the teacher
+    inside every step (same val loss up to float16 rounding). Another student of the same
+    teacher and rows reuses the cache instead of making it again."""
     import tensorflow as tf
 
     from tfpretrain.data.cache import prepare
@@ -361,21 +363,38 @@ def test_fit_with_a_cached_top_k_teacher_trains_and_reuses_the_cache(tiny_run, t
     from tfpretrain.training.runfolder import load_run
 
     _, teacher_dir, teacher_summary = tiny_run
-    kwargs = dict(model={"hidden_dim": 16, "intermediate_dim": 32}, eval={"every": 20},
-                  export={"enabled": False},
-                  distill={"teacher": str(teacher_dir), "alpha": 0.5, "topk": 8})
-    summary = fit(tiny_config(tmp_path, train={"steps": 20}, **kwargs), tmp_path / "s")
-    assert summary["teacher_val_loss"] == pytest.approx(teacher_summary["val_loss"], rel=1e-4)
-    cache = tmp_path / "s" / "teacher_topk"
-    ids, log_p = np.load(cache / "ids.npy"), np.load(cache / "log_p.npy")
-    assert ids.shape[2] == log_p.shape[2] == 8 and ids.dtype == np.uint16
+
+    def student(run, **kd):
+        cfg = tiny_config(tmp_path, model={"hidden_dim": 16, "intermediate_dim": 32},
+                          train={"steps": 20}, eval={"every": 20}, export={"enabled": False},
+                          distill={"teacher": str(teacher_dir), "alpha": 0.5, **kd})
+        return cfg, fit(cfg, tmp_path / run)
+
+    _, in_step = student("in_step")
+    cfg, cached = student("cached", topk=320)
+    assert cached["val_loss"] == pytest.approx(in_step["val_loss"], abs=2e-3)
+    assert cached["teacher_val_loss"] == pytest.approx(teacher_summary["val_loss"], rel=1e-4)
+    [ids_file] = distill._top_k_folder(cfg, tmp_path).glob("*/ids.npy")
+    ids, log_p = np.load(ids_file), np.load(ids_file.with_name("log_p.npy"))
+    assert ids.shape[2] == log_p.shape[2] == 320 and ids.dtype == np.uint16
     _, _, teacher = load_run(teacher_dir)
-    cfg = distill.resolve(tiny_config(tmp_path, **kwargs))  # the teacher's tokenizer
+    cfg = distill.resolve(cfg)  # the teacher's tokenizer
     rows = prepare(cfg, row_format(cfg), log=lambda *a: None)[1].train_rows[:4]
-    expected = tf.math.top_k(tf.nn.log_softmax(teacher(rows[:, :-1]) / 2.0), 8)
-    np.testing.assert_array_equal(ids[:4], expected.indices.numpy())
+    expected = tf.math.top_k(tf.nn.log_softmax(teacher(rows[:, :-1]) / 2.0), 320)
     np.testing.assert_allclose(log_p[:4], expected.values.numpy(), atol=2e-2)
-    stamp = (cache / "ids.npy").stat().st_mtime_ns
-    longer = fit(tiny_config(tmp_path, train={"steps": 40}, **kwargs), tmp_path / "s")
-    assert (cache / "ids.npy").stat().st_mtime_ns == stamp  # reused, not remade
-    assert longer["val_loss"] < summary["val_loss"]
+    assert np.mean(ids[:4, :, 0] == expected.indices.numpy()[..., 0]) > 0.98
+    stamp = ids_file.stat().st_mtime_ns
+    student("another", topk=320)
+    assert ids_file.stat().st_mtime_ns == stamp  # reused, not made again
+
+
+@pytest.mark.parametrize("overrides", [
+    ["distill.topk=8"],  # no teacher
+    ["distill.topk=8", "distill.teacher=runs/t", "model.objective=mlm", "model.arch=bert"],
+    ["distill.topk=8", "distill.teacher=runs/t", "data.service=grpc://h:5050"],
+])
+def test_a_cached_top_k_needs_a_causal_teacher_and_local_batches(overrides):
+    from tfpretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="distill.topk"):
+        load_config(None, overrides)

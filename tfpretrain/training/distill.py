@@ -81,60 +81,87 @@ def load_teacher(cfg: Config, vocabulary_size: int):
 TOPK_FOLDER = "teacher_topk"
 
 
-def teacher_top_k(cfg: Config, teacher, rows, folder: Path, vocabulary_size: int,
+def teacher_top_k(cfg: Config, teacher, rows, run_dir: Path, vocabulary_size: int,
                   log=print):
     """``distill.topk``: (ids [rows, seq, k] uint16/int32, log-probabilities at temperature
     T [rows, seq, k] float16) of the teacher's k most likely next ids at every position of
-    every training row (causal LM: the input is the row less its last id), memory-mapped
-    from ``folder`` (``<run>/teacher_topk``). Made by one
-    teacher forward pass over the rows, and made again only when the teacher's weights, the
-    rows, k or T change (``meta.json``)."""
+    every training row (causal LM: the input is the row less its last id), memory-mapped.
+    Made by one teacher forward pass over the rows, kept in the token cache
+    (``<data.cache_dir>/teacher_topk/<key>``, shared by every student of this teacher on
+    these rows) or, with ``data.cache: false``, in ``<run>/teacher_topk``; ``meta.json``
+    names what it was made from (the teacher's weights, the rows, k, T), so a change to
+    any of them makes it again."""
+    import hashlib
     import json
-
-    import numpy as np
-
-    from tfpretrain.errors import writing
 
     from tfpretrain.models.lm import weights_sha256
 
     k = min(cfg.distill.topk, vocabulary_size)
     meta = {"k": k, "temperature": cfg.distill.temperature, "rows": list(rows.shape),
-            "rows_digest": _rows_digest(rows), "teacher": str(Path(cfg.distill.teacher)),
-            "teacher_weights": weights_sha256(teacher)}
-    folder = Path(folder)
+            "rows_digest": _rows_digest(rows), "teacher_weights": weights_sha256(teacher)}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    folder = _top_k_folder(cfg, run_dir) / key
     if (folder / "meta.json").is_file() and \
             json.loads((folder / "meta.json").read_text()) == meta:
         log(f"distill: the teacher's top-{k} ids of {len(rows):,} rows from {folder}")
-        return (np.load(folder / "ids.npy", mmap_mode="r"),
-                np.load(folder / "log_p.npy", mmap_mode="r"))
+        return _open(folder)
+    return _make_top_k(cfg, teacher, rows, folder, meta, vocabulary_size, log)
+
+
+def _top_k_folder(cfg: Config, run_dir: Path) -> Path:
+    if not cfg.data.cache:
+        return Path(run_dir) / TOPK_FOLDER
+    from tfpretrain.data.cache import default_cache_dir
+
+    return Path(cfg.data.cache_dir or default_cache_dir()).expanduser() / TOPK_FOLDER
+
+
+def _open(folder: Path):
+    import numpy as np
+
+    return (np.load(folder / "ids.npy", mmap_mode="r"),
+            np.load(folder / "log_p.npy", mmap_mode="r"))
+
+
+def _make_top_k(cfg: Config, teacher, rows, folder: Path, meta: dict,
+                vocabulary_size: int, log):
+    import json
     import time
 
+    import numpy as np
+
+    from tfpretrain.errors import writing
     from tfpretrain.files import write_atomic
 
     t0 = time.time()
     with writing(f"the teacher's top-k predictions ({folder})", where=folder.parent):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)  # stale until the new one is whole
-        ids, log_p = _predict_top_k(teacher, rows, k, cfg.distill.temperature,
-                                    folder, np.uint16 if vocabulary_size <= 65536 else np.int32)
+        _predict_top_k(teacher, rows, meta["k"], cfg.distill.temperature, folder,
+                       np.uint16 if vocabulary_size <= 65536 else np.int32)
         write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
-    log(f"distill: the teacher's top-{k} ids at T={cfg.distill.temperature:g} for "
+    ids, log_p = _open(folder)
+    log(f"distill: the teacher's top-{meta['k']} ids at T={cfg.distill.temperature:g} for "
         f"{len(rows):,} rows in {time.time() - t0:.1f}s ({folder}, "
         f"{(ids.nbytes + log_p.nbytes) / 2**20:.1f} MiB)")
     return ids, log_p
 
 
 def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_dtype):
-    """One teacher pass over ``rows`` in batches, written into ``ids.npy``/``log_p.npy``."""
+    """One teacher pass over ``rows`` (XLA-compiled, 64 rows a call), written into
+    ``ids.npy`` and ``log_p.npy`` through this process's temporary files."""
+    import os
+
     import numpy as np
     import tensorflow as tf
 
-    width = int(rows.shape[1]) - 1
-    ids = np.lib.format.open_memmap(folder / ".ids.npy", "w+", id_dtype, (len(rows), width, k))
-    log_p = np.lib.format.open_memmap(folder / ".log_p.npy", "w+", np.float16,
+    width, tmp = int(rows.shape[1]) - 1, f".{os.getpid()}.npy"
+    ids = np.lib.format.open_memmap(folder / f".ids{tmp}", "w+", id_dtype,
+                                    (len(rows), width, k))
+    log_p = np.lib.format.open_memmap(folder / f".log_p{tmp}", "w+", np.float16,
                                       (len(rows), width, k))
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(jit_compile=True, reduce_retracing=True)
     def top(x):
         logits = tf.cast(teacher(x, training=False), tf.float32) / temperature
         values, index = tf.math.top_k(tf.nn.log_softmax(logits, axis=-1), k)
@@ -148,8 +175,6 @@ def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_d
     for array, name in ((ids, "ids.npy"), (log_p, "log_p.npy")):
         array.flush()
         Path(array.filename).replace(folder / name)
-    return (np.load(folder / "ids.npy", mmap_mode="r"),
-            np.load(folder / "log_p.npy", mmap_mode="r"))
 
 
 def _rows_digest(rows) -> str:

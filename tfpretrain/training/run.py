@@ -229,14 +229,13 @@ class Run:
 
     def teacher_targets(self) -> tuple:
         """``distill.topk``: the teacher's cached (ids, log-probabilities) of every training
-        row, made once in ``<run>/teacher_topk``; () otherwise."""
-        from tfpretrain.training.distill import TOPK_FOLDER, teacher_top_k
+        row (``distill.teacher_top_k``); () otherwise."""
+        from tfpretrain.training.distill import teacher_top_k
 
         if not self.cfg.distill.topk:
             return ()
-        return teacher_top_k(self.cfg, self.teacher, self.packed.train_rows,
-                             self.run_dir / TOPK_FOLDER, self.tokenizer.vocabulary_size,
-                             log=log)
+        return teacher_top_k(self.cfg, self.teacher, self.packed.train_rows, self.run_dir,
+                             self.tokenizer.vocabulary_size, log=log)
 
     def _meter(self):
         """FLOPs, the device's peak and price: MFU, ETA and cost in the log and summary."""
