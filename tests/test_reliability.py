@@ -462,3 +462,26 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):
                        timeout=300)
     assert_refused(r, "the Hugging Face hub is unreachable", "HF_DATASETS_OFFLINE=1")
     assert time.time() - t0 < 60 and not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_under_the_tensorboard_logs_is_one_message(tmp_path, small_disk):
+    """TensorBoard's event files on a full disk (a 12 KiB filesystem mounted at the run's
+    logs/ before a resume, filled up): one message naming the events file, exit 74; the
+    checkpoints, on another disk, are intact, and with room made the same command
+    finishes."""
+    cfg = write_yaml(tmp_path / "c.yaml", quick_raw(tmp_path))
+    run = tmp_path / "run"
+    first = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run),
+                    "--set", "train.steps=10")
+    assert first.returncode == 0, first.stderr[-3000:]
+    logs = small_disk(run / "logs", 12)
+    with open(logs / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"x" * 1024)
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
+    assert_write_refused(r, "events.out.tfevents")
+    assert "step-00000010" in [p.name for p in (run / "checkpoints").iterdir()]
+    small_disk(logs, 4096)  # room made
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
