@@ -138,8 +138,8 @@ class Placement:
     physical: int = 1                 # devices that add compute (GPUs; logical CPUs: 1)
     cluster: Cluster | None = None    # multi_worker: TF_CONFIG
     _sum: object = field(default=None, repr=False)  # multi_worker: a tf.function all-reduce
-    _vote: dict = field(default_factory=lambda: {"next": 0, "step": 0, "at": time.monotonic()},
-                        repr=False)  # multi_worker: when signals() asks next
+    _vote: dict = field(default_factory=lambda: {"next": 0, "step": None, "at": 0.0},
+                        repr=False)  # multi_worker: signals()' last question, and the next
 
     @property
     def replicas(self) -> int:
@@ -210,7 +210,8 @@ class Placement:
         {role: signum}, or {}."""
         if self.kind != "multi_worker":
             return {self.role: signum} if signum else {}
-        if self._vote["step"] < step < self._vote["next"]:  # (a rollback: ask at once)
+        last = self._vote["step"]
+        if last is not None and last < step < self._vote["next"]:  # (a rollback: ask now)
             return None
         import numpy as np
 
@@ -218,8 +219,9 @@ class Placement:
         now = time.monotonic()
         mine = np.zeros(len(roles) + 1, np.float32)
         mine[roles.index(self.role)] = signum or 0
-        if self.is_chief:  # only the chief's clock: a sum with zeros is exact everywhere
-            mine[-1] = (now - self._vote["at"]) / max(step - self._vote["step"], 1)
+        if self.is_chief and last is not None and step > last:  # seconds per step; only
+            # the chief's clock, so the sum (with zeros) is exactly the same everywhere
+            mine[-1] = (now - self._vote["at"]) / (step - last)
         summed = self._all_reduce_sum(mine) / (self.replicas // len(roles))
         per_step = float(summed[-1])
         every = int(min(1000, max(1, VOTE_SECONDS // per_step))) if per_step > 0 else 1
