@@ -258,9 +258,10 @@ class TrainConfig:
     worker_timeout: int = _f(300, "multi_worker: seconds to wait for every worker at start, "
                              "and for the others in any one training step or evaluation "
                              "batch (a worker alive but stalled; the first batch of each "
-                             "kind, which traces and compiles, is not timed). A worker that "
-                             "dies is noticed within about a minute by TensorFlow's health "
-                             "check. Either ends the others with exit code 75.", min=10)
+                             "kind, which traces and compiles, may take 4 times as long). A "
+                             "worker that dies is noticed within about a minute by "
+                             "TensorFlow's health check. Either ends the others with exit "
+                             "code 75.", min=10)
     logical_cpu_devices: int = _f(0, "Split the CPU into this many logical devices (0 = "
                                   "no split), so `mirrored` runs without GPUs (tests, "
                                   "trying a multi-device setup).", min=0)

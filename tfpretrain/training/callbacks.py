@@ -297,14 +297,16 @@ class StallWatch(keras.callbacks.Callback):
     own) aborts this worker's collectives, and the run ends as for a lost peer (exit 75).
     TensorFlow's own per-collective timeout is not used: it parks one thread per collective
     for the whole timeout (base_collective_executor.cc), ~11 per step here, which
-    exhausted the process's threads after ~1,400 steps. A kind of batch is watched once one
-    of its kind has finished in this process, so tracing and compiling the first one is not
-    counted. One thread, waking every ``every`` seconds."""
+    exhausted the process's threads after ~1,400 steps. The first batch of each kind
+    (training, evaluation) in this process traces and compiles, so it may take
+    ``FIRST_BATCH`` times as long. One thread, waking every ``every`` seconds."""
+
+    FIRST_BATCH = 4
 
     def __init__(self, timeout: float, every: float = 1.0):
         super().__init__()
         self.timeout, self.every = timeout, every
-        self.since = None  # when the watched batch in progress began
+        self.since = None  # (when the batch in progress began, the seconds it may take)
         self.seen = set()  # kinds of batch ("train", "test") finished in this process
         self.stalled = None  # the abort's message, once given
         self._stop = threading.Event()
@@ -319,8 +321,8 @@ class StallWatch(keras.callbacks.Callback):
         self.since = None
 
     def _begin(self, kind: str) -> None:
-        if kind in self.seen:
-            self.since = time.monotonic()
+        first = kind not in self.seen
+        self.since = (time.monotonic(), self.timeout * (self.FIRST_BATCH if first else 1))
 
     def _end(self, kind: str) -> None:
         self.since = None
@@ -343,8 +345,8 @@ class StallWatch(keras.callbacks.Callback):
 
         while not stop.wait(self.every):
             since = self.since
-            if since is not None and time.monotonic() - since > self.timeout:
-                self.stalled = (f"a step waited over {self.timeout:g} s for the other "
+            if since is not None and time.monotonic() - since[0] > since[1]:
+                self.stalled = (f"a step waited over {since[1]:g} s for the other "
                                 "workers, train.worker_timeout")
                 compat.abort_collectives(self.stalled)
                 return
