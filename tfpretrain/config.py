@@ -354,8 +354,10 @@ class DistillConfig:
                             min=0.0, min_exclusive=True)
     topk: int = _f(0, "0 = the teacher runs inside every train step. K > 0 (causal LM): the "
                    "teacher's K most likely ids and their log-probabilities at temperature T "
-                   "are computed once for every training row, kept in the run folder "
-                   "(`teacher_topk/`, 4*K bytes a token) and read with the batches; the KL "
+                   "are computed once for every training row, kept in the token cache "
+                   "(`<data.cache_dir>/teacher_topk/`, shared by every student of that "
+                   "teacher; the run folder with `data.cache: false`; 4*K bytes a token) "
+                   "and read with the batches; the KL "
                    "term is taken over those K ids and \"the rest\". The teacher then costs "
                    "one forward pass over the corpus instead of one per step.", min=0)
 

@@ -265,18 +265,16 @@ class CheckpointEvery(keras.callbacks.Callback):
 
 class PreemptionCheckpoint(keras.callbacks.Callback):
     """After SIGTERM/SIGINT: commit a checkpoint at the next step boundary and stop.
-    ``signals(signum, step)`` (multi_worker, ``Placement.signals``): {worker: signal} of
-    every worker that had one when they last asked each other, the same answer on every
-    worker after the same step, so all stop there together (None: not asked this step)."""
+    ``signals(signum, step)`` (``Placement.signals``): {worker: signal} of every worker
+    that had one when they last asked each other (multi_worker: the same answer on every
+    worker after the same step, so all stop there together; None: not asked this step)."""
 
-    def __init__(self, manager, extra, preemption, signals=None):
+    def __init__(self, manager, extra, preemption, signals):
         super().__init__()
         self.manager, self.extra, self.preemption = manager, extra, preemption
         self.signals = signals
 
     def _stop_now(self, step: int) -> bool:
-        if self.signals is None:
-            return self.preemption.stopping
         agreed = self.signals(self.preemption.signum, step)
         for worker, signum in (agreed or {}).items():
             self.preemption.stop_with(worker, signum)
@@ -308,7 +306,6 @@ class StallWatch(keras.callbacks.Callback):
         self.timeout, self.every = timeout, every
         self.since = None  # (when the batch in progress began, the seconds it may take)
         self.seen = set()  # kinds of batch ("train", "test") finished in this process
-        self.stalled = None  # the abort's message, once given
         self._stop = threading.Event()
 
     def on_train_begin(self, logs=None):
@@ -346,9 +343,8 @@ class StallWatch(keras.callbacks.Callback):
         while not stop.wait(self.every):
             since = self.since
             if since is not None and time.monotonic() - since[0] > since[1]:
-                self.stalled = (f"a step waited over {since[1]:g} s for the other "
-                                "workers, train.worker_timeout")
-                compat.abort_collectives(self.stalled)
+                compat.abort_collectives(f"a step waited over {since[1]:g} s for the other "
+                                         "workers, train.worker_timeout")
                 return
 
 

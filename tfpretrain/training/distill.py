@@ -135,8 +135,7 @@ def _make_top_k(cfg: Config, teacher, rows, folder: Path, meta: dict,
 
     t0 = time.time()
     with writing(f"the teacher's top-k predictions ({folder})", where=folder.parent):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "meta.json").unlink(missing_ok=True)  # stale until the new one is whole
+        folder.mkdir(parents=True, exist_ok=True)  # meta.json, last, marks it whole
         _predict_top_k(teacher, rows, meta["k"], cfg.distill.temperature, folder,
                        np.uint16 if vocabulary_size <= 65536 else np.int32)
         write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
