@@ -120,3 +120,16 @@ def test_dry_run_prints_config_params_and_tokens(tmp_path):
     assert info["planned_tokens"] == 10 * 32 * 128
     assert 500_000 < info["params"] < 2_000_000
     assert not (tmp_path / "runs").exists()
+
+
+def test_rerun_exit_code_cannot_take_another_outcomes_code():
+    """train.rerun_exit_code must not read as a guard stop (3) or a full disk (74), nor be
+    outside what a process can exit with."""
+    for code, what in ((74, "a refused write (disk full)"), (3, "a stop of the stability guard")):
+        problems, _ = problems_of({"train": {"rerun_exit_code": code}})
+        assert problems == [f"`train.rerun_exit_code` {code} is tfpretrain's exit code for "
+                            f"{what}; choose another (75, or 138 under Kubeflow's "
+                            "restartPolicy: ExitCode)"]
+    problems, _ = problems_of({"train": {"rerun_exit_code": 256}})
+    assert "train.rerun_exit_code" in problems[0]
+    assert build_config({"train": {"rerun_exit_code": 138}}).train.rerun_exit_code == 138

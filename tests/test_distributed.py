@@ -245,15 +245,16 @@ def test_xla_under_a_strategy_on_a_cpu_is_refused(tmp_path):
 def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(setup, tmp_path):
     """SIGTERM to worker 1 alone (its VM preempted): within seconds both workers stop
     after the same step, the chief commits that step's checkpoint, worker 1 exits 143
-    (128 + 15) and the chief 75 naming worker 1, without tracebacks; started again, both
-    resume from that step and finish with identical weights."""
+    (128 + 15) and the chief with train.rerun_exit_code (138 here, as under Kubeflow's
+    ExitCode policy) naming worker 1, without tracebacks; started again (with the default
+    75), both resume from that step and finish with identical weights."""
     import re
     import signal
     import time
 
     cfg_path, _, _ = setup
     run_dir = tmp_path / "run"
-    procs = start_workers(cfg_path, run_dir, 2000)
+    procs = start_workers(cfg_path, run_dir, 2000, "--set", "train.rerun_exit_code=138")
     log0 = lambda: (tmp_path / "run.worker0.log").read_text()  # noqa: E731
     deadline = time.time() + 240
     while "step 20/" not in log0() and time.time() < deadline:
@@ -261,12 +262,13 @@ def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(setup, tmp_pa
     assert "step 20/" in log0(), log0()[-3000:]
     procs[1].send_signal(signal.SIGTERM)
     t0 = time.time()
-    assert [procs[1].wait(timeout=60), procs[0].wait(timeout=60)] == [143, 75]
+    assert [procs[1].wait(timeout=60), procs[0].wait(timeout=60)] == [143, 138]
     assert time.time() - t0 < 30
     err0, err1 = ((tmp_path / f"run.worker{i}.err").read_text() for i in range(2))
     stop = int(re.search(r"stopped at step (\d+) with worker 1, which got signal 15",
                          err0).group(1))
     assert f"stopped by signal 15 at step {stop}; exit 143" in err1
+    assert "; exit 138" in err0.strip().splitlines()[-1]
     assert "Traceback" not in err0 + err1
     assert (run_dir / "checkpoints" / f"step-{stop:08d}").is_dir()
     codes, logs = finish_workers(start_workers(cfg_path, run_dir, stop + 10), run_dir)

@@ -68,15 +68,24 @@ def test_distributed_launch_manifests_parse_and_run_our_command():
 
     import yaml
 
+    from tfpretrain.config import load_config
+    from tfpretrain.fit import parser as fit_parser
+
     page = REPO / "docs" / "distributed.md"
     (tfjob,) = [yaml.safe_load(b) for b in fenced(page, "yaml") if "kind: TFJob" in b]
     assert tfjob["apiVersion"] == "kubeflow.org/v1" and tfjob["metadata"]["name"]
     (worker,) = tfjob["spec"]["tfReplicaSpecs"].values()
-    assert worker["replicas"] >= 2 and worker["restartPolicy"] == "OnFailure"
+    assert worker["replicas"] >= 2 and worker["restartPolicy"] == "ExitCode"
     (container,) = worker["template"]["spec"]["containers"]
     assert container["name"] == "tensorflow"  # the operator looks for this name
-    assert container["command"][:3] == ["python", "-m", "tfpretrain.fit"]
-    assert "--run-dir" in container["command"] and container["volumeMounts"]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "tfpretrain.fit"]
+    assert "--run-dir" in command and container["volumeMounts"]
+    # ExitCode retries only 130, 137, 138 and 143 (kubeflow/common's IsRetryableExitCode):
+    # a lost or stopped peer must exit with one of them, a bad config with none
+    args = fit_parser().parse_args(command[3:])
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.train.rerun_exit_code in (130, 137, 138, 143)
 
     (job,) = [json.loads(b) for b in fenced(page, "json") if "workerPoolSpecs" in b]
     pools = job["jobSpec"]["workerPoolSpecs"]

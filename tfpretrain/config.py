@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import yaml
 
-from tfpretrain.errors import UserError
+from tfpretrain.errors import GUARD_STOP_EXIT, IOERR_EXIT, UserError
 
 
 def _package_configs() -> Path:
@@ -124,8 +124,8 @@ class DataConfig:
         "and exact resume are those of a local run. Needs `data.cache: true` "
         "(docs/distributed.md).")
     service_timeout: int = _f(120, "Seconds a `data.service` feeder may stop answering "
-                              "before the run ends with exit code 75 (rerun to resume from "
-                              "the last checkpoint).", min=5)
+                              "before the run ends with train.rerun_exit_code (rerun to "
+                              "resume from the last checkpoint).", min=5)
 
 
 @dataclass
@@ -260,8 +260,14 @@ class TrainConfig:
                              "batch (a worker alive but stalled; the first batch of each "
                              "kind, which traces and compiles, may take 4 times as long). A "
                              "worker that dies is noticed within about a minute by "
-                             "TensorFlow's health check. Either ends the others with exit "
-                             "code 75.", min=10)
+                             "TensorFlow's health check. Either ends the others with "
+                             "train.rerun_exit_code.", min=10)
+    rerun_exit_code: int = _f(75, "Exit code of a run that stopped because another process "
+                              "was lost or stopped (a multi_worker worker, a data.service "
+                              "feeder) and resumes when every process is started again with "
+                              "the same command (75 = EX_TEMPFAIL). Kubeflow's `restartPolicy: "
+                              "ExitCode` retries only 130, 137, 138 and 143: set 138 there "
+                              "(docs/distributed.md).", min=3, max=255)
     logical_cpu_devices: int = _f(0, "Split the CPU into this many logical devices (0 = "
                                   "no split), so `mirrored` runs without GPUs (tests, "
                                   "trying a multi-device setup).", min=0)
@@ -617,7 +623,16 @@ def _cross_checks(c: Config) -> list[str]:
     return (_model_checks(c) + _objective_checks(c) + _optimizer_checks(c)
             + _schedule_checks(c)
             + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
-            + _check_plain_name("export.name", c.export.name))
+            + _check_plain_name("export.name", c.export.name) + _exit_code_checks(c))
+
+
+def _exit_code_checks(c: Config) -> list[str]:
+    taken = {GUARD_STOP_EXIT: "a stop of the stability guard",
+             IOERR_EXIT: "a refused write (disk full)"}
+    code = c.train.rerun_exit_code
+    return [f"`train.rerun_exit_code` {code} is tfpretrain's exit code for {taken[code]}; "
+            "choose another (75, or 138 under Kubeflow's restartPolicy: ExitCode)"] \
+        if code in taken else []
 
 
 def _model_checks(c: Config) -> list[str]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 TEMPFAIL_EXIT = 75  # EX_TEMPFAIL: a peer (worker, feeder) was lost; rerun to resume
+#   (the default of train.rerun_exit_code, which a run uses instead)
+GUARD_STOP_EXIT = 3  # the stability guard gave up (train.max_rollbacks)
 IOERR_EXIT = 74  # EX_IOERR: a file could not be written (disk full, quota, read-only)
 # the errors that mean the disk or the folder refused a write, not a bug
 REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,

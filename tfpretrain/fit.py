@@ -145,8 +145,9 @@ def main(argv=None) -> int:
     try:
         summary = fit(cfg, run_dir, args.resume, args.allow_config_change)
     except (Preempted, GuardStop, WorkerLost) as exc:
-        print(f"[tfpretrain] {exc}; exit {exc.exit_code}", file=sys.stderr)
-        return exc.exit_code
+        code = cfg.train.rerun_exit_code if getattr(exc, "rerun", False) else exc.exit_code
+        print(f"[tfpretrain] {exc}; exit {code}", file=sys.stderr)
+        return code
     print(json.dumps(summary))
     if summary.get("strategy") == "multi_worker":
         # every worker passed the final barrier: leave now, all together, before

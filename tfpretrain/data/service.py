@@ -69,11 +69,13 @@ def check_reachable(targets: list[str], timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def watchdog(targets: list[str], timeout: float, every: float = 5.0):
+def watchdog(targets: list[str], timeout: float, exit_code: int = TEMPFAIL_EXIT,
+             every: float = 5.0):
     """While training: a feeder that refuses connections for ``timeout`` seconds ends the
-    process with exit code 75 and a message. The tf.data service client waits for a lost
-    feeder for ever, inside TensorFlow, where no Python exception can reach it; what was
-    trained since the last checkpoint is lost, and rerunning resumes from it."""
+    process with ``exit_code`` (``train.rerun_exit_code``) and a message. The tf.data
+    service client waits for a lost feeder for ever, inside TensorFlow, where no Python
+    exception can reach it; what was trained since the last checkpoint is lost, and
+    rerunning resumes from it."""
     if not targets:
         yield
         return
@@ -86,7 +88,7 @@ def watchdog(targets: list[str], timeout: float, every: float = 5.0):
                 if _answers(target, every):
                     down.pop(target, None)
                 elif time.monotonic() - down.setdefault(target, time.monotonic()) >= timeout:
-                    _lost(target, timeout)
+                    _lost(target, timeout, exit_code)
 
     threading.Thread(target=watch, name="data.service watchdog", daemon=True).start()
     try:
@@ -95,11 +97,11 @@ def watchdog(targets: list[str], timeout: float, every: float = 5.0):
         done.set()
 
 
-def _lost(target: str, timeout: float) -> None:
+def _lost(target: str, timeout: float, exit_code: int) -> None:
     print(f"[tfpretrain] data.service: the feeder {target} has not answered for {timeout:g} s "
           "(data.service_timeout). Restart it and rerun the same command: the run resumes "
-          f"from its last checkpoint; exit {TEMPFAIL_EXIT}", file=sys.stderr, flush=True)
-    os._exit(TEMPFAIL_EXIT)
+          f"from its last checkpoint; exit {exit_code}", file=sys.stderr, flush=True)
+    os._exit(exit_code)
 
 
 def file_reader(rows: np.ndarray):

@@ -24,14 +24,14 @@ from tfpretrain.errors import TEMPFAIL_EXIT, UserError
 
 EXAMPLE_TF_CONFIG = json.dumps({"cluster": {"worker": ["host1:2222", "host2:2222"]},
                                 "task": {"type": "worker", "index": 0}})
-LOST_WORKER_EXIT = TEMPFAIL_EXIT  # rerun every worker to resume
 VOTE_SECONDS = 1.0  # multi_worker: how often the workers ask each other about signals
 
 
 class WorkerLost(Exception):
-    """multi_worker: a peer stopped answering; this worker stops without a traceback."""
+    """multi_worker: a peer stopped answering; this worker stops without a traceback and
+    with ``train.rerun_exit_code`` (rerun every worker to resume)."""
 
-    exit_code = LOST_WORKER_EXIT
+    exit_code, rerun = TEMPFAIL_EXIT, True
 
     def __init__(self, role: str, step: int, detail: str):
         super().__init__(f"{role}: lost contact with the other workers at step {step} "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tfpretrain.errors import GUARD_STOP_EXIT
+
 
 @dataclass
 class GuardState:
@@ -32,7 +34,7 @@ class GuardState:
 class GuardStop(Exception):
     """The guard gave up: more rollbacks were needed than ``train.max_rollbacks``."""
 
-    exit_code = 3
+    exit_code = GUARD_STOP_EXIT
 
 
 class Diverged(GuardStop):

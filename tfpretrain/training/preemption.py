@@ -17,7 +17,8 @@ AFTER = ("after training: its last checkpoint is committed; rerun the same comma
 class Preempted(Exception):
     """Stopped on SIGTERM/SIGINT: in training after committing a checkpoint (``step``), or
     outside it at once (``when`` says where). ``by``: multi_worker, the other worker that
-    got the signal (this one stopped with it, exit 75: rerun every worker)."""
+    got the signal (this one stopped with it, exit ``train.rerun_exit_code``: rerun every
+    worker)."""
 
     def __init__(self, signum: int, step: int | None = None, when: str = "", by: str = ""):
         if by:
@@ -29,6 +30,7 @@ class Preempted(Exception):
             super().__init__(f"stopped by signal {signum} "
                              + (f"at step {step}" if step is not None else when))
         self.signum, self.step = signum, step
+        self.rerun = bool(by)  # exit with train.rerun_exit_code
         self.exit_code = TEMPFAIL_EXIT if by else 128 + signum
 
 

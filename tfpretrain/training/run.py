@@ -478,7 +478,8 @@ class Run:
         from tfpretrain.data import service
 
         with service.feeder_errors(self.feeders), \
-                service.watchdog(self.feeders, self.cfg.data.service_timeout):
+                service.watchdog(self.feeders, self.cfg.data.service_timeout,
+                                 self.cfg.train.rerun_exit_code):
             yield
 
     def _train_data(self, step: int, batcher):
