@@ -277,6 +277,40 @@ def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(setup, tmp_pa
     assert chief["steps"] == stop + 10 and chief["weights_sha256"] == worker["weights_sha256"]
 
 
+def test_the_stall_watch_gives_the_first_batch_of_each_kind_four_times_the_timeout(
+        monkeypatch):
+    """callbacks.StallWatch on its own thread, timeout 0.4 s: the first training step and
+    the first evaluation batch (tracing, compiling) may wait 1.6 s; a later one that waits
+    over 0.4 s aborts the collectives once, with the message naming the setting. (The
+    abort itself, and what it does to a run, is the slow test below.)"""
+    import time
+
+    from tfpretrain import compat
+    from tfpretrain.training.callbacks import StallWatch
+
+    aborted = []
+    monkeypatch.setattr(compat, "abort_collectives", aborted.append)
+    watch = StallWatch(0.4, every=0.05)
+    watch.on_train_begin()
+    for begin, end in ((watch.on_train_batch_begin, watch.on_train_batch_end),
+                       (watch.on_test_batch_begin, watch.on_test_batch_end)):
+        begin(0)
+        time.sleep(1.0)  # a first batch: over the timeout, within 4 times it
+        end(0)
+        assert aborted == []
+    watch.on_test_batch_begin(1)
+    time.sleep(0.2)
+    watch.on_test_batch_end(1)
+    watch.on_train_batch_begin(1)
+    deadline = time.time() + 5
+    while not aborted and time.time() < deadline:
+        time.sleep(0.05)
+    waited = time.time() - deadline + 5
+    watch.on_train_end()
+    assert aborted == ["a step waited over 0.4 s for the other workers, train.worker_timeout"]
+    assert 0.35 < waited < 1.0, waited
+
+
 @pytest.mark.slow
 def test_a_stalled_worker_ends_the_run_after_worker_timeout(setup, tmp_path):
     """Worker 1 alive but not taking part: asleep for 60 s inside its checkpoint write at
