@@ -123,6 +123,36 @@ def test_schedule_free_evaluates_its_average_and_trains_on_unchanged(tmp_path):
     assert not all(np.array_equal(a, b) for a, b in zip(x, y))
 
 
+def test_ema_is_what_is_evaluated_and_training_is_unchanged(tmp_path):
+    """optimizer.ema: inside evaluation_weights the model holds the moving average of the
+    weights (the first step's weights, then m * avg + (1 - m) * w after each step); the
+    trained weights are back bit for bit afterwards and equal a run's without the EMA, also
+    after model.fit, whose end would overwrite them with the average (Keras's
+    finalize_variable_values)."""
+    from tfpretrain.training.optimizers import evaluation_weights
+
+    batch = fixed_batch()
+    plain, ema = compiled(tmp_path, "adamw"), compiled(tmp_path, "adamw", ema=0.9)
+    average = None
+    for step in range(8):
+        for model in (plain, ema):  # 6 train_on_batch steps, then 2 fit calls of one step
+            if step < 6:
+                model.train_on_batch(*batch)
+            else:
+                model.fit(batch[0], batch[1], sample_weight=batch[2], verbose=0)
+        w = [v.numpy().copy() for v in ema.trainable_variables]
+        assert all(np.array_equal(a, v.numpy()) for a, v in zip(w, plain.trainable_variables))
+        average = w if average is None else [0.9 * a + 0.1 * x for a, x in zip(average, w)]
+    with evaluation_weights(ema):
+        evaluated = [v.numpy().copy() for v in ema.trainable_variables]
+    with evaluation_weights(plain):  # no average: nothing changes
+        assert all(np.array_equal(v.numpy(), x) for v, x in zip(plain.trainable_variables, w))
+    assert all(np.array_equal(v.numpy(), x) for v, x in zip(ema.trainable_variables, w))
+    for e, a, x in zip(evaluated, average, w):
+        np.testing.assert_allclose(e, a, rtol=1e-5, atol=1e-6)
+    assert sum(not np.allclose(e, x) for e, x in zip(evaluated, w)) > len(w) // 2
+
+
 def test_guard_skips_a_nan_step_with_muon_weights_and_moments_unchanged(tmp_path):
     from test_resume import _fit_with_weights_per_step, _same
 
@@ -189,3 +219,38 @@ def test_wrong_optimizer_key_and_schedule_free_schedule_exit_2_on_the_command_li
     r = run_cli("tfpretrain.fit", "--dry-run", "--set", "optimizer.name=schedule_free_adamw")
     assert r.returncode == 0, r.stderr[-2000:]
     assert last_json_line(r.stdout)
+
+
+def test_a_run_with_ema_evaluates_and_exports_the_average_and_resumes_only_with_it(tmp_path):
+    """Two deterministic runs, with and without optimizer.ema: the same training losses
+    at every step (and so the same trained weights), but the EMA run's validation, the
+    model a run folder loads (evaluate, generate, a distillation teacher) and its exported
+    SavedModel all hold the average, so they differ from the plain run's; a resume that
+    changes optimizer.ema exits 2 naming it."""
+    from conftest import tiny_raw, write_yaml
+    from test_fit import read_scalars
+    from tfpretrain.training.runfolder import load_run
+
+    raw = tiny_raw(tmp_path, train={"steps": 20, "deterministic": True},
+                   eval={"every": 10, "final_steps": 2},
+                   export={"validate": False, "dir": str(tmp_path / "exports")})
+    cfg = write_yaml(tmp_path / "c.yaml", raw)
+    summaries, exported, loaded = {}, {}, {}
+    for name, ema in (("plain", "0"), ("ema", "0.9")):
+        r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(tmp_path / name),
+                    "--set", f"optimizer.ema={ema}", "--set", f"export.name={name}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        summaries[name] = last_json_line(r.stdout)
+        exported[name] = last_json_line(run_cli(
+            "tfpretrain.evaluate", "--saved-model", summaries[name]["saved_model"],
+            "--run-dir", str(tmp_path / name)).stdout)["val_loss"]
+        loaded[name] = [v.numpy() for v in load_run(tmp_path / name)[2].trainable_variables]
+    plain, ema = (read_scalars(tmp_path / n / "logs" / "train")["loss"] for n in summaries)
+    assert sorted(plain) == list(range(1, 21)) and plain == ema    # training is untouched
+    assert summaries["ema"]["val_loss"] != summaries["plain"]["val_loss"]
+    assert exported["ema"] != exported["plain"], exported
+    assert not np.allclose(loaded["ema"][0], loaded["plain"][0])
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(tmp_path / "ema"),
+                "--set", "train.steps=30")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "optimizer.ema (0.9 -> 0.0)" in r.stderr

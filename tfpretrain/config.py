@@ -218,6 +218,13 @@ class OptimizerConfig:
     ns_steps: Optional[int] = _f(None, "muon: Newton-Schulz iterations (unset = 5).", min=1)
     clipnorm: Optional[float] = _f(1.0, "Clip the global gradient norm to this (unset or 0: "
                                    "no clipping).", min=0.0)
+    ema: float = _f(0.0, "Keep an exponential moving average of the weights with this "
+                    "momentum (0 = off; 0.999 averages over about the last 1,000 steps) and "
+                    "validate, sample and export the average instead of the trained "
+                    "weights (Keras's optimizer `use_ema`; one more copy of the weights in "
+                    "the optimizer state and checkpoints; a skipped step leaves it as it "
+                    "was). Set it when the run starts: a checkpoint resumes only with the "
+                    "value it was written with.", min=0.0, max=0.99999)
 
     def setting(self, key: str):
         """The value ``key`` takes for this optimizer: the config's, or the optimizer's
@@ -366,6 +373,12 @@ class DistillConfig:
                    "and read with the batches; the KL "
                    "term is taken over those K ids and \"the rest\". The teacher then costs "
                    "one forward pass over the corpus instead of one per step.", min=0)
+    sampled: bool = _f(False, "With `topk` K: cache K ids drawn from the teacher's "
+                       "distribution at temperature T (with replacement, seeded by "
+                       "train.seed) instead of its K most likely, and take the KL term as "
+                       "their mean log-ratio: an unbiased estimate of the full KL and of its "
+                       "gradient, where the top K are a biased lower bound (Anshumann et al. "
+                       "2025, sparse logit sampling). Same cache format and size.")
 
 
 TUNERS = ("random", "grid", "bayesian", "hyperband")
@@ -673,6 +686,9 @@ def _objective_checks(c: Config) -> list[str]:
                      "runs report val_loss and val_masked_accuracy")
         if m.sequence_length < 3:
             p.append("masked-LM rows need `model.sequence_length` >= 3 ([CLS] text [SEP])")
+    if c.distill.sampled and not c.distill.topk:
+        p.append("`distill.sampled` draws the cached `distill.topk` ids from the teacher: set "
+                 "`distill.topk` (e.g. 16) too")
     if c.distill.topk and (not c.distill.teacher or m.objective in MASKED_OBJECTIVES
                            or c.data.service):
         p.append("`distill.topk` caches a causal teacher's predictions per training row: it "
@@ -697,6 +713,9 @@ def _optimizer_checks(c: Config) -> list[str]:
             users = ", ".join(n for n, keys in OPTIMIZER_DEFAULTS.items() if key in keys)
             p.append(f"`optimizer.{key}` does not apply to `optimizer.name: {o.name}` (it is "
                      f"used by: {users}). Remove it, or choose one of those optimizers")
+    if o.ema and o.name == "schedule_free_adamw":
+        p.append("`optimizer.ema` averages the weights, and `schedule_free_adamw` already "
+                 "evaluates its own average of them: use one of the two")
     if o.name == "schedule_free_adamw" and o.resolved_schedule != "constant":
         p.append("`optimizer.name: schedule_free_adamw` needs no decay schedule: leave "
                  "`optimizer.schedule` unset or `constant` (warmup_steps still applies). "

@@ -82,7 +82,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
+        """Nothing: Keras calls this at the end of every ``fit``, where an optimizer with
+        ``use_ema`` would overwrite the trained weights with their average; a run calls
+        ``fit`` more than once (a resumed interval, a rollback) and keeps training, so the
+        average is swapped in only to evaluate (``training.optimizers.evaluation_weights``)."""
 
     @property
     def loss_scaled(self) -> bool:

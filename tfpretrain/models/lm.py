@@ -52,9 +52,11 @@ class CausalLM(DecoderNet):
     def __init__(self, backbone: keras.Model, sequence_length: int,
                  steps_per_execution: int = 1, spike_steps=(0, 1), z_loss: float = 0.0,
                  document_mask: bool = False, grad_accumulation_steps: int = 1,
-                 distill_alpha: float = 1.0, distill_temperature: float = 1.0, **kwargs):
+                 distill_alpha: float = 1.0, distill_temperature: float = 1.0,
+                 distill_sampled: bool = False, **kwargs):
         super().__init__(backbone, sequence_length, document_mask=document_mask, **kwargs)
         self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+        self.distill_sampled = distill_sampled  # cached ids drawn, not the top k
         # the distillation teacher (set_teacher); not tracked: not part of this model's
         # weights, checkpoints or exports
         object.__setattr__(self, "teacher", None)
@@ -90,9 +92,12 @@ class CausalLM(DecoderNet):
         """alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), each a share of the
         mean over the batch's real tokens; the CE share alone without a teacher. ``top_k``:
         the teacher's cached (ids, log-probabilities) for these positions
-        (``distill.topk``), used instead of running the teacher."""
+        (``distill.topk``: its most likely ids, or with ``distill.sampled`` ids drawn from
+        it), used instead of running the teacher."""
         if top_k is not None:
-            kd = stability.top_k_distill_values(logits, *top_k, self.distill_temperature)
+            values = (stability.sampled_distill_values if self.distill_sampled
+                      else stability.top_k_distill_values)
+            kd = values(logits, *top_k, self.distill_temperature)
         elif self.teacher is not None:
             teacher_logits = tf.stop_gradient(self.teacher(x, training=False))
             kd = stability.distill_values(logits, teacher_logits, self.distill_temperature)

@@ -40,6 +40,17 @@ def top_k_distill_values(student_logits, teacher_ids, teacher_log_p, temperature
     return t * t * (ops.sum(p * (log_p - log_q), axis=-1) + tail)
 
 
+def sampled_distill_values(student_logits, teacher_ids, teacher_log_p, temperature):
+    """:func:`distill_values` estimated from k ids drawn from the teacher's distribution at
+    temperature T (``distill.sampled``): T^2 * mean_k(log p(y_k) - log q(y_k)). Unbiased for
+    the full KL, and so is its gradient (-mean_k grad log q(y_k)); a drawn id that repeats
+    counts as often as it was drawn."""
+    t = ops.cast(temperature, "float32")
+    log_q_all = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
+    log_q = ops.take_along_axis(log_q_all, ops.cast(teacher_ids, "int32"), axis=-1)
+    return t * t * ops.mean(ops.cast(teacher_log_p, "float32") - log_q, axis=-1)
+
+
 def weighted_mean(values, weight):
     """sum(values * weight) / max(sum(weight), 1): the mean over real (weighted) tokens,
     padding (weight 0) never counts."""

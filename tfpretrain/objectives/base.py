@@ -52,7 +52,8 @@ class Objective:
             spike_steps=faults.spike_steps(cfg), z_loss=cfg.model.z_loss,
             grad_accumulation_steps=cfg.train.grad_accumulation_steps,
             distill_alpha=cfg.distill.alpha if cfg.distill.teacher else 1.0,
-            distill_temperature=cfg.distill.temperature, **self.model_options(cfg))
+            distill_temperature=cfg.distill.temperature,
+            distill_sampled=cfg.distill.sampled, **self.model_options(cfg))
         model(model.example_input())
         return model
 

@@ -96,16 +96,23 @@ def teacher_top_k(cfg: Config, teacher, rows, run_dir: Path, vocabulary_size: in
 
     from tfpretrain.models.lm import weights_sha256
 
-    k = min(cfg.distill.topk, vocabulary_size)
+    sampled = cfg.distill.sampled
+    k = cfg.distill.topk if sampled else min(cfg.distill.topk, vocabulary_size)
     meta = {"k": k, "temperature": cfg.distill.temperature, "rows": list(rows.shape),
             "rows_digest": _rows_digest(rows), "teacher_weights": weights_sha256(teacher)}
+    if sampled:  # drawn ids: a cache of its own, reproducible from the seed
+        meta.update(sampled=True, seed=cfg.train.seed)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     folder = _top_k_folder(cfg, run_dir) / key
     if (folder / "meta.json").is_file() and \
             json.loads((folder / "meta.json").read_text()) == meta:
-        log(f"distill: the teacher's top-{k} ids of {len(rows):,} rows from {folder}")
+        log(f"distill: the teacher's {_what(meta)} of {len(rows):,} rows from {folder}")
         return _open(folder)
     return _make_top_k(cfg, teacher, rows, folder, meta, vocabulary_size, log)
+
+
+def _what(meta: dict) -> str:
+    return f"{meta['k']} drawn ids" if meta.get("sampled") else f"top-{meta['k']} ids"
 
 
 def _top_k_folder(cfg: Config, run_dir: Path) -> Path:
@@ -137,18 +144,22 @@ def _make_top_k(cfg: Config, teacher, rows, folder: Path, meta: dict,
     with writing(f"the teacher's top-k predictions ({folder})", where=folder.parent):
         folder.mkdir(parents=True, exist_ok=True)  # meta.json, last, marks it whole
         _predict_top_k(teacher, rows, meta["k"], cfg.distill.temperature, folder,
-                       np.uint16 if vocabulary_size <= 65536 else np.int32)
+                       np.uint16 if vocabulary_size <= 65536 else np.int32,
+                       seed=meta.get("seed") if meta.get("sampled") else None)
         write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
     ids, log_p = _open(folder)
-    log(f"distill: the teacher's top-{meta['k']} ids at T={cfg.distill.temperature:g} for "
+    log(f"distill: the teacher's {_what(meta)} at T={cfg.distill.temperature:g} for "
         f"{len(rows):,} rows in {time.time() - t0:.1f}s ({folder}, "
         f"{(ids.nbytes + log_p.nbytes) / 2**20:.1f} MiB)")
     return ids, log_p
 
 
-def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_dtype):
+def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_dtype,
+                   seed: int | None = None):
     """One teacher pass over ``rows`` (the forward XLA-compiled, 64 rows a call), written into
-    ``ids.npy`` and ``log_p.npy`` through this process's temporary files."""
+    ``ids.npy`` and ``log_p.npy`` through this process's temporary files: the k most likely
+    ids, or with a ``seed`` k ids drawn from the teacher's distribution at ``temperature``
+    (stateless draws keyed by (seed, first row), so the same on every run)."""
     import os
 
     import numpy as np
@@ -166,14 +177,21 @@ def _predict_top_k(teacher, rows, k: int, temperature: float, folder: Path, id_d
         return z, tf.reduce_logsumexp(z, axis=-1, keepdims=True)
 
     @tf.function(reduce_retracing=True)
-    def top(x):  # TensorFlow's own top_k: 1.4-1.8x faster on CPUs than XLA's (k 16, 64)
+    def top(x, lo):  # TensorFlow's own top_k: 1.4-1.8x faster on CPUs than XLA's (k 16, 64)
         z, total = scaled(x)
-        values, index = tf.math.top_k(z, k)
-        return index, values - total
+        if seed is None:
+            values, index = tf.math.top_k(z, k)
+            return index, values - total
+        flat = tf.reshape(z, [-1, tf.shape(z)[-1]])
+        index = tf.random.stateless_categorical(flat, k, seed=tf.stack([seed, lo]),
+                                                dtype=tf.int32)
+        index = tf.reshape(index, tf.concat([tf.shape(z)[:-1], [k]], 0))
+        return index, tf.gather(z, index, batch_dims=2) - total
 
     step = 64
     for lo in range(0, len(rows), step):
-        index, values = top(tf.constant(np.asarray(rows[lo:lo + step, :-1], np.int32)))
+        index, values = top(tf.constant(np.asarray(rows[lo:lo + step, :-1], np.int32)),
+                            tf.constant(lo, tf.int64))
         ids[lo:lo + step] = index.numpy().astype(id_dtype)
         log_p[lo:lo + step] = values.numpy().astype(np.float16)
     for array, name in ((ids, "ids.npy"), (log_p, "log_p.npy")):

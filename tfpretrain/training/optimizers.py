@@ -93,7 +93,8 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int, schedule=None):
     wrapped in a :class:`ScaledSchedule` for rollbacks; no weight decay on NO_DECAY weights.
     Clipping and the guard are :func:`guard_optimizer`'s wrapper."""
     lr = ScaledSchedule(schedule or build_schedule(cfg, total_steps))
-    opt = _constructors()[cfg.name](cfg, lr)
+    ema = dict(use_ema=True, ema_momentum=cfg.ema) if cfg.ema else {}
+    opt = _constructors()[cfg.name](cfg, lr, **ema)
     opt.exclude_from_weight_decay(var_names=NO_DECAY)  # must precede opt.build()
     return opt
 
@@ -110,26 +111,28 @@ def guard_optimizer(cfg: Config, optimizer, guard: bool | None = None) -> Guarde
 
 
 def _constructors() -> dict:
-    """optimizer.name -> (cfg, learning rate) -> the Keras optimizer."""
+    """optimizer.name -> (cfg, learning rate, **the base optimizer's keywords: EMA) -> the
+    Keras optimizer."""
     opt = keras.optimizers
     s = OptimizerConfig.setting
     wd = lambda c: c.weight_decay or None  # noqa: E731
     return {
-        "adamw": lambda c, lr: opt.AdamW(lr, weight_decay=c.weight_decay, beta_1=s(c, "beta_1"),
-                                         beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon")),
+        "adamw": lambda c, lr, **kw: opt.AdamW(lr, weight_decay=c.weight_decay,
+                                               beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
+                                               epsilon=s(c, "epsilon"), **kw),
         "muon": _muon,
-        "lion": lambda c, lr: opt.Lion(lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
-                                       weight_decay=wd(c)),
-        "adafactor": lambda c, lr: opt.Adafactor(lr, weight_decay=wd(c)),
-        "schedule_free_adamw": lambda c, lr: ScheduleFreeAdamW(
+        "lion": lambda c, lr, **kw: opt.Lion(lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
+                                             weight_decay=wd(c), **kw),
+        "adafactor": lambda c, lr, **kw: opt.Adafactor(lr, weight_decay=wd(c), **kw),
+        "schedule_free_adamw": lambda c, lr, **kw: ScheduleFreeAdamW(
             lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon"),
-            decay=c.weight_decay),
-        "sgd": lambda c, lr: opt.SGD(lr, momentum=s(c, "momentum"),
-                                     nesterov=s(c, "nesterov"), weight_decay=wd(c)),
+            decay=c.weight_decay, **kw),
+        "sgd": lambda c, lr, **kw: opt.SGD(lr, momentum=s(c, "momentum"),
+                                           nesterov=s(c, "nesterov"), weight_decay=wd(c), **kw),
     }
 
 
-def _muon(cfg: OptimizerConfig, lr):
+def _muon(cfg: OptimizerConfig, lr, **kw):
     """Muon on the hidden weight matrices (attention and MLP kernels), AdamW (Keras's Muon
     keeps one) on embeddings, the (tied or reverse-embedding) output head, norms and biases;
     the matrices' peak rate is muon_learning_rate on the same schedule."""
@@ -141,7 +144,7 @@ def _muon(cfg: OptimizerConfig, lr):
                 adam_beta_2=s("beta_2"), epsilon=s("epsilon"), weight_decay=cfg.weight_decay,
                 adam_weight_decay=cfg.weight_decay, momentum=s("momentum"),
                 nesterov=s("nesterov"), ns_steps=s("ns_steps"), exclude_embeddings=True,
-                adam_lr_ratio=1.0)
+                adam_lr_ratio=1.0, **kw)
 
 
 @keras.saving.register_keras_serializable(package="tfpretrain")
@@ -231,18 +234,30 @@ def is_schedule_free(optimizer) -> bool:
     return isinstance(innermost(optimizer), ScheduleFreeAdamW)
 
 
+def has_evaluation_weights(optimizer) -> bool:
+    """Whether the weights to evaluate are not the trained ones: an average kept by
+    schedule-free AdamW or by the optimizer's EMA (``optimizer.ema``)."""
+    inner = innermost(optimizer) if optimizer is not None else None
+    return is_schedule_free(inner) or bool(getattr(inner, "use_ema", False))
+
+
 def to_evaluation_weights(model):
-    """Give the model the weights to evaluate, sample and export. For schedule-free AdamW
-    that is the average x, not the point y it trains at (Defazio et al.); returns y's
-    values to put back (None: another optimizer, nothing changed)."""
+    """Give the model the weights to evaluate, sample and export: schedule-free AdamW's
+    average x, not the point y it trains at (Defazio et al.), or the EMA of the weights
+    (``optimizer.ema``); returns the trained values to put back (None: no average, nothing
+    changed)."""
+    from tfpretrain.compat import ema_averages
+
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not is_schedule_free(optimizer):
+    if not has_evaluation_weights(optimizer):
         return None
     inner = innermost(optimizer)
     variables = list(model.trainable_variables)
+    averages = ([inner.average(v) for v in variables] if is_schedule_free(inner)
+                else ema_averages(inner, variables))
     kept = [v.numpy() for v in variables]
-    for v in variables:
-        v.assign(inner.average(v))
+    for v, average in zip(variables, averages):
+        v.assign(average)
     return kept
 
 

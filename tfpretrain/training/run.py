@@ -224,7 +224,8 @@ class Run:
         log(f"distill: teacher {cfg.distill.teacher} "
             f"({int(teacher.network.count_params()):,} parameters), alpha "
             f"{cfg.distill.alpha}, temperature {cfg.distill.temperature}"
-            + (f", its top-{cfg.distill.topk} ids cached" if cfg.distill.topk else ""))
+            + (f", {cfg.distill.topk} {'drawn' if cfg.distill.sampled else 'top'} ids of "
+               "it cached" if cfg.distill.topk else ""))
         return teacher
 
     def teacher_targets(self) -> tuple:
@@ -347,7 +348,7 @@ class Run:
         gc.freeze()
         if not self.placement.is_chief:
             return self._finish_worker()
-        with evaluation_weights(self.model):  # schedule-free AdamW: its average
+        with evaluation_weights(self.model):  # schedule-free AdamW, optimizer.ema
             # evaluated, sampled and exported in float32 whatever the training precision
             final = float32_copy(self.model, cfg, self.tokenizer.vocabulary_size,
                                  always=self.placement.distributed)
@@ -454,7 +455,7 @@ class Run:
         from tfpretrain.training.callbacks import (CheckpointEvery, DivergenceStop,
                                                    EvaluationWeights, PreemptionCheckpoint,
                                                    RollbackMonitor, StallWatch, StopAtStep)
-        from tfpretrain.training.optimizers import is_schedule_free
+        from tfpretrain.training.optimizers import has_evaluation_weights
 
         cfg = self.cfg
         rollback = RollbackMonitor(cfg.train.rollback_after if cfg.train.guard else 0)
@@ -466,7 +467,7 @@ class Run:
                                           self.preemption, self.placement.signals)]
         if not cfg.train.guard:  # a non-finite step was applied: stop before it spreads
             callbacks.insert(1, DivergenceStop(self.rollback_source))
-        if is_schedule_free(self.optimizer):
+        if has_evaluation_weights(self.optimizer):  # schedule-free AdamW, optimizer.ema
             callbacks.append(EvaluationWeights())
         if self.placement.kind == "multi_worker":  # first: a batch ends before the saves
             callbacks.insert(0, StallWatch(cfg.train.worker_timeout))

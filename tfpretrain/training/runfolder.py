@@ -20,7 +20,7 @@ from tfpretrain.errors import UserError
 
 # Settings that change what a checkpoint means; changing them on resume is refused.
 RESUME_CRITICAL = ("data.", "tokenizer.", "model.", "train.batch_size", "train.seed",
-                   "train.spike_window")
+                   "train.spike_window", "optimizer.name", "optimizer.ema")
 NOT_CRITICAL = ("data.cache", "data.cache_dir")  # where data is cached, not what it is
 
 
@@ -204,5 +204,5 @@ def load_run(run_dir: Path):
     if found is None:
         raise UserError(f"--run-dir: {run_dir} has no valid checkpoint to load")
     manager.restore(found[0])
-    to_evaluation_weights(model)  # schedule-free AdamW: its average is the model
+    to_evaluation_weights(model)  # schedule-free AdamW's or the EMA's average is the model
     return cfg, tokenizer, float32_copy(model, cfg, tokenizer.vocabulary_size)
