@@ -120,3 +120,30 @@ def test_a_traced_step_evaluates_the_schedule_once_with_the_same_update():
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
     assert float(opt.learning_rate) == pytest.approx(0.1)
+
+
+EMA_GRADS = ([1.0, 2.0, 2.0], [np.nan, 1.0, 1.0], [1.0, -2.0, 0.5])
+
+
+def ema_trajectory():
+    """(weights, average, skipped) after each of EMA_GRADS, stateful ``apply``."""
+    w, opt = _guarded(ema=0.3)
+    out = []
+    for grad in EMA_GRADS:
+        _, skipped = _step(opt, w, grad)
+        out.append((w.numpy().tolist(), opt.averages[0].numpy().tolist(), skipped))
+    return out
+
+
+def test_the_moving_average_follows_applied_steps_only():
+    """ema: the average starts at the weights and takes in each applied step's weights with
+    momentum min(ema, (1 + n) / (10 + n)); a skipped (non-finite) step leaves it as it
+    was. (Its stateless form, the JAX step's: tests/test_jax_backend.py.)"""
+    expected = np.ones(3)
+    for n, (w, average, skipped) in enumerate(ema_trajectory(), start=1):
+        if not skipped:
+            m = min(0.3, (1 + n) / (10 + n))
+            expected = m * expected + (1 - m) * np.asarray(w)
+        np.testing.assert_allclose(average, expected, rtol=1e-6)
+    assert [t[2] for t in ema_trajectory()] == [0.0, 1.0, 0.0]
+    assert not np.allclose(expected, w)

@@ -120,6 +120,41 @@ def test_jax_step_matches_tensorflow_step_for_20_steps_and_skips_the_poisoned_on
     assert tf_["losses"][-1] < tf_["losses"][0] - 1.0  # it learned: the match is not trivial
 
 
+EMA_JAX = BLOCK_TF + '''
+import json
+import keras
+import numpy as np
+from tfpretrain.models.guarded import GuardedOptimizer
+
+w = keras.Variable(np.ones((3,), np.float32), name="w")
+opt = GuardedOptimizer(keras.optimizers.Adam(0.1), ema=0.3)
+opt.build([w])
+out = []
+for grad in ([1.0, 2.0, 2.0], [np.nan, 1.0, 1.0], [1.0, -2.0, 0.5]):
+    tv, ov, _, skipped = opt.stateless_apply(
+        [v.value for v in opt.variables], [keras.ops.convert_to_tensor(np.float32(grad))],
+        [w.value], loss=keras.ops.ones(()))
+    w.assign(tv[0])
+    for v, value in zip(opt.variables, ov):
+        v.assign(value)
+    out.append((np.asarray(w.value).tolist(), np.asarray(opt.averages[0].value).tolist(),
+                float(skipped)))
+print(json.dumps(out))
+'''
+
+
+def test_the_moving_average_of_the_jax_step_is_the_tensorflow_steps(tmp_path):
+    """optimizer.ema in GuardedOptimizer.stateless_apply (the JAX train step): the same
+    weights, average and skip decisions as the stateful TensorFlow apply, step by step."""
+    from test_guarded_optimizer import ema_trajectory
+
+    jax_ = json.loads(run_python(EMA_JAX, "jax", tmp_path).stdout.strip().splitlines()[-1])
+    for (w, average, skipped), (w2, average2, skipped2) in zip(ema_trajectory(), jax_):
+        assert skipped == skipped2
+        np.testing.assert_allclose(w2, w, rtol=1e-5)
+        np.testing.assert_allclose(average2, average, rtol=1e-5)
+
+
 def test_gpu_table_projects_smolgpts_run_from_the_fastest_bf16_row():
     from tfpretrain.bench import gpu_table
 

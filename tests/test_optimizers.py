@@ -125,15 +125,14 @@ def test_schedule_free_evaluates_its_average_and_trains_on_unchanged(tmp_path):
 
 def test_ema_is_what_is_evaluated_and_training_is_unchanged(tmp_path):
     """optimizer.ema: inside evaluation_weights the model holds the moving average of the
-    weights (the first step's weights, then m * avg + (1 - m) * w after each step); the
-    trained weights are back bit for bit afterwards and equal a run's without the EMA, also
-    after model.fit, whose end would overwrite them with the average (Keras's
-    finalize_variable_values)."""
+    weights (from the initial weights, m * avg + (1 - m) * w after step n, m = min(ema,
+    (1 + n) / (10 + n))); the trained weights are back bit for bit afterwards and equal a
+    run's without the EMA, through train_on_batch and model.fit alike."""
     from tfpretrain.training.optimizers import evaluation_weights
 
     batch = fixed_batch()
-    plain, ema = compiled(tmp_path, "adamw"), compiled(tmp_path, "adamw", ema=0.9)
-    average = None
+    plain, ema = compiled(tmp_path, "adamw"), compiled(tmp_path, "adamw", ema=0.4)
+    average = [v.numpy().copy() for v in ema.trainable_variables]
     for step in range(8):
         for model in (plain, ema):  # 6 train_on_batch steps, then 2 fit calls of one step
             if step < 6:
@@ -142,7 +141,8 @@ def test_ema_is_what_is_evaluated_and_training_is_unchanged(tmp_path):
                 model.fit(batch[0], batch[1], sample_weight=batch[2], verbose=0)
         w = [v.numpy().copy() for v in ema.trainable_variables]
         assert all(np.array_equal(a, v.numpy()) for a, v in zip(w, plain.trainable_variables))
-        average = w if average is None else [0.9 * a + 0.1 * x for a, x in zip(average, w)]
+        m = min(0.4, (2 + step) / (11 + step))  # n = step + 1: 0.18, 0.25, ..., then 0.4
+        average = [m * a + (1 - m) * x for a, x in zip(average, w)]
     with evaluation_weights(ema):
         evaluated = [v.numpy().copy() for v in ema.trainable_variables]
     with evaluation_weights(plain):  # no average: nothing changes

@@ -234,14 +234,6 @@ def slot(optimizer, slots: list, variable):
     return slots[optimizer._get_variable_index(variable)]
 
 
-def ema_averages(optimizer, variables: list) -> list:
-    """The moving averages of ``variables`` that a Keras optimizer built with ``use_ema``
-    keeps (``_model_variables_moving_average``, in the order of the variables it was built
-    with; what its ``finalize_variable_values`` writes into them)."""
-    averages = optimizer._model_variables_moving_average
-    return [slot(optimizer, averages, v) for v in variables]
-
-
 # --- keras_tuner -----------------------------------------------------------------------
 
 def atomic_keras_tuner_saves() -> None:

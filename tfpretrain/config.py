@@ -219,12 +219,14 @@ class OptimizerConfig:
     clipnorm: Optional[float] = _f(1.0, "Clip the global gradient norm to this (unset or 0: "
                                    "no clipping).", min=0.0)
     ema: float = _f(0.0, "Keep an exponential moving average of the weights with this "
-                    "momentum (0 = off; 0.999 averages over about the last 1,000 steps) and "
-                    "validate, sample and export the average instead of the trained "
-                    "weights (Keras's optimizer `use_ema`; one more copy of the weights in "
-                    "the optimizer state and checkpoints; a skipped step leaves it as it "
-                    "was). Set it when the run starts: a checkpoint resumes only with the "
-                    "value it was written with.", min=0.0, max=0.99999)
+                    "momentum (0 = off; e.g. 0.998) and validate, sample and export the "
+                    "average instead of the trained weights. The momentum at step n is "
+                    "min(ema, (1 + n) / (10 + n)), as in TensorFlow's "
+                    "ExponentialMovingAverage, so the first weights are soon forgotten; a "
+                    "step the guard skips leaves the average as it was. One more copy of "
+                    "the weights in the optimizer state and checkpoints. Set it when the "
+                    "run starts: a checkpoint resumes only with the value it was written "
+                    "with.", min=0.0, max=0.99999)
 
     def setting(self, key: str):
         """The value ``key`` takes for this optimizer: the config's, or the optimizer's

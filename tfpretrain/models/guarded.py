@@ -11,7 +11,11 @@ it is accepted and the window starts again (OLMo / PaLM practice: skip rare outl
 accept a sustained shift).
 
 The guard's state (window, counters) is optimizer state: checkpointed with the optimizer,
-never part of the model's weights or exports. Written in ``keras.ops``: the stateful
+never part of the model's weights or exports. So is the optional exponential moving average
+of the weights (``ema``): updated after each applied step, never after a skipped one, with
+the momentum warmed up as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does
+it, min(ema, (1 + n) / (10 + n)) at step n, so that the starting weights are forgotten
+within the first steps whatever ``ema`` is. Written in ``keras.ops``: the stateful
 ``apply`` is what the TensorFlow train step calls (under a tf.distribute strategy its
 apply-or-skip runs in cross-replica context, as Keras's LossScaleOptimizer does it), and
 ``stateless_apply`` is the same decision as one pure function for the JAX backend.
@@ -41,16 +45,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     norm before clipping; ``skipped`` 1.0 or 0.0). With ``guard=False`` every step is
     applied (only clipping and the counters remain). An inner LossScaleOptimizer
     (mixed_float16) gets scaled gradients as it expects; the guard sees them unscaled, and a
-    non-finite step also halves the loss scale."""
+    non-finite step also halves the loss scale. ``ema`` > 0: ``averages`` holds the moving
+    average of the weights (see the module's docstring)."""
 
     def __init__(self, inner_optimizer, clipnorm: float | None = None, guard: bool = True,
                  spike_window: int = 100, spike_threshold: float = 6.0,
-                 rebaseline_after: int = 0, name: str = "guarded"):
+                 rebaseline_after: int = 0, ema: float = 0.0, name: str = "guarded"):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.clipnorm_value = clipnorm or None
         self.guard, self.spike_window = guard, spike_window
         self.spike_threshold, self.rebaseline_after = spike_threshold, rebaseline_after
+        self.ema, self.averages = float(ema), []
 
     def build(self, var_list):
         state = dict(initializer="zeros", aggregation="only_first_replica")
@@ -58,6 +64,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                                                name="guard_history", **state)
         for name in COUNTERS:
             setattr(self, name, self.add_variable((), dtype="int32", name=name, **state))
+        if self.ema:  # starting at the weights as they are
+            self.averages = [self.add_variable_from_reference(v, "ema") for v in var_list]
+            for average, v in zip(self.averages, var_list):
+                average.assign(v)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -82,10 +92,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
-        """Nothing: Keras calls this at the end of every ``fit``, where an optimizer with
-        ``use_ema`` would overwrite the trained weights with their average; a run calls
-        ``fit`` more than once (a resumed interval, a rollback) and keeps training, so the
-        average is swapped in only to evaluate (``training.optimizers.evaluation_weights``)."""
+        self.inner_optimizer.finalize_variable_values(var_list)
 
     @property
     def loss_scaled(self) -> bool:
@@ -157,6 +164,24 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             lso.step_counter.assign(ops.where(finite, lso.step_counter,
                                               ops.zeros_like(lso.step_counter)))
 
+    def _ema_momentum(self, steps):
+        """min(ema, (1 + n) / (10 + n)) after ``steps`` = n optimizer steps."""
+        n = ops.cast(steps, "float32")
+        return ops.minimum(self.ema, (1.0 + n) / (10.0 + n))
+
+    def _average(self, variables, strategy=None):
+        """The moving average takes in the weights of the step just applied (under a
+        tf.distribute strategy: from cross-replica context, on every device)."""
+        if not self.ema:
+            return
+        m = self._ema_momentum(self.iterations)
+        update = lambda a, v: a.assign(m * a + (1.0 - m) * v)  # noqa: E731
+        for average, v in zip(self.averages, variables):
+            if strategy is None:
+                update(average, v)
+            else:
+                strategy.extended.update(average.value, update, args=(v.value,), group=False)
+
     def _apply_or_skip(self, accept, finite, grads, variables):
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -166,6 +191,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         def update():
             self._update(grads, variables)
+            self._average(variables)
             return ops.zeros(())
 
         def skip():
@@ -184,6 +210,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
             def update():
                 strategy.extended.call_for_each_replica(self._update, args=(grads, variables))
+                self._average(variables, strategy)
                 return tf.constant(0.0)
 
             def skip():
@@ -217,13 +244,19 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         pick = lambda new, old: ops.where(accept, new, old)  # noqa: E731
         new_tv = [pick(n, o) for n, o in zip(new_tv, trainable_variables)]
         new_inner = [pick(n, o) for n, o in zip(new_inner, kept)]
+        if self.averages:  # a skipped step keeps them: its weights are the old ones
+            m = self._ema_momentum(new_inner[step])
+            at = {id(v): i for i, v in enumerate(own_variables)}
+            for average, w in zip(self.averages, new_tv):
+                i = at[id(average)]
+                own_values[i] = pick(m * own_values[i] + (1.0 - m) * w, own_values[i])
         return new_tv, own_values + new_inner, norm, ops.cast(ops.logical_not(accept),
                                                               "float32")
 
     def get_config(self):
         return {"name": self.name, "clipnorm": self.clipnorm_value, "guard": self.guard,
                 "spike_window": self.spike_window, "spike_threshold": self.spike_threshold,
-                "rebaseline_after": self.rebaseline_after,
+                "rebaseline_after": self.rebaseline_after, "ema": self.ema,
                 "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
 
     @classmethod

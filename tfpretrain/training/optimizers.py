@@ -93,46 +93,43 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int, schedule=None):
     wrapped in a :class:`ScaledSchedule` for rollbacks; no weight decay on NO_DECAY weights.
     Clipping and the guard are :func:`guard_optimizer`'s wrapper."""
     lr = ScaledSchedule(schedule or build_schedule(cfg, total_steps))
-    ema = dict(use_ema=True, ema_momentum=cfg.ema) if cfg.ema else {}
-    opt = _constructors()[cfg.name](cfg, lr, **ema)
+    opt = _constructors()[cfg.name](cfg, lr)
     opt.exclude_from_weight_decay(var_names=NO_DECAY)  # must precede opt.build()
     return opt
 
 
 def guard_optimizer(cfg: Config, optimizer, guard: bool | None = None) -> GuardedOptimizer:
-    """``optimizer`` behind the run's global-norm clipping (``optimizer.clipnorm``) and
-    stability guard (``train.guard``, ``spike_window``, ``spike_threshold``,
-    ``rebaseline_after``); ``guard`` overrides ``train.guard``."""
+    """``optimizer`` behind the run's global-norm clipping (``optimizer.clipnorm``), stability
+    guard (``train.guard``, ``spike_window``, ``spike_threshold``, ``rebaseline_after``) and
+    moving average of the weights (``optimizer.ema``); ``guard`` overrides ``train.guard``."""
     t = cfg.train
     return GuardedOptimizer(optimizer, clipnorm=cfg.optimizer.clipnorm,
                             guard=t.guard if guard is None else guard,
                             spike_window=t.spike_window, spike_threshold=t.spike_threshold,
-                            rebaseline_after=t.rebaseline_after)
+                            rebaseline_after=t.rebaseline_after, ema=cfg.optimizer.ema)
 
 
 def _constructors() -> dict:
-    """optimizer.name -> (cfg, learning rate, **the base optimizer's keywords: EMA) -> the
-    Keras optimizer."""
+    """optimizer.name -> (cfg, learning rate) -> the Keras optimizer."""
     opt = keras.optimizers
     s = OptimizerConfig.setting
     wd = lambda c: c.weight_decay or None  # noqa: E731
     return {
-        "adamw": lambda c, lr, **kw: opt.AdamW(lr, weight_decay=c.weight_decay,
-                                               beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
-                                               epsilon=s(c, "epsilon"), **kw),
+        "adamw": lambda c, lr: opt.AdamW(lr, weight_decay=c.weight_decay, beta_1=s(c, "beta_1"),
+                                         beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon")),
         "muon": _muon,
-        "lion": lambda c, lr, **kw: opt.Lion(lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
-                                             weight_decay=wd(c), **kw),
-        "adafactor": lambda c, lr, **kw: opt.Adafactor(lr, weight_decay=wd(c), **kw),
-        "schedule_free_adamw": lambda c, lr, **kw: ScheduleFreeAdamW(
+        "lion": lambda c, lr: opt.Lion(lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"),
+                                       weight_decay=wd(c)),
+        "adafactor": lambda c, lr: opt.Adafactor(lr, weight_decay=wd(c)),
+        "schedule_free_adamw": lambda c, lr: ScheduleFreeAdamW(
             lr, beta_1=s(c, "beta_1"), beta_2=s(c, "beta_2"), epsilon=s(c, "epsilon"),
-            decay=c.weight_decay, **kw),
-        "sgd": lambda c, lr, **kw: opt.SGD(lr, momentum=s(c, "momentum"),
-                                           nesterov=s(c, "nesterov"), weight_decay=wd(c), **kw),
+            decay=c.weight_decay),
+        "sgd": lambda c, lr: opt.SGD(lr, momentum=s(c, "momentum"),
+                                     nesterov=s(c, "nesterov"), weight_decay=wd(c)),
     }
 
 
-def _muon(cfg: OptimizerConfig, lr, **kw):
+def _muon(cfg: OptimizerConfig, lr):
     """Muon on the hidden weight matrices (attention and MLP kernels), AdamW (Keras's Muon
     keeps one) on embeddings, the (tied or reverse-embedding) output head, norms and biases;
     the matrices' peak rate is muon_learning_rate on the same schedule."""
@@ -144,7 +141,7 @@ def _muon(cfg: OptimizerConfig, lr, **kw):
                 adam_beta_2=s("beta_2"), epsilon=s("epsilon"), weight_decay=cfg.weight_decay,
                 adam_weight_decay=cfg.weight_decay, momentum=s("momentum"),
                 nesterov=s("nesterov"), ns_steps=s("ns_steps"), exclude_embeddings=True,
-                adam_lr_ratio=1.0, **kw)
+                adam_lr_ratio=1.0)
 
 
 @keras.saving.register_keras_serializable(package="tfpretrain")
@@ -236,9 +233,9 @@ def is_schedule_free(optimizer) -> bool:
 
 def has_evaluation_weights(optimizer) -> bool:
     """Whether the weights to evaluate are not the trained ones: an average kept by
-    schedule-free AdamW or by the optimizer's EMA (``optimizer.ema``)."""
-    inner = innermost(optimizer) if optimizer is not None else None
-    return is_schedule_free(inner) or bool(getattr(inner, "use_ema", False))
+    schedule-free AdamW or by the guard wrapper's EMA (``optimizer.ema``)."""
+    return optimizer is not None and (is_schedule_free(optimizer)
+                                      or bool(getattr(optimizer, "ema", 0.0)))
 
 
 def to_evaluation_weights(model):
@@ -246,15 +243,13 @@ def to_evaluation_weights(model):
     average x, not the point y it trains at (Defazio et al.), or the EMA of the weights
     (``optimizer.ema``); returns the trained values to put back (None: no average, nothing
     changed)."""
-    from tfpretrain.compat import ema_averages
-
     optimizer = getattr(model, "optimizer", None)
     if not has_evaluation_weights(optimizer):
         return None
     inner = innermost(optimizer)
     variables = list(model.trainable_variables)
     averages = ([inner.average(v) for v in variables] if is_schedule_free(inner)
-                else ema_averages(inner, variables))
+                else optimizer.averages)
     kept = [v.numpy() for v in variables]
     for v, average in zip(variables, averages):
         v.assign(average)
