@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from tfpretrain.errors import cli_main, quiet_tensorflow
+from tfpretrain.errors import TEMPFAIL_EXIT, cli_main, quiet_tensorflow
 
 
 def parser() -> argparse.ArgumentParser:
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     try:
         summary = fit(cfg, run_dir, args.resume, args.allow_config_change)
     except (Preempted, GuardStop, WorkerLost) as exc:
-        code = cfg.train.rerun_exit_code if getattr(exc, "rerun", False) else exc.exit_code
+        # "rerun every process" (a lost or stopped peer) exits with the run's own code
+        code = cfg.train.rerun_exit_code if exc.exit_code == TEMPFAIL_EXIT else exc.exit_code
         print(f"[tfpretrain] {exc}; exit {code}", file=sys.stderr)
         return code
     print(json.dumps(summary))

@@ -29,9 +29,7 @@ def top_k_distill_values(student_logits, teacher_ids, teacher_log_p, temperature
     and their log-probabilities at temperature T. The KL is taken over k + 1 outcomes, the
     k ids and "any other id" (the teacher's remaining mass against the student's), so it is
     exact when k covers the vocabulary and a lower bound of the full KL otherwise."""
-    t = ops.cast(temperature, "float32")
-    log_q_all = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
-    log_q = ops.take_along_axis(log_q_all, ops.cast(teacher_ids, "int32"), axis=-1)
+    t, log_q = _student_log_q(student_logits, teacher_ids, temperature)
     log_p = ops.cast(teacher_log_p, "float32")
     p = ops.exp(log_p)
     tail_p = ops.maximum(1.0 - ops.sum(p, axis=-1), 0.0)
@@ -45,10 +43,15 @@ def sampled_distill_values(student_logits, teacher_ids, teacher_log_p, temperatu
     temperature T (``distill.sampled``): T^2 * mean_k(log p(y_k) - log q(y_k)). Unbiased for
     the full KL, and so is its gradient (-mean_k grad log q(y_k)); a drawn id that repeats
     counts as often as it was drawn."""
+    t, log_q = _student_log_q(student_logits, teacher_ids, temperature)
+    return t * t * ops.mean(ops.cast(teacher_log_p, "float32") - log_q, axis=-1)
+
+
+def _student_log_q(student_logits, ids, temperature):
+    """(T, the student's log-probabilities at temperature T of ``ids`` [..., k])."""
     t = ops.cast(temperature, "float32")
     log_q_all = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
-    log_q = ops.take_along_axis(log_q_all, ops.cast(teacher_ids, "int32"), axis=-1)
-    return t * t * ops.mean(ops.cast(teacher_log_p, "float32") - log_q, axis=-1)
+    return t, ops.take_along_axis(log_q_all, ops.cast(ids, "int32"), axis=-1)
 
 
 def weighted_mean(values, weight):

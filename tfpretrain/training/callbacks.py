@@ -292,12 +292,12 @@ class PreemptionCheckpoint(keras.callbacks.Callback):
 class StallWatch(keras.callbacks.Callback):
     """multi_worker: a training step or evaluation batch that waits more than ``timeout``
     seconds (on a peer that is alive but not taking part: stuck, or slow in a write of its
-    own) aborts this worker's collectives, and the run ends as for a lost peer (exit 75).
-    TensorFlow's own per-collective timeout is not used: it parks one thread per collective
-    for the whole timeout (base_collective_executor.cc), ~11 per step here, which
-    exhausted the process's threads after ~1,400 steps. The first batch of each kind
-    (training, evaluation) in this process traces and compiles, so it may take
-    ``FIRST_BATCH`` times as long. One thread, waking every ``every`` seconds."""
+    own) aborts this worker's collectives, and the run ends as for a lost peer
+    (``train.rerun_exit_code``). TensorFlow's own per-collective timeout is not used: it
+    parks one thread per collective for the whole timeout (base_collective_executor.cc),
+    ~11 per step here, which exhausted the process's threads after ~1,400 steps. The first
+    batch of each kind (training, evaluation) in this process traces and compiles, so it
+    may take ``FIRST_BATCH`` times as long. One thread, waking every ``every`` seconds."""
 
     FIRST_BATCH = 4
 

@@ -31,7 +31,7 @@ class WorkerLost(Exception):
     """multi_worker: a peer stopped answering; this worker stops without a traceback and
     with ``train.rerun_exit_code`` (rerun every worker to resume)."""
 
-    exit_code, rerun = TEMPFAIL_EXIT, True
+    exit_code = TEMPFAIL_EXIT
 
     def __init__(self, role: str, step: int, detail: str):
         super().__init__(f"{role}: lost contact with the other workers at step {step} "

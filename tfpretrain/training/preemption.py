@@ -30,7 +30,6 @@ class Preempted(Exception):
             super().__init__(f"stopped by signal {signum} "
                              + (f"at step {step}" if step is not None else when))
         self.signum, self.step = signum, step
-        self.rerun = bool(by)  # exit with train.rerun_exit_code
         self.exit_code = TEMPFAIL_EXIT if by else 128 + signum
 
 
