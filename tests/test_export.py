@@ -286,6 +286,8 @@ def test_hf_export_files_and_transformers_parity(arch, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     config = _json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 320 and (out / "model.safetensors").is_file()
+    assert config["architectures"] == [{"gpt2": "GPT2LMHeadModel",
+                                        "llama": "LlamaForCausalLM"}[arch]]
     assert (out / "tokenizer.model").is_file()
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

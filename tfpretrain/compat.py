@@ -23,6 +23,8 @@ PRIVATE_SYMBOLS = (
      "MODEL_EXPORTERS"),
     ("keras_hub HF exporter numpy conversion",
      "keras_hub.src.utils.transformers.export.hf_exporter", "_to_numpy_dict"),
+    ("keras_hub preset file fetch (local folder, kaggle://, hf://, gs://)",
+     "keras_hub.src.utils.preset_utils", "get_file"),
     ("keras_hub byte-level BPE byte map", "keras_hub.src.tokenizers.byte_pair_tokenizer",
      "bytes_to_unicode"),
     ("keras_tuner's JSON writer (made atomic)", "keras_tuner.src.utils", "save_json"),
@@ -283,6 +285,15 @@ def hf_export(backbone, hf_key: str) -> tuple[dict, dict]:
     arrays = {k: np.ascontiguousarray(v)
               for k, v in hf_exporter._to_numpy_dict(weights).items()}
     return config, arrays
+
+
+def preset_file(preset: str, path: str) -> str:
+    """The local path of one file of a keras_hub preset (a folder or a handle keras_hub
+    downloads: kaggle://, hf://, gs://, modelscope://); FileNotFoundError when it has none.
+    ``keras_hub.src.utils.preset_utils.get_file``: from_preset's own fetch, not public."""
+    from keras_hub.src.utils.preset_utils import get_file
+
+    return get_file(preset, path)
 
 
 def bytes_to_unicode():

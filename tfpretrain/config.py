@@ -168,6 +168,16 @@ class ModelConfig:
                        "(0 = off; 1e-4 is typical).", min=0.0)
     sequence_length: int = _f(128, "Tokens per training row (context length).", min=2)
     tie_embeddings: bool = _f(True, "Share input and output embeddings (gpt2 always ties).")
+    init_from: Optional[str] = _f(None, "Start from another model's weights (continued "
+                                  "pretraining): a tfpretrain run folder (its latest valid "
+                                  "checkpoint, averaged weights where it kept them) or a "
+                                  "preset tfpretrain exported (`export --format keras` or "
+                                  "`hf`; a folder or a kaggle:// / hf:// handle). The "
+                                  "optimizer, step, schedule and data position start fresh; "
+                                  "the run takes the source's tokenizer (`tokenizer.path`, "
+                                  "set when unset) and needs its network shape (the model.* "
+                                  "keys but dropout and z_loss; llama may change "
+                                  "sequence_length). A resume never reads it again.")
 
 
 @dataclass

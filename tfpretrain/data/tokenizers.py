@@ -421,6 +421,13 @@ def from_path(path) -> Tokenizer:
     return SentencePieceTokenizer(proto, kind)
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether the tokenizers at two paths (``from_path``) map text to the same ids (kind
+    and every piece)."""
+    ta, tb = from_path(a), from_path(b)
+    return ta.kind == tb.kind and list(ta.pieces()) == list(tb.pieces())
+
+
 def train_from_config(cfg, texts: Iterable[str]) -> Tokenizer:
     """``train_tokenizer`` with the settings of a full Config (tokenizer section + seed), or
     the tokenizer at ``tokenizer.path`` (``texts``, possibly lazy, is then not read)."""

@@ -52,6 +52,7 @@ class Arch:
     hf_key: str | None        # keras_hub transformers-exporter key (None: no HF export)
     learned_positions: bool   # a position table of sequence_length rows (counted in N)
     ffn_matrices: int = 2     # H x I matrices per feed-forward block (SwiGLU: 3)
+    hf_architecture: str | None = None  # transformers class in config.json "architectures"
 
     def task_class(self):
         import keras_hub
@@ -66,10 +67,10 @@ class Arch:
 
 ARCHS = {
     "gpt2": Arch("gpt2", _gpt2, "GPT2Backbone", "GPT2CausalLM", "GPT2Backbone",
-                 learned_positions=True),
+                 learned_positions=True, hf_architecture="GPT2LMHeadModel"),
     # LlamaBackbone's layers match keras_hub's Llama3 HF mapping
     "llama": Arch("llama", _llama, "LlamaBackbone", "LlamaCausalLM", "Llama3Backbone",
-                  learned_positions=False, ffn_matrices=3),
+                  learned_positions=False, ffn_matrices=3, hf_architecture="LlamaForCausalLM"),
     "bert": Arch("bert", _bert, "BertBackbone", "BertMaskedLM", None, learned_positions=True),
 }
 

@@ -74,7 +74,9 @@ def export_hf(model, tokenizer, cfg, run_dir: Path, out: Path | None = None,
     except ImportError:
         raise UserError("--format hf needs safetensors: pip install 'tfpretrain[hf]'") from None
     hf_config, arrays = compat.hf_export(model.backbone, hf_key)
-    hf_config.update(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    # "architectures" picks the model class in vLLM, TGI and keras_hub's HF loader
+    hf_config.update(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                     architectures=[arch.hf_architecture])
     if not arch.learned_positions:  # RoPE: no table to size it, so say the trained context
         hf_config["max_position_embeddings"] = cfg.model.sequence_length
     with staged(final, overwrite) as tmp:

@@ -33,6 +33,7 @@ def resolve(cfg: Config) -> Config:
     tokenizer. Without ``distill.teacher``, ``cfg`` itself."""
     if not cfg.distill.teacher:
         return cfg
+    from tfpretrain.data.tokenizers import same_tokenizer
     from tfpretrain.objectives import get_objective
 
     teacher = teacher_config(cfg)
@@ -56,14 +57,6 @@ def resolve(cfg: Config) -> Config:
         return cfg
     tok = dataclasses.replace(cfg.tokenizer, path=str(folder / "tokenizer"))
     return dataclasses.replace(cfg, tokenizer=tok)
-
-
-def same_tokenizer(a: Path, b: Path) -> bool:
-    """Whether two tokenizers map text to the same ids (kind and every piece)."""
-    from tfpretrain.data.tokenizers import from_path
-
-    ta, tb = from_path(a), from_path(b)
-    return ta.kind == tb.kind and list(ta.pieces()) == list(tb.pieces())
 
 
 def load_teacher(cfg: Config, vocabulary_size: int):

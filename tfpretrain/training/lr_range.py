@@ -120,14 +120,17 @@ def range_test(cfg: Config, low: float, high: float, steps: int, stop_factor: fl
     from tfpretrain.data.cache import prepare
     from tfpretrain.data.pipeline import train_dataset
     from tfpretrain.objectives import get_objective, row_format
+    from tfpretrain.training import warm_start
     from tfpretrain.training.runtime import build_and_compile, configure_tensorflow
 
-    cfg = sweep_config(cfg, steps)
+    cfg = warm_start.resolve(sweep_config(cfg, steps))  # model.init_from: sweep from there
     configure_tensorflow(cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     tokenizer, packed, _ = prepare(cfg, row_format(cfg), log=log)
     model = build_and_compile(cfg, tokenizer.vocabulary_size, 1,
                               schedule=ExponentialSweep(low, high, steps))
+    if cfg.model.init_from:
+        warm_start.load_weights(cfg, model)
     recorder = _Recorder(stop_factor, smoothing(steps))
     data = train_dataset(packed.train_rows, cfg.train.batch_size, cfg.train.seed,
                          to_batch=get_objective(cfg).batcher(cfg, tokenizer))

@@ -32,11 +32,12 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", allow_config_change:
     ``finish(model, tokenizer, cfg, run_dir, log)``: a context manager (fit's export) that
     yields a dict; the final evaluation and sample run in its block, and the dict's fields
     join the summary once it ends. Raises UserError, Preempted."""
-    from tfpretrain.training import distill
+    from tfpretrain.training import distill, warm_start
     from tfpretrain.training.distribute import worker_cluster
     from tfpretrain.training.runfolder import claim_run_dir
 
     run_dir = Path(run_dir)
+    cfg = warm_start.resolve(cfg, run_dir)  # model.init_from: its tokenizer and shape, checked
     cfg = distill.resolve(cfg)  # a teacher: its tokenizer, checked before anything is touched
     cluster = worker_cluster(cfg)  # multi_worker: TF_CONFIG checked before anything is touched
     if cluster and not cluster.is_chief:
@@ -93,6 +94,8 @@ class Run:
         self.setup_tensorflow()
         self.prepare_data(resuming)
         self.build_model()
+        if not resuming:
+            self.init_weights()
         if resuming:  # before anything is written: an incompatible checkpoint changes nothing
             self.restore(state.resume_from, state.resume_guard)
         self.prepare_folder(resuming)
@@ -167,6 +170,7 @@ class Run:
     def prepare_folder(self, resuming: bool) -> None:
         from tfpretrain.errors import writing
         from tfpretrain.files import write_atomic
+        from tfpretrain.training import warm_start
 
         run_dir = self.run_dir
         with writing(f"the run folder {run_dir}", where=run_dir):
@@ -174,6 +178,9 @@ class Run:
                 shutil.rmtree(run_dir / "logs", ignore_errors=True)
                 (run_dir / "tracking.json").unlink(missing_ok=True)
                 self.tokenizer.save(run_dir / "tokenizer")
+                (run_dir / warm_start.RECORD).unlink(missing_ok=True)
+                if self.init_source:
+                    warm_start.record(run_dir, self.init_source)
             write_atomic(run_dir / "config.yaml", self.cfg.to_yaml())
 
     def build_model(self) -> None:
@@ -210,6 +217,20 @@ class Run:
             f"precision={self.precision}, "
             f"grad_accumulation_steps={cfg.train.grad_accumulation_steps}")
         self.meter = self._meter()
+
+    def init_weights(self) -> None:
+        """model.init_from: the source's weights, before the first step (training.warm_start);
+        a resumed run restores its own checkpoint instead."""
+        from tfpretrain.training import warm_start
+
+        self.init_source = None
+        if not self.cfg.model.init_from:
+            return
+        t0 = time.time()
+        self.init_source = warm_start.load_weights(self.cfg, self.model)
+        at = f" at step {self.init_source['step']:,}" if self.init_source["step"] else ""
+        log(f"model: weights from {self.init_source['source']} ({self.init_source['kind']}"
+            f"{at}; optimizer, step and schedule start fresh; {time.time() - t0:.1f}s)")
 
     def load_teacher(self):
         """distill.teacher's model, handed to the student's train step (None without)."""
@@ -339,6 +360,7 @@ class Run:
         from tfpretrain.models.lm import weights_sha256
         from tfpretrain.objectives import float32_copy
         from tfpretrain.training.evaluation import evaluate_split, rounded
+        from tfpretrain.training import warm_start
         from tfpretrain.training.optimizers import evaluation_weights
 
         cfg = self.cfg
@@ -383,6 +405,7 @@ class Run:
             "rolled_back_steps": self.guard.discarded_steps,
             "lr_scale": self.guard.lr_scale,
             "weights_sha256": weights_sha256(model),
+            "init_from": warm_start.recorded(self.run_dir),
             "sample": sample,
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
