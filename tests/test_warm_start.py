@@ -75,12 +75,13 @@ def test_a_source_that_does_not_fit_is_one_message_before_the_run_folder(tiny_ru
     _, source, _ = tiny_run
     raw = tiny_raw(tmp_path, model={"init_from": str(source), "hidden_dim": 64})
     run_dir = tmp_path / "run"
-    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
-                "--run-dir", str(run_dir))
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "model.init_from" in r.stderr and "model.hidden_dim is 64 here, 32 in the source" \
-        in r.stderr
-    assert not run_dir.exists()
+    config = str(write_yaml(tmp_path / "c.yaml", raw))
+    for extra in (["--dry-run"], []):  # the plan says so too
+        r = run_cli("tfpretrain.fit", "--config", config, "--run-dir", str(run_dir), *extra)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "model.init_from" in r.stderr and \
+            "model.hidden_dim is 64 here, 32 in the source" in r.stderr
+        assert not run_dir.exists()
 
 
 def test_what_the_source_must_share(tiny_run, tmp_path):

@@ -44,14 +44,19 @@ def parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg) -> dict:
     from tfpretrain.data.sources import resolve_paths
-    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE
+    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE, from_path
     from tfpretrain.objectives import count_params
+    from tfpretrain.training import warm_start
     from tfpretrain.training.runtime import check_memory
 
     if cfg.data.path is not None:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
-    exact = cfg.tokenizer.kind == "byte"
-    vocab = BYTE_VOCABULARY_SIZE if exact else cfg.tokenizer.vocabulary_size
+    cfg = warm_start.resolve(cfg)  # model.init_from: a source that does not fit, now
+    exact = cfg.tokenizer.kind == "byte" or bool(cfg.tokenizer.path)
+    if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size
+        vocab = from_path(cfg.tokenizer.path).vocabulary_size
+    else:
+        vocab = BYTE_VOCABULARY_SIZE if exact else cfg.tokenizer.vocabulary_size
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     check_memory(cfg, vocab)  # an absurd size is refused here, not by running out of memory
     print(cfg.to_yaml(), end="")
