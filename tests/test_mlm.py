@@ -181,6 +181,32 @@ def test_packing_rows_for_mlm_and_pad():
     assert causal_pad.tolist() == [[3, 7, 8, 9, 3], [3, 10, 11, 3, 0], [3, 12, 13, 14, 3]]
 
 
+def test_ema_averages_each_weight_that_trains_and_keeps_the_unused_pooler(tmp_path):
+    """optimizer.ema with BERT: the pooler gets no gradient from masked-LM, keras drops it
+    from the step, and the averages still pair with their own weights (they were paired by
+    position, and the step failed with a shape error)."""
+    import numpy as np
+
+    from tfpretrain.training.optimizers import evaluation_weights
+    from tfpretrain.training.runtime import build_and_compile
+
+    cfg = build_config(tiny_mlm_raw(tmp_path, optimizer={"ema": 0.5}))
+    model = build_and_compile(cfg, V, jit=False)
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    x, y, w = Masker(cfg.mlm, V, 32)(random_rows(8, 32), tf.constant([0, 1], tf.int64))
+    for _ in range(3):
+        model.train_on_batch(x, y, sample_weight=w)
+    trained = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    with evaluation_weights(model):
+        averaged = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    pooler = [p for p in before if "pooled_dense" in p]
+    assert pooler and all(np.array_equal(averaged[p], before[p]) for p in pooler)
+    moved = [p for p in before if not np.array_equal(trained[p], before[p])]
+    assert len(moved) > len(before) // 2
+    assert all(not np.array_equal(averaged[p], trained[p]) and
+               not np.array_equal(averaged[p], before[p]) for p in moved)
+
+
 @pytest.fixture(scope="module")
 def mlm_run(tmp_path_factory):
     from tfpretrain.fit import fit

@@ -171,12 +171,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def _average(self, variables, strategy=None):
         """The moving average takes in the weights of the step just applied (under a
-        tf.distribute strategy: from cross-replica context, on every device)."""
+        tf.distribute strategy: from cross-replica context, on every device). ``variables``
+        are those that had a gradient (keras drops the others: BERT's unused pooler), so
+        each average is found by its variable, not by position."""
         if not self.ema:
             return
         m = self._ema_momentum(self.iterations)
         update = lambda a, v: a.assign(m * a + (1.0 - m) * v)  # noqa: E731
-        for average, v in zip(self.averages, variables):
+        for v in variables:
+            average = compat.slot(self, self.averages, v)
             if strategy is None:
                 update(average, v)
             else:
