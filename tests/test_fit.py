@@ -238,3 +238,42 @@ def test_bench_fit_runs_both_paths(tmp_path):
     assert result["ratio"] == pytest.approx(result["tfpretrain_tokens_per_second"]
                                             / result["keras_hub_plain_tokens_per_second"],
                                             rel=1e-2)
+
+
+def test_eval_sets_are_scored_at_every_validation_and_match_evaluate(tmp_path, capsys):
+    """eval.sets: each extra text is scored beside val_loss (progress line, TensorBoard,
+    summary) with the run's tokenizer, and the final figures equal `evaluate --data`."""
+    import pydoc_data.topics
+
+    from tfpretrain.data.synthetic import generate_stories
+    from tfpretrain.evaluate import evaluate_run
+    from tfpretrain.fit import fit
+
+    stories, docs = tmp_path / "stories.txt", tmp_path / "docs.txt"
+    stories.write_text("\n\n".join(generate_stories(40, seed=99)))
+    docs.write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:6]))
+    cfg = tiny_config(tmp_path, eval={"sets": {"stories": str(stories), "py_docs": str(docs)}},
+                      export={"enabled": False})
+    summary = fit(cfg, tmp_path / "run")
+    progress = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert len(progress) == 3 and all("val_stories_loss" in line and "val_py_docs_loss"
+                                      in line for line in progress)
+    val = read_scalars(tmp_path / "run" / "logs" / "val")
+    for name in ("stories", "py_docs"):
+        assert sorted(val[f"{name}_loss"]) == [20, 40, 60]
+        assert sorted(val[f"{name}_bits_per_byte"]) == [20, 40, 60]
+        direct = evaluate_run(tmp_path / "run", str(stories if name == "stories" else docs))
+        assert summary[f"val_{name}_loss"] == pytest.approx(direct["val_loss"], abs=1e-5)
+        assert summary[f"val_{name}_bits_per_byte"] == pytest.approx(
+            direct["val_bits_per_byte"], abs=1e-5)
+    # the stories the model trained on are far easier for it than Python's reference text
+    assert summary["val_stories_loss"] < summary["val_py_docs_loss"]
+
+
+def test_a_missing_eval_set_is_one_message_before_the_run_folder(tmp_path):
+    raw = tiny_raw(tmp_path, eval={"sets": {"old": str(tmp_path / "nope.txt")}})
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
+                "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "eval.sets.old" in r.stderr and "nope.txt" in r.stderr
+    assert not (tmp_path / "run").exists()

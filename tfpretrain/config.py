@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +347,16 @@ class EvalConfig:
     sample_tokens: int = _f(64, "Tokens generated for each sample.", min=1)
     temperature: float = _f(0.8, "Sampling temperature for samples (0 = greedy).", min=0.0)
     top_k: int = _f(40, "Top-k for samples (0 = off).", min=0)
+    sets: Optional[dict] = _f(None, "More validation sets, `{name: path}` (a path, glob, "
+                              "folder or list, read like `data.path`), tokenized with the "
+                              "run's tokenizer: each is scored at every validation "
+                              "(`eval.steps` batches) and in the final evaluation "
+                              "(`eval.final_steps`) as `val_<name>_loss` and "
+                              "`val_<name>_bits_per_byte` (masked LM: also "
+                              "`val_<name>_masked_accuracy`) in the progress line, the "
+                              "summary and trackers, `val/<name>_loss` in TensorBoard. For "
+                              "forgetting during continued pretraining, or a target domain "
+                              "beside the training mix.")
 
 
 @dataclass
@@ -630,6 +641,21 @@ def host_port(address) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
+def _eval_set_checks(sets) -> list[str]:
+    """``eval.sets``: names that make metric names, each with a path or a list of paths."""
+    if not isinstance(sets, dict):  # None, or not a mapping (the type check says so)
+        return []
+    bad = [name for name, spec in sets.items()
+           if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*", str(name))
+           or not (isinstance(spec, str) and spec.strip() or isinstance(spec, list) and spec
+                   and all(isinstance(x, str) for x in spec))]
+    if sets and not bad:
+        return []
+    return ["`eval.sets` must map names (letters, digits, single `_`) to a path or a list "
+            "of paths, e.g. `--set 'eval.sets={stories: stories_val.txt}'`. Received: "
+            f"{sets!r}" + (f" (bad: {', '.join(map(str, bad))})" if bad else "")]
+
+
 def _check_plain_name(key: str, value) -> list[str]:
     """A name that becomes a folder name (runs/<name>, <export.dir>/<export.name>) must be a
     plain name: no path separators, not "." or "..", not absolute, not empty."""
@@ -648,7 +674,8 @@ def _cross_checks(c: Config) -> list[str]:
     return (_model_checks(c) + _objective_checks(c) + _optimizer_checks(c)
             + _schedule_checks(c)
             + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
-            + _check_plain_name("export.name", c.export.name) + _exit_code_checks(c))
+            + _check_plain_name("export.name", c.export.name) + _exit_code_checks(c)
+            + _eval_set_checks(c.eval.sets))
 
 
 def _exit_code_checks(c: Config) -> list[str]:

@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
     import numpy as np
 
     from tfpretrain.data.cache import prepare
-    from tfpretrain.data.pipeline import make_rows, tokenize_documents
+    from tfpretrain.data.pipeline import text_rows
     from tfpretrain.objectives import row_format
     from tfpretrain.training.evaluation import evaluate_split
     from tfpretrain.training.runfolder import load_run
@@ -54,12 +54,7 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
                                   log=lambda m: print(f"[tfpretrain] {m}", file=sys.stderr))
         rows, counts, documents = packed.val_rows, packed.unigram_counts, info["documents"][1]
     else:
-        docs = _documents(cfg, data)
-        stream = tokenize_documents(tokenizer, docs)
-        rows = make_rows(stream, fmt)
-        if len(rows) == 0:
-            raise UserError(f"--data: the text is shorter than one row of {fmt.width} tokens")
-        counts, documents = np.bincount(stream, minlength=tokenizer.vocabulary_size), len(docs)
+        rows, counts, documents = text_rows(cfg.data, cfg.train.seed, tokenizer, fmt, data)
     out = evaluate_split(cfg, model, tokenizer, np.asarray(rows), counts, max_batches)
     out.update(source=str(data) if data else "run validation split", documents=documents)
     return out

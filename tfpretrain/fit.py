@@ -51,6 +51,8 @@ def dry_run(cfg) -> dict:
 
     if cfg.data.path is not None:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
+    for name, spec in (cfg.eval.sets or {}).items():
+        resolve_paths(spec, f"eval.sets.{name}")
     cfg = warm_start.resolve(cfg)  # model.init_from: a source that does not fit, now
     exact = cfg.tokenizer.kind == "byte" or bool(cfg.tokenizer.path)
     if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size

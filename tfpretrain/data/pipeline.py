@@ -121,6 +121,24 @@ def pad_rows(stream: np.ndarray, width: int, first: int) -> np.ndarray:
     return rows
 
 
+def text_rows(data_cfg, seed: int, tokenizer: Tokenizer, fmt: "RowFormat", spec,
+              key: str = "--data") -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, unigram token counts, documents) of every document of ``spec`` (read like
+    ``data.path``; errors name ``key``), tokenized and packed as training's rows are: what
+    ``evaluate --data`` and ``eval.sets`` score."""
+    from tfpretrain.data.sources import read_documents
+
+    docs = read_documents(data_cfg, seed, spec, key=key)[0]
+    if not docs:
+        raise UserError(f"{key}: no text in {spec}")
+    stream = tokenize_documents(tokenizer, docs)
+    rows = make_rows(stream, fmt)
+    if len(rows) == 0:
+        raise UserError(f"{key}: the text of {spec} is shorter than one row of {fmt.width} "
+                        "tokens")
+    return np.asarray(rows), np.bincount(stream, minlength=tokenizer.vocabulary_size), len(docs)
+
+
 def make_rows(stream: np.ndarray, fmt: RowFormat) -> np.ndarray:
     """Rows [R, fmt.width] of ``stream``."""
     if fmt.packing == "pad":

@@ -420,9 +420,11 @@ class Source:
         return f"{len(self.sources)} source(s): {names}"
 
 
-def read_documents(cfg: DataConfig, seed: int, path=None) -> tuple[list[str], str]:
-    """All documents of ``path`` (default ``cfg.path``) in memory, and a description."""
-    source = Source(cfg.path if path is None else path, cfg, seed)
+def read_documents(cfg: DataConfig, seed: int, path=None,
+                   key: str = "data.path") -> tuple[list[str], str]:
+    """All documents of ``path`` (default ``cfg.path``) in memory, and a description;
+    errors name the config ``key`` (or flag) the path came from."""
+    source = Source(cfg.path if path is None else path, cfg, seed, key)
     stats = DecodeStats(cfg.on_decode_error)
     docs = list(source.documents(stats))
     return docs, source.describe() + stats.describe()

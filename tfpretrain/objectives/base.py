@@ -65,6 +65,12 @@ class Objective:
                  max_batches: int = 0) -> dict:
         """Validation metrics over ``rows`` (all of them, or ``max_batches`` batches of
         ``train.batch_size``), with baselines from the train-token ``counts``."""
+        return self.evaluator(cfg, model, tokenizer)(rows, counts, max_batches)
+
+    def evaluator(self, cfg: Config, model, tokenizer):
+        """``evaluate`` bound to a model: ``f(rows, counts, max_batches=0) -> metrics``, its
+        graph traced once however often and on whichever rows it is called (the validation
+        split and every ``eval.sets`` entry, at every validation)."""
         raise NotImplementedError
 
     def describe(self, metrics: dict) -> str:

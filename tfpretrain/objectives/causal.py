@@ -27,7 +27,7 @@ class CausalObjective(Objective):
     def model_options(self, cfg) -> dict:
         return {"document_mask": True} if cfg.data.document_mask else {}
 
-    def evaluate(self, cfg, model, tokenizer, rows, counts, max_batches=0):
+    def evaluator(self, cfg, model, tokenizer):
         """Loss (nats/token), perplexity, bits per UTF-8 byte over the rows, and the
         unigram baseline's loss on the same targets."""
         import tensorflow as tf
@@ -42,19 +42,22 @@ class CausalObjective(Objective):
             return (tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(w, tf.float64)),
                     tf.reduce_sum(w), tf.reduce_sum(tf.gather(table, y) * w))
 
-        used = rows[:max_batches * cfg.train.batch_size] if max_batches else rows
-        # a row's loss does not depend on the rows beside it: batches of >= EVAL_TOKENS
-        # tokens (the char recipe's whole split: 1.0 s faster than in batches of 12 rows)
-        batch_size = max(cfg.train.batch_size, EVAL_TOKENS // cfg.model.sequence_length)
-        nats, tokens, nbytes = 0.0, 0.0, 0.0
-        for x, y, w in eval_dataset(used, batch_size):
-            a, b, c = batch_sums(x, y, w)
-            nats, tokens, nbytes = nats + float(a), tokens + float(b), nbytes + float(c)
-        targets = np.asarray(used)[:, 1:].reshape(-1)
-        return {**loss_metrics(nats, tokens),
-                "val_bits_per_byte": nats / np.log(2) / max(nbytes, 1.0),
-                "val_tokens": int(tokens), "val_bytes": int(nbytes),
-                "unigram_val_loss": float(-unigram_log_probs(counts)[targets].mean())}
+        def evaluate(rows, counts, max_batches=0):
+            used = rows[:max_batches * cfg.train.batch_size] if max_batches else rows
+            # a row's loss does not depend on the rows beside it: batches of >= EVAL_TOKENS
+            # tokens (the char recipe's whole split: 1.0 s faster than in batches of 12 rows)
+            batch_size = max(cfg.train.batch_size, EVAL_TOKENS // cfg.model.sequence_length)
+            nats, tokens, nbytes = 0.0, 0.0, 0.0
+            for x, y, w in eval_dataset(used, batch_size):
+                a, b, c = batch_sums(x, y, w)
+                nats, tokens, nbytes = nats + float(a), tokens + float(b), nbytes + float(c)
+            targets = np.asarray(used)[:, 1:].reshape(-1)
+            return {**loss_metrics(nats, tokens),
+                    "val_bits_per_byte": nats / np.log(2) / max(nbytes, 1.0),
+                    "val_tokens": int(tokens), "val_bytes": int(nbytes),
+                    "unigram_val_loss": float(-unigram_log_probs(counts)[targets].mean())}
+
+        return evaluate
 
     def describe(self, m: dict) -> str:
         return (f"val_loss {m['val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f}), "

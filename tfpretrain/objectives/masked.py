@@ -31,7 +31,7 @@ class MaskedObjective(Objective):
         return Masker(cfg.mlm, tokenizer.vocabulary_size, cfg.model.sequence_length,
                       tokenizer.word_starts())
 
-    def evaluate(self, cfg, model, tokenizer, rows, counts, max_batches=0):
+    def evaluator(self, cfg, model, tokenizer):
         """Loss and accuracy over the masked positions (masks fixed per batch, see
         pipeline.EVAL_SEED), plus the baselines from train-token ``counts``: always
         predicting the most frequent real token (accuracy) and the unigram distribution
@@ -40,13 +40,8 @@ class MaskedObjective(Objective):
 
         from tfpretrain.data.pipeline import eval_dataset
 
-        if counts is None:
-            counts = np.ones([model.backbone.vocabulary_size])
-        best = int(np.argmax(counts[NUM_SPECIAL:])) + NUM_SPECIAL
-        logp = tf.constant(unigram_log_probs(counts), tf.float64)
-
         @tf.function(reduce_retracing=True, autograph=False)
-        def batch_sums(x, y, w):
+        def batch_sums(x, y, w, best, logp):
             logits = model(x, training=False)
             w64 = tf.cast(w, tf.float64)
             losses = tf.cast(model.token_losses(y, logits), tf.float64)
@@ -55,16 +50,27 @@ class MaskedObjective(Objective):
                     tf.reduce_sum(tf.cast(tf.equal(y, best), tf.float64) * w64),
                     -tf.reduce_sum(tf.gather(logp, y) * w64))
 
-        totals = np.zeros(5)
         masker = self.batcher(cfg, tokenizer)
-        for x, y, w in eval_dataset(rows, cfg.train.batch_size, max_batches, to_batch=masker):
-            totals += np.array([float(v) for v in batch_sums(x, y, w)])
-        nats, n, correct, baseline, unigram = totals
-        n = max(n, 1.0)
-        return {**loss_metrics(nats, n),
-                "val_masked_accuracy": correct / n, "baseline_masked_accuracy": baseline / n,
-                "unigram_val_loss": unigram / n, "val_masked_tokens": int(n),
-                "baseline_token": best}
+
+        def evaluate(rows, counts, max_batches=0):
+            if counts is None:
+                counts = np.ones([model.backbone.vocabulary_size])
+            best = int(np.argmax(counts[NUM_SPECIAL:])) + NUM_SPECIAL
+            logp = tf.constant(unigram_log_probs(counts), tf.float64)
+            totals = np.zeros(5)
+            for x, y, w in eval_dataset(rows, cfg.train.batch_size, max_batches,
+                                        to_batch=masker):
+                sums = batch_sums(x, y, w, tf.constant(best, y.dtype), logp)
+                totals += np.array([float(v) for v in sums])
+            nats, n, correct, baseline, unigram = totals
+            n = max(n, 1.0)
+            return {**loss_metrics(nats, n),
+                    "val_masked_accuracy": correct / n,
+                    "baseline_masked_accuracy": baseline / n,
+                    "unigram_val_loss": unigram / n, "val_masked_tokens": int(n),
+                    "baseline_token": best}
+
+        return evaluate
 
     def describe(self, m: dict) -> str:
         return (f"val_loss {m['val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f}), "

@@ -51,7 +51,9 @@ class Meter:
 
         left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
         u, logs = self.mfu(tokens_per_second), logs or {}
-        shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss") if k in logs]
+        sets = sorted(k for k in logs if k.startswith("val_") and k.endswith("_loss")
+                      and k != "val_loss")  # eval.sets
+        shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss", *sets) if k in logs]
         shown += [f"lr {logs['lr']:.2e}"] if "lr" in logs else []
         return (f"step {step:,}/{self.total_steps:,}: "
                 f"{', '.join(shown) + ' | ' if shown else ''}{tokens_per_second:,.0f} tok/s, MFU "
@@ -360,6 +362,31 @@ class RollbackMonitor(keras.callbacks.Callback):
         if self.after and int(self.model.optimizer.consecutive_skips.numpy()) >= self.after:
             self.requested = True
             self.model.stop_training = True
+
+
+def set_metrics(name: str, metrics: dict) -> dict:
+    """An ``eval.sets`` entry's metrics (an objective's ``evaluate``) as
+    ``val_<name>_<metric>``: the loss, bits per byte and accuracies, not the counts."""
+    return {f"val_{name}_{k[4:]}": v for k, v in metrics.items()
+            if k.startswith("val_") and isinstance(v, float)
+            and k not in ("val_perplexity", "val_tokens", "val_bytes")}
+
+
+class ValidationSets(keras.callbacks.Callback):
+    """``eval.sets``: after each validation, every extra set scored (``score(name)``) on the
+    weights validation used (EvaluationWeights, last in the list, has not put the training
+    weights back yet), its metrics added to the epoch's logs as ``val_<name>_*``, which
+    StepLogger then shows and sends like ``val_loss``. Goes before StepLogger."""
+
+    def __init__(self, names, score):
+        super().__init__()
+        self.names, self.score = list(names), score
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or "val_loss" not in logs:
+            return
+        for name in self.names:
+            logs.update(set_metrics(name, self.score(name)))
 
 
 class EvaluationWeights(keras.callbacks.Callback):

@@ -155,7 +155,22 @@ class Run:
         log(f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocabulary_size} ids; "
             f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
+        self.val_sets = self._val_sets()
         self._check_feeders()
+
+    def _val_sets(self) -> dict:
+        """eval.sets: {name: (rows, unigram counts)}, tokenized with the run's tokenizer and
+        packed like its validation rows; a missing or empty set fails here."""
+        from tfpretrain.data.pipeline import text_rows
+        from tfpretrain.objectives import row_format
+
+        cfg, out = self.cfg, {}
+        for name, spec in (cfg.eval.sets or {}).items():
+            rows, counts, documents = text_rows(cfg.data, cfg.train.seed, self.tokenizer,
+                                                row_format(cfg), spec, f"eval.sets.{name}")
+            out[name] = (rows, counts)
+            log(f"data: eval.sets.{name}: {documents:,} documents, {len(rows):,} rows")
+        return out
 
     def _check_feeders(self) -> None:
         """data.service: every feeder answers before anything is trained."""
@@ -359,7 +374,7 @@ class Run:
         from tfpretrain.files import write_atomic
         from tfpretrain.models.lm import weights_sha256
         from tfpretrain.objectives import float32_copy
-        from tfpretrain.training.evaluation import evaluate_split, rounded
+        from tfpretrain.training.evaluation import rounded
         from tfpretrain.training import warm_start
         from tfpretrain.training.optimizers import evaluation_weights
 
@@ -376,14 +391,15 @@ class Run:
                                  always=self.placement.distributed)
             # the export saves first; its fresh-process check runs during the evaluation
             with (finish or no_finish)(final, self.tokenizer, cfg, self.run_dir, log) as extra:
-                t1 = time.time()
-                metrics = evaluate_split(cfg, final, self.tokenizer, self.packed.val_rows,
-                                         self.packed.unigram_counts, cfg.eval.final_steps)
+                t1, score = time.time(), self.objective.evaluator(cfg, final, self.tokenizer)
+                metrics = score(self.packed.val_rows, self.packed.unigram_counts,
+                                cfg.eval.final_steps)
                 sampler = (self.sampler if final is self.model
                            else self.objective.sampler(final, self.tokenizer))
                 sample = sampler(self.prompt, **self.sample_kwargs)
                 log(f"eval: {self.objective.describe(metrics)} ({time.time() - t1:.1f}s)")
                 log(f"sample: {sample!r}")
+                sets = self._final_sets(score)
         extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
         summary = {
@@ -398,7 +414,7 @@ class Run:
             "workers": self.placement.workers,
             "data_service_feeders": len(self.feeders),
             "checkpoint_seconds": round(self.manager.seconds, 2),
-            **rounded(metrics),
+            **rounded(metrics), **sets,
             "skipped_steps": self.skipped_total(),
             "clipped_steps": int(model.optimizer.clipped_steps.numpy()),
             "rollbacks": self.guard.rollbacks,
@@ -423,6 +439,19 @@ class Run:
                 "steady_tokens_per_second": None if steady is None else round(steady, 1),
                 "first_step_seconds": round(logger.first_step_seconds or 0.0, 2),
                 **self.meter.summary(logger.tokens_per_second, seconds, steady)}
+
+    def _final_sets(self, score) -> dict:
+        """eval.sets on the final weights (``score``: their evaluator; ``eval.final_steps``),
+        as summary fields."""
+        from tfpretrain.training.callbacks import set_metrics
+        from tfpretrain.training.evaluation import rounded
+
+        out = {}
+        for name, (rows, counts) in self.val_sets.items():
+            t0, metrics = time.time(), score(rows, counts, self.cfg.eval.final_steps)
+            log(f"eval {name}: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
+            out.update(rounded(set_metrics(name, metrics)))
+        return out
 
     def _teacher_metrics(self) -> dict:
         """The teacher's loss on the student's validation rows (distillation only)."""
@@ -477,7 +506,8 @@ class Run:
     def _callbacks(self):
         from tfpretrain.training.callbacks import (CheckpointEvery, DivergenceStop,
                                                    EvaluationWeights, PreemptionCheckpoint,
-                                                   RollbackMonitor, StallWatch, StopAtStep)
+                                                   RollbackMonitor, StallWatch, StopAtStep,
+                                                   ValidationSets)
         from tfpretrain.training.optimizers import has_evaluation_weights
 
         cfg = self.cfg
@@ -492,6 +522,10 @@ class Run:
             callbacks.insert(1, DivergenceStop(self.rollback_source))
         if has_evaluation_weights(self.optimizer):  # schedule-free AdamW, optimizer.ema
             callbacks.append(EvaluationWeights())
+        if self.val_sets:  # before the logger, which shows what it adds
+            score = self.objective.evaluator(cfg, self.model, self.tokenizer)  # traced once
+            callbacks.insert(0, ValidationSets(self.val_sets, lambda name: score(
+                *self.val_sets[name], cfg.eval.steps)))
         if self.placement.kind == "multi_worker":  # first: a batch ends before the saves
             callbacks.insert(0, StallWatch(cfg.train.worker_timeout))
         return callbacks, rollback, saver
