@@ -268,6 +268,14 @@ def test_eval_sets_are_scored_at_every_validation_and_match_evaluate(tmp_path, c
             direct["val_bits_per_byte"], abs=1e-5)
     # the stories the model trained on are far easier for it than Python's reference text
     assert summary["val_stories_loss"] < summary["val_py_docs_loss"]
+    from tfpretrain import runs  # the table has a column per set; --sort, --plot take them
+
+    assert runs.main([str(tmp_path), "--json", "--sort", "val_py_docs_loss", "--plot",
+                      str(tmp_path / "s.png"), "--metric", "val_stories_loss"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["val_stories_loss"] == summary["val_stories_loss"]
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert runs.main([str(tmp_path), "--metric", "val_nope"]) == 2
 
 
 def test_a_missing_eval_set_is_one_message_before_the_run_folder(tmp_path):

@@ -69,19 +69,28 @@ def test_a_run_from_a_run_continues_its_loss_and_resumes_without_the_source(
                          train={"steps": 20}, eval={"every": 10}, export={"enabled": False})
     second = fit(longer, run_dir)
     assert second["steps"] == 20 and second["init_from"] == first["init_from"]
+    from tfpretrain.runs import columns, describe
+
+    row = describe(run_dir, tmp_path)  # `runs` shows where the weights came from
+    assert row["init_from"] == str(copy) and "init_from" in columns([row])
 
 
 def test_a_source_that_does_not_fit_is_one_message_before_the_run_folder(tiny_run, tmp_path):
     _, source, _ = tiny_run
     raw = tiny_raw(tmp_path, model={"init_from": str(source), "hidden_dim": 64})
     run_dir = tmp_path / "run"
-    config = str(write_yaml(tmp_path / "c.yaml", raw))
-    for extra in (["--dry-run"], []):  # the plan says so too
-        r = run_cli("tfpretrain.fit", "--config", config, "--run-dir", str(run_dir), *extra)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert "model.init_from" in r.stderr and \
-            "model.hidden_dim is 64 here, 32 in the source" in r.stderr
-        assert not run_dir.exists()
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
+                "--run-dir", str(run_dir))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "model.init_from" in r.stderr and "model.hidden_dim is 64 here, 32 in the source" \
+        in r.stderr
+    assert not run_dir.exists()
+    from tfpretrain.config import build_config
+    from tfpretrain.errors import UserError
+    from tfpretrain.fit import dry_run
+
+    with pytest.raises(UserError, match="model.hidden_dim is 64 here"):  # the plan says so
+        dry_run(build_config(raw))
 
 
 def test_what_the_source_must_share(tiny_run, tmp_path):

@@ -7,15 +7,19 @@ Finds every run folder under DIR (default ``runs/``; tune trials included): a fo
 ``config.yaml``. For each: name, key config values, parameters, tokens seen, val
 loss / perplexity / bits-per-byte, tokens/s, wall time and status (``done``, ``stopped at
 step N`` for a run with checkpoints but no summary, ``failed`` for a tune trial with an
-error, ``empty``). ``--plot`` writes a PNG of each run's curve of ``--metric`` read from its
-TensorBoard logs (default ``DIR/<metric>.png``): val loss, or a per-step train scalar
-(loss and grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
+error, ``empty``); where some run has them, the source of its first weights
+(``init_from``, ``model.init_from``) and the loss on each extra validation set
+(``val_<name>_loss``, ``eval.sets``), which ``--sort`` and ``--metric`` also take.
+``--plot`` writes a PNG of each run's curve of ``--metric`` read from its TensorBoard logs
+(default ``DIR/<metric>.png``): val loss, an extra set's val loss, or a per-step train
+scalar (loss and grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
 stability guard skipped marked.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from tfpretrain.plots import png_path
 COLUMNS = ("run", "arch", "size", "tokenizer", "params", "tokens_seen", "val_loss",
            "val_perplexity", "val_bits_per_byte", "tokens_per_second", "wall_seconds",
            "status")
+SET_LOSS = re.compile(r"val_([A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)_loss")  # an eval.sets entry's
+TEXT_COLUMNS = ("run", "arch", "size", "tokenizer", "init_from", "status")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -51,6 +57,8 @@ def describe(run: Path, root: Path) -> dict:
         summary = json.loads(summary_path.read_text())
         for key in COLUMNS[4:-1]:
             row[key] = summary.get(key)
+        row.update({k: v for k, v in summary.items() if SET_LOSS.fullmatch(k)})
+        row["init_from"] = (summary.get("init_from") or {}).get("source")
         row["status"] = "done"
     else:
         steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")
@@ -72,6 +80,25 @@ METRICS = {  # --metric -> (TensorBoard split, tag, axis label)
     "tokens_per_second": ("train", "tokens_per_second", "tokens/s"),
     "mfu": ("train", "mfu", "MFU"),
 }
+
+
+def metric_of(name: str) -> tuple[str, str, str]:
+    """--metric: (TensorBoard split, tag, axis label); an eval.sets loss is
+    ``val_<name>_loss``."""
+    if name in METRICS:
+        return METRICS[name]
+    match = SET_LOSS.fullmatch(name)
+    if match is None:
+        raise UserError(f"--metric: one of {', '.join(METRICS)} or val_<name>_loss of an "
+                        f"eval.sets entry. Received: {name!r}")
+    return "val", f"{match.group(1)}_loss", f"{match.group(1)} val loss (nats/token)"
+
+
+def columns(rows: list[dict]) -> tuple:
+    """COLUMNS, with ``init_from`` and each eval.sets loss where some run has them."""
+    sets = tuple(sorted({k for r in rows for k in r if SET_LOSS.fullmatch(k)}))
+    origin = ("init_from",) if any(r.get("init_from") for r in rows) else ()
+    return COLUMNS[:4] + origin + COLUMNS[4:9] + sets + COLUMNS[9:]
 
 
 def curve(run: Path, split: str, tag: str) -> tuple[list[int], list[float]]:
@@ -120,7 +147,7 @@ def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> 
     from tfpretrain.plots import pyplot, save
 
     plt = pyplot()
-    split, tag, label = METRICS[metric]
+    split, tag, label = metric_of(metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     marked = False
     for row in rows:
@@ -145,7 +172,8 @@ def plot(rows: list[dict], root: Path, path: Path, metric: str = "val_loss") -> 
 def table(rows: list[dict]) -> str:
     from tfpretrain.tables import fmt, render
 
-    return render(COLUMNS, [[fmt(r.get(c)) for c in COLUMNS] for r in rows])
+    shown = columns(rows)
+    return render(shown, [[fmt(r.get(c)) for c in shown] for r in rows])
 
 
 @cli_main
@@ -154,15 +182,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tfpretrain.runs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default="runs")
-    p.add_argument("--sort", default="val_loss", choices=COLUMNS)
+    p.add_argument("--sort", default="val_loss",
+                   help=f"a column: {', '.join(COLUMNS)}, init_from or val_<name>_loss")
     p.add_argument("--plot", nargs="?", const="", help="write the runs' curves to this PNG "
                    "(default DIR/<metric>.png)")
-    p.add_argument("--metric", default="val_loss", choices=tuple(METRICS),
-                   help="what --plot draws (default val_loss; train metrics mark the steps "
-                        "the stability guard skipped)")
+    p.add_argument("--metric", default="val_loss",
+                   help=f"what --plot draws: {', '.join(METRICS)} or val_<name>_loss of an "
+                        "eval.sets entry (default val_loss; train metrics mark the steps the "
+                        "stability guard skipped)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a = p.parse_args(argv)
     root = Path(a.dir)
+    metric_of(a.metric)  # a bad name is refused before anything is read
     path = png_path(a.plot or root / f"{a.metric}.png", "--plot") if a.plot is not None \
         else None
     if not root.is_dir():
@@ -171,9 +202,10 @@ def main(argv=None) -> int:
     if not runs:
         raise UserError(f"no run folders (with config.yaml) under {root}")
     rows = [describe(r, root) for r in runs]
+    if a.sort not in columns(rows) and not SET_LOSS.fullmatch(a.sort):
+        raise UserError(f"--sort: one of {', '.join(columns(rows))}. Received: {a.sort!r}")
     rows.sort(key=lambda r: (r.get(a.sort) is None, r.get(a.sort) or 0)
-              if a.sort not in ("run", "arch", "size", "tokenizer", "status")
-              else str(r.get(a.sort)))
+              if a.sort not in TEXT_COLUMNS else str(r.get(a.sort)))
     if a.json:
         for r in rows:
             print(json.dumps(r))
