@@ -133,3 +133,15 @@ def test_rerun_exit_code_cannot_take_another_outcomes_code():
     problems, _ = problems_of({"train": {"rerun_exit_code": 256}})
     assert "train.rerun_exit_code" in problems[0]
     assert build_config({"train": {"rerun_exit_code": 138}}).train.rerun_exit_code == 138
+
+
+def test_eval_sets_names_and_the_tune_objectives_they_add():
+    sets = {"eval": {"sets": {"old_web": "old.txt", "code": ["a.txt", "b.txt"]}}}
+    cfg = build_config({**sets, "tune": {"objective": "val_old_web_loss"}})
+    assert cfg.eval.sets["code"] == ["a.txt", "b.txt"]
+    build_config({**sets, "tune": {"objective": "val_code_bits_per_byte"}})
+    with pytest.raises(ConfigError, match="val_loss, val_bits_per_byte.*Received: 'val_x_loss'"):
+        build_config({"tune": {"objective": "val_x_loss"}})
+    for bad in ({"a/b": "x.txt"}, {"two__under": "x.txt"}, {"ok": ""}, {"ok": [1]}, {}):
+        with pytest.raises(ConfigError, match="`eval.sets` must map names"):
+            build_config({"eval": {"sets": bad}})

@@ -417,8 +417,10 @@ class TuneConfig:
                          "ignored, the budget decides).", min=1)
     steps_per_trial: int = _f(200, "Training steps of each proxy trial (hyperband: of the "
                               "longest trials).", min=1)
-    objective: str = _f("val_loss", "What the search minimizes; `val_bits_per_byte` "
-                        "compares across tokenizers.", choices=("val_loss", "val_bits_per_byte"))
+    objective: str = _f("val_loss", "What the search minimizes: `val_loss`; "
+                        "`val_bits_per_byte` compares across tokenizers; "
+                        "`val_<name>_loss` or `val_<name>_bits_per_byte` of an `eval.sets` "
+                        "entry (tune for a target domain while training on a mix).")
 
 
 @dataclass
@@ -641,6 +643,18 @@ def host_port(address) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
+def _tune_objective_checks(c: Config) -> list[str]:
+    """``tune.objective``: a metric every trial's summary has."""
+    sets = c.eval.sets if isinstance(c.eval.sets, dict) else {}
+    allowed = ["val_loss", "val_bits_per_byte"] + [
+        f"val_{name}_{metric}" for name in sets for metric in ("loss", "bits_per_byte")]
+    if c.tune.objective in allowed:
+        return []
+    return [f"`tune.objective` must be one of {', '.join(allowed)} (an `eval.sets` entry "
+            f"`name` adds val_<name>_loss and val_<name>_bits_per_byte). Received: "
+            f"{c.tune.objective!r}"]
+
+
 def _eval_set_checks(sets) -> list[str]:
     """``eval.sets``: names that make metric names, each with a path or a list of paths."""
     if not isinstance(sets, dict):  # None, or not a mapping (the type check says so)
@@ -675,7 +689,7 @@ def _cross_checks(c: Config) -> list[str]:
             + _schedule_checks(c)
             + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
             + _check_plain_name("export.name", c.export.name) + _exit_code_checks(c)
-            + _eval_set_checks(c.eval.sets))
+            + _eval_set_checks(c.eval.sets) + _tune_objective_checks(c))
 
 
 def _exit_code_checks(c: Config) -> list[str]:
