@@ -66,13 +66,26 @@ def value(argv: list[str], flag: str):
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
 
 
+def text_paths(argv: list[str]) -> list[str]:
+    """The files ``--set`` names as text to read: data.path, data.val_path (a path or a
+    list), eval.sets (a mapping to either)."""
+    import yaml
+
+    out = []
+    for a in argv:
+        key, _, text = a.partition("=")
+        if key in ("data.path", "data.val_path", "eval.sets"):
+            found = yaml.safe_load(text)
+            for spec in (found.values() if isinstance(found, dict) else [found]):
+                out += spec if isinstance(spec, list) else [spec]
+    return [p for p in out if isinstance(p, str)]
+
+
 def make_inputs(argv: list[str], folder: Path) -> None:
     """The files and run folders ``argv`` reads that do not exist yet, made small."""
     from tfpretrain.data.synthetic import generate_stories
 
-    wanted = [value(argv, f) for f in INPUTS]
-    wanted += [a.split("=", 1)[1] for a in argv if a.startswith("data.path=")
-               or a.startswith("data.val_path=")]
+    wanted = [value(argv, f) for f in INPUTS] + text_paths(argv)
     config = value(argv, "--config")
     if config and config.endswith(".yaml") and not (REPO / config).exists():
         (folder / config).parent.mkdir(parents=True, exist_ok=True)
