@@ -47,7 +47,7 @@ def test_the_weights_of_a_run_and_of_its_presets_load_exactly(tiny_run, tmp_path
 
 
 def test_a_run_from_a_run_continues_its_loss_and_resumes_without_the_source(
-        tiny_run, tmp_path):
+        tiny_run, tmp_path, capsys):
     """At a learning rate too small to move the weights, the new run's loss is the source's;
     once the new run has a checkpoint, the source may go away."""
     from tfpretrain.fit import fit
@@ -59,7 +59,13 @@ def test_a_run_from_a_run_continues_its_loss_and_resumes_without_the_source(
                       optimizer={"learning_rate": 1e-7, "min_learning_rate": 1e-8},
                       train={"steps": 10}, eval={"every": 10}, export={"enabled": False})
     run_dir = tmp_path / "runs" / "continued"
+    from tfpretrain.data.__main__ import main as prepare_data
+
+    raw = tiny_raw(tmp_path, model={"init_from": str(copy)})  # the cache prepared ahead
+    assert prepare_data(["--config", str(write_yaml(tmp_path / "c.yaml", raw))]) == 0
+    capsys.readouterr()
     first = fit(cfg, run_dir)
+    assert "from the token cache" in capsys.readouterr().out  # is the entry fit reads
     assert abs(first["val_loss"] - summary["val_loss"]) < 2e-3, (first, summary)
     assert first["init_from"]["weights_sha256"] == summary["weights_sha256"]
     assert json.loads((run_dir / "init_from.json").read_text())["step"] == 60

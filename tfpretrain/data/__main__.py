@@ -49,7 +49,10 @@ def main(argv=None) -> int:
     overrides = list(a.set) + ["data.cache=true"]
     if a.cache_dir:
         overrides.append(f"data.cache_dir={a.cache_dir}")
-    cfg = load_config(a.config, overrides)
+    from tfpretrain.training import distill, warm_start
+
+    # the tokenizer fit will take (model.init_from's, distill.teacher's): the same entry
+    cfg = distill.resolve(warm_start.resolve(load_config(a.config, overrides)))
 
     import keras
     import numpy as np
