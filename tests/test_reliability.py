@@ -7,12 +7,16 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_write_refused, last_json_line, run_cli, tiny_raw, write_yaml
+from conftest import (REPO, assert_write_refused, last_json_line, run_cli, tiny_raw,
+                      write_yaml)
 
 
 def snapshot(folder: Path) -> dict:
@@ -482,6 +486,42 @@ def test_a_full_disk_under_the_tensorboard_logs_is_one_message(tmp_path, small_d
     assert_write_refused(r, "events.out.tfevents")
     assert "step-00000010" in [p.name for p in (run / "checkpoints").iterdir()]
     small_disk(logs, 4096)  # room made
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+
+
+def test_a_full_disk_at_the_summary_is_one_message_and_the_rerun_writes_it(tmp_path,
+                                                                           small_disk):
+    """summary.json on a full disk (the run folder on a small filesystem, filled while the
+    export pauses, after the training and checkpoints of a resumed run): one message naming
+    summary.json, exit 74; the earlier summary and the checkpoints are intact, and with room
+    made the same command evaluates again and writes the new summary (not the stale one)."""
+    raw = quick_raw(tmp_path, export={"enabled": True, "dir": str(tmp_path / "exports")})
+    cfg = write_yaml(tmp_path / "c.yaml", raw)
+    run = small_disk(tmp_path / "run", 8192)
+    first = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run),
+                    "--set", "train.steps=10", "--set", "export.enabled=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg),
+                             "--run-dir", str(run), "--set", "debug.slow_export_seconds=3"],
+                            cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (tmp_path / "exports" / "run" / ".tmp-1" / "assets.extra" /
+               "config.yaml").exists():  # trained to 20, checkpointed, the export saved
+        assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    with open(run / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"x" * 65536)
+    out, err = proc.communicate(timeout=300)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_write_refused(r, "summary.json")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10  # intact
+    assert "step-00000020" in [p.name for p in (run / "checkpoints").iterdir()]
+    (run / "filler").unlink()  # room made
     r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 20

@@ -88,8 +88,9 @@ class Run:
         if state.complete:
             log(f"{self.run_dir} already finished {state.resume_step} steps (train.steps="
                 f"{self.cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
-            if (self.source_dir / "summary.json").exists():  # a worker: the chief's
-                return json.loads((self.source_dir / "summary.json").read_text())
+            summary = self._finished_summary(state.resume_step)
+            if summary is not None:
+                return summary
         resuming = state.resume_from is not None
         self.setup_tensorflow()
         self.prepare_data(resuming)
@@ -110,6 +111,16 @@ class Run:
         except BaseException:
             self.logger.finish(None)  # external trackers see the run end (KILLED), not hang
             raise
+
+    def _finished_summary(self, step: int) -> dict | None:
+        """The summary of a run already trained to ``step`` (a worker: the chief's), unless
+        it is missing or from an earlier length (its write failed after a resume): then the
+        final evaluation, export and summary run again."""
+        path = self.source_dir / "summary.json"
+        if not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary.get("steps", 0) >= step else None
 
     def setup_tensorflow(self) -> None:
         import keras
