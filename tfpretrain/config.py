@@ -655,12 +655,16 @@ def _tune_objective_checks(c: Config) -> list[str]:
             f"{c.tune.objective!r}"]
 
 
+EVAL_SET_NAME = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # an eval.sets name: part of metric names
+SET_LOSS = re.compile(rf"val_({EVAL_SET_NAME})_loss")  # an eval.sets entry's loss metric
+
+
 def _eval_set_checks(sets) -> list[str]:
     """``eval.sets``: names that make metric names, each with a path or a list of paths."""
     if not isinstance(sets, dict):  # None, or not a mapping (the type check says so)
         return []
     bad = [name for name, spec in sets.items()
-           if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*", str(name))
+           if not re.fullmatch(EVAL_SET_NAME, str(name))
            or not (isinstance(spec, str) and spec.strip() or isinstance(spec, list) and spec
                    and all(isinstance(x, str) for x in spec))]
     if sets and not bad:

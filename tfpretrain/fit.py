@@ -57,8 +57,10 @@ def dry_run(cfg) -> dict:
     exact = cfg.tokenizer.kind == "byte" or bool(cfg.tokenizer.path)
     if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size
         vocab = from_path(cfg.tokenizer.path).vocabulary_size
+    elif exact:
+        vocab = BYTE_VOCABULARY_SIZE
     else:
-        vocab = BYTE_VOCABULARY_SIZE if exact else cfg.tokenizer.vocabulary_size
+        vocab = cfg.tokenizer.vocabulary_size
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     check_memory(cfg, vocab)  # an absurd size is refused here, not by running out of memory
     print(cfg.to_yaml(), end="")

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from tfpretrain.config import SET_LOSS
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 from tfpretrain.plots import png_path
 
 COLUMNS = ("run", "arch", "size", "tokenizer", "params", "tokens_seen", "val_loss",
            "val_perplexity", "val_bits_per_byte", "tokens_per_second", "wall_seconds",
            "status")
-SET_LOSS = re.compile(r"val_([A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)_loss")  # an eval.sets entry's
 TEXT_COLUMNS = ("run", "arch", "size", "tokenizer", "init_from", "status")
 
 

@@ -445,6 +445,11 @@ def resolved_kind(cfg) -> str:
     return "wordpiece" if cfg.model.arch == "bert" else "sentencepiece_bpe"
 
 
+# the files a saved tokenizer has beside tokenizer.json, per kind (``_save_assets``)
+ASSET_FILES = {"sentencepiece_bpe": ("spm.model",), "sentencepiece_unigram": ("spm.model",),
+               "wordpiece": ("vocab.txt",), "bytelevel_bpe": ("vocab.json", "merges.txt")}
+
+
 def load_tokenizer(directory: Path) -> Tokenizer:
     directory = Path(directory)
     meta_path = directory / "tokenizer.json"

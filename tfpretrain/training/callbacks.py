@@ -9,6 +9,7 @@ import time
 import keras
 import numpy as np
 
+from tfpretrain.config import SET_LOSS
 from tfpretrain.models.lm import LOG_FIELDS
 
 
@@ -51,8 +52,7 @@ class Meter:
 
         left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
         u, logs = self.mfu(tokens_per_second), logs or {}
-        sets = sorted(k for k in logs if k.startswith("val_") and k.endswith("_loss")
-                      and k != "val_loss")  # eval.sets
+        sets = sorted(k for k in logs if SET_LOSS.fullmatch(k))  # eval.sets
         shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss", *sets) if k in logs]
         shown += [f"lr {logs['lr']:.2e}"] if "lr" in logs else []
         return (f"step {step:,}/{self.total_steps:,}: "

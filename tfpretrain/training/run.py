@@ -78,6 +78,7 @@ class Run:
         self.source_dir = source_dir or run_dir  # resumed from (a worker: the chief's)
         self.objective = get_objective(cfg)
         self.guard = GuardState()
+        self.init_source = None  # model.init_from: what the first weights were (init_weights)
         self.t_start = time.time()
 
     # -- the stages, in order ------------------------------------------------------------
@@ -95,10 +96,10 @@ class Run:
         self.setup_tensorflow()
         self.prepare_data(resuming)
         self.build_model()
-        if not resuming:
-            self.init_weights()
         if resuming:  # before anything is written: an incompatible checkpoint changes nothing
             self.restore(state.resume_from, state.resume_guard)
+        else:
+            self.init_weights()
         self.prepare_folder(resuming)
         self.targets = self.teacher_targets()
         self.start_logging()
@@ -249,7 +250,6 @@ class Run:
         a resumed run restores its own checkpoint instead."""
         from tfpretrain.training import warm_start
 
-        self.init_source = None
         if not self.cfg.model.init_from:
             return
         t0 = time.time()

@@ -56,12 +56,13 @@ def find_source(name: str) -> Source:
 
 def _preset_source(name: str) -> Source:
     from tfpretrain import compat
+    from tfpretrain.data.tokenizers import ASSET_FILES
 
     try:
         compat.preset_file(name, "config.json")
         config = Path(compat.preset_file(name, "tfpretrain/config.yaml"))
         meta = Path(compat.preset_file(name, "tfpretrain/tokenizer/tokenizer.json"))
-        for asset in _tokenizer_assets(json.loads(meta.read_text())["kind"]):
+        for asset in ASSET_FILES.get(json.loads(meta.read_text())["kind"], ()):
             compat.preset_file(name, f"tfpretrain/tokenizer/{asset}")
     except (FileNotFoundError, ValueError, ImportError, OSError) as exc:
         raise UserError(
@@ -71,12 +72,6 @@ def _preset_source(name: str) -> Source:
             "starts only from weights whose tokenizer it has: other keras_hub presets use "
             "other special ids") from None
     return Source(name, "preset", _config(config), meta.parent)
-
-
-def _tokenizer_assets(kind: str) -> tuple:
-    return {"wordpiece": ("vocab.txt",), "bytelevel_bpe": ("vocab.json", "merges.txt"),
-            "sentencepiece_bpe": ("spm.model",),
-            "sentencepiece_unigram": ("spm.model",)}.get(kind, ())
 
 
 def _config(path: Path) -> Config:
