@@ -357,6 +357,14 @@ class EvalConfig:
                               "summary and trackers, `val/<name>_loss` in TensorBoard. For "
                               "forgetting during continued pretraining, or a target domain "
                               "beside the training mix.")
+    tasks: Optional[dict] = _f(None, "Zero-shot tasks, `{name: path}` of JSONL task files "
+                               "(multiple-choice `{context, choices, label}` or cloze "
+                               "`{context, continuation}` items; `synth tasks` makes them "
+                               "from held-out text), answered by likelihood at every "
+                               "validation and in the final evaluation: `task_<name>_acc` "
+                               "in the progress line; it and `_acc_norm`, `_acc_pmi` "
+                               "(choices) or `_loss` (cloze) in the summary, the trackers "
+                               "and TensorBoard's val run. Causal models only.")
 
 
 @dataclass
@@ -646,32 +654,51 @@ def host_port(address) -> tuple[str, int] | None:
 def _tune_objective_checks(c: Config) -> list[str]:
     """``tune.objective``: a metric every trial's summary has."""
     sets = c.eval.sets if isinstance(c.eval.sets, dict) else {}
+    tasks = c.eval.tasks if isinstance(c.eval.tasks, dict) else {}
     allowed = ["val_loss", "val_bits_per_byte"] + [
-        f"val_{name}_{metric}" for name in sets for metric in ("loss", "bits_per_byte")]
+        f"val_{name}_{metric}" for name in sets for metric in ("loss", "bits_per_byte")] + [
+        f"task_{name}_acc" for name in tasks]
     if c.tune.objective in allowed:
         return []
     return [f"`tune.objective` must be one of {', '.join(allowed)} (an `eval.sets` entry "
-            f"`name` adds val_<name>_loss and val_<name>_bits_per_byte). Received: "
-            f"{c.tune.objective!r}"]
+            f"`name` adds val_<name>_loss and val_<name>_bits_per_byte, an `eval.tasks` "
+            f"entry task_<name>_acc). Received: {c.tune.objective!r}"]
 
 
 EVAL_SET_NAME = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # an eval.sets name: part of metric names
 SET_LOSS = re.compile(rf"val_({EVAL_SET_NAME})_loss")  # an eval.sets entry's loss metric
+TASK_ACC = re.compile(rf"task_({EVAL_SET_NAME})_acc")  # an eval.tasks entry's accuracy
 
 
-def _eval_set_checks(sets) -> list[str]:
-    """``eval.sets``: names that make metric names, each with a path or a list of paths."""
-    if not isinstance(sets, dict):  # None, or not a mapping (the type check says so)
-        return []
-    bad = [name for name, spec in sets.items()
-           if not re.fullmatch(EVAL_SET_NAME, str(name))
-           or not (isinstance(spec, str) and spec.strip() or isinstance(spec, list) and spec
-                   and all(isinstance(x, str) for x in spec))]
-    if sets and not bad:
-        return []
-    return ["`eval.sets` must map names (letters, digits, single `_`) to a path or a list "
-            "of paths, e.g. `--set 'eval.sets={stories: stories_val.txt}'`. Received: "
-            f"{sets!r}" + (f" (bad: {', '.join(map(str, bad))})" if bad else "")]
+def maximized(metric: str) -> bool:
+    """Whether a bigger value of a summary metric is better (a task's accuracy)."""
+    return TASK_ACC.fullmatch(metric) is not None
+
+
+def _eval_set_checks(c: Config) -> list[str]:
+    """``eval.sets`` and ``eval.tasks``: names that make metric names, each with a path (a
+    set: or a list of paths); tasks need a causal model."""
+    p = []
+    for key, lists in (("sets", True), ("tasks", False)):
+        entries = getattr(c.eval, key)
+        if not isinstance(entries, dict):  # None, or not a mapping (the type check says so)
+            continue
+        bad = [name for name, spec in entries.items()
+               if not re.fullmatch(EVAL_SET_NAME, str(name))
+               or not (isinstance(spec, str) and spec.strip() or lists and isinstance(
+                   spec, list) and spec and all(isinstance(x, str) for x in spec))]
+        if entries and not bad:
+            continue
+        example = "{stories: stories_val.txt}" if lists else "{endings: endings.jsonl}"
+        p.append(f"`eval.{key}` must map names (letters, digits, single `_`) to a path"
+                 f"{' or a list of paths' if lists else ''}, e.g. `--set 'eval.{key}="
+                 f"{example}'`. Received: {entries!r}"
+                 + (f" (bad: {', '.join(map(str, bad))})" if bad else ""))
+    if c.eval.tasks and c.model.objective in MASKED_OBJECTIVES:
+        p.append("`eval.tasks` scores continuations by likelihood, which needs a causal "
+                 f"model: drop it, or use `model.objective: causal`. Received: "
+                 f"objective={c.model.objective}")
+    return p
 
 
 def _check_plain_name(key: str, value) -> list[str]:
@@ -693,7 +720,7 @@ def _cross_checks(c: Config) -> list[str]:
             + _schedule_checks(c)
             + _check_space(c.tune.space, c.tune.tuner) + _data_checks(c)
             + _check_plain_name("export.name", c.export.name) + _exit_code_checks(c)
-            + _eval_set_checks(c.eval.sets) + _tune_objective_checks(c))
+            + _eval_set_checks(c) + _tune_objective_checks(c))
 
 
 def _exit_code_checks(c: Config) -> list[str]:

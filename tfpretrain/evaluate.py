@@ -2,6 +2,7 @@
 
     python -m tfpretrain.evaluate --run-dir DIR [--data PATH] [--saved-model PATH]
                                   [--max-batches N]
+    python -m tfpretrain.evaluate --run-dir DIR --tasks [NAME=]PATH [...]
 
 - ``--run-dir`` alone: the run's latest checkpoint on its own validation split (rebuilt
   from its config, deterministically), as packed rows like training saw them.
@@ -10,6 +11,9 @@
 - ``--saved-model PATH [--data PATH]``: the SavedModel's ``score`` signature on each
   document (each scored on its own, after an end-of-text token); without --data the
   run's validation split is used, so --run-dir is then needed too.
+- ``--run-dir --tasks PATH ...``: zero-shot tasks (JSONL of multiple-choice or cloze items,
+  see ``tfpretrain.data.tasks``; ``synth tasks`` makes them) answered by the run's model:
+  accuracy by likelihood (``acc``, ``acc_norm``, ``chance``), or greedy (cloze).
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -60,6 +64,28 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
     return out
 
 
+def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
+    """``--tasks``: each ``[NAME=]PATH`` (NAME: the file's stem) scored on the run's latest
+    weights (its evaluation weights: EMA / schedule-free average where it kept them)."""
+    from tfpretrain.data.tasks import prepare_tasks
+    from tfpretrain.training.evaluation import rounded, task_evaluator
+    from tfpretrain.training.runfolder import load_run
+
+    named = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).stem, spec)
+        if name in named:
+            raise UserError(f"--tasks: two tasks named {name!r}: name one NAME=PATH")
+        named[name] = path
+    cfg, tokenizer, model = load_run(run_dir)
+    tasks = prepare_tasks(named, tokenizer, cfg.model.sequence_length, key="--tasks")
+    score = task_evaluator(cfg, model, tokenizer)
+    return {"run_dir": str(run_dir), "tasks": {
+        name: {"path": task.path, **rounded(score(task, rows))}
+        for name, (task, rows) in tasks.items()}}
+
+
 def evaluate_saved_model(path: Path, docs: list[str], batch_size: int = 16) -> dict:
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers the SentencePiece ops
@@ -93,9 +119,17 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="text to evaluate on (default: the run's validation split)")
     p.add_argument("--saved-model", help="evaluate this SavedModel through its score signature")
     p.add_argument("--max-batches", type=int, default=0, help="0 = all")
+    p.add_argument("--tasks", nargs="+", metavar="[NAME=]PATH",
+                   help="zero-shot task files (JSONL) to answer instead (needs --run-dir)")
     a = p.parse_args(argv)
     if not a.run_dir and not a.saved_model:
         raise UserError("give --run-dir, --saved-model, or both")
+    if a.tasks:
+        if a.saved_model or a.data or not a.run_dir:
+            raise UserError("--tasks scores a run's model: give --run-dir, without --data "
+                            "or --saved-model")
+        print(json.dumps(evaluate_tasks(Path(a.run_dir), a.tasks)))
+        return 0
     if a.saved_model:
         if a.data is None and not a.run_dir:
             raise UserError("--saved-model without --data evaluates on a run's validation "

@@ -9,7 +9,9 @@ loss / perplexity / bits-per-byte, tokens/s, wall time and status (``done``, ``s
 step N`` for a run with checkpoints but no summary, ``failed`` for a tune trial with an
 error, ``empty``); where some run has them, the source of its first weights
 (``init_from``, ``model.init_from``) and the loss on each extra validation set
-(``val_<name>_loss``, ``eval.sets``), which ``--sort`` and ``--metric`` also take.
+(``val_<name>_loss``, ``eval.sets``) and the accuracy on each zero-shot task
+(``task_<name>_acc``, ``eval.tasks``), which ``--sort`` (accuracies best first) and
+``--metric`` also take.
 ``--plot`` writes a PNG of each run's curve of ``--metric`` read from its TensorBoard logs
 (default ``DIR/<metric>.png``): val loss, an extra set's val loss, or a per-step train
 scalar (loss and grad norm on a log scale, learning rate, tokens/s, MFU) with the steps the
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from tfpretrain.config import SET_LOSS
+from tfpretrain.config import SET_LOSS, TASK_ACC, maximized
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 from tfpretrain.plots import png_path
 
@@ -56,7 +58,7 @@ def describe(run: Path, root: Path) -> dict:
         summary = json.loads(summary_path.read_text())
         for key in COLUMNS[4:-1]:
             row[key] = summary.get(key)
-        row.update({k: v for k, v in summary.items() if SET_LOSS.fullmatch(k)})
+        row.update({k: v for k, v in summary.items() if _extra(k)})
         row["init_from"] = (summary.get("init_from") or {}).get("source")
         row["status"] = "done"
     else:
@@ -81,21 +83,30 @@ METRICS = {  # --metric -> (TensorBoard split, tag, axis label)
 }
 
 
+def _extra(key: str) -> bool:
+    """An eval.sets loss or an eval.tasks accuracy: a column where some run has it."""
+    return bool(SET_LOSS.fullmatch(key) or TASK_ACC.fullmatch(key))
+
+
 def metric_of(name: str) -> tuple[str, str, str]:
     """--metric: (TensorBoard split, tag, axis label); an eval.sets loss is
-    ``val_<name>_loss``."""
+    ``val_<name>_loss``, an eval.tasks accuracy ``task_<name>_acc``."""
     if name in METRICS:
         return METRICS[name]
+    if TASK_ACC.fullmatch(name):
+        return "val", name, f"{TASK_ACC.fullmatch(name).group(1)} accuracy"
     match = SET_LOSS.fullmatch(name)
     if match is None:
-        raise UserError(f"--metric: one of {', '.join(METRICS)} or val_<name>_loss of an "
-                        f"eval.sets entry. Received: {name!r}")
+        raise UserError(f"--metric: one of {', '.join(METRICS)}, val_<name>_loss of an "
+                        f"eval.sets entry or task_<name>_acc of an eval.tasks entry. "
+                        f"Received: {name!r}")
     return "val", f"{match.group(1)}_loss", f"{match.group(1)} val loss (nats/token)"
 
 
 def columns(rows: list[dict]) -> tuple:
-    """COLUMNS, with ``init_from`` and each eval.sets loss where some run has them."""
-    sets = tuple(sorted({k for r in rows for k in r if SET_LOSS.fullmatch(k)}))
+    """COLUMNS, with ``init_from``, each eval.sets loss and each eval.tasks accuracy where
+    some run has them."""
+    sets = tuple(sorted({k for r in rows for k in r if _extra(k)}))
     origin = ("init_from",) if any(r.get("init_from") for r in rows) else ()
     return COLUMNS[:4] + origin + COLUMNS[4:9] + sets + COLUMNS[9:]
 
@@ -182,13 +193,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default="runs")
     p.add_argument("--sort", default="val_loss",
-                   help=f"a column: {', '.join(COLUMNS)}, init_from or val_<name>_loss")
+                   help=f"a column: {', '.join(COLUMNS)}, init_from, val_<name>_loss or "
+                        "task_<name>_acc (best first)")
     p.add_argument("--plot", nargs="?", const="", help="write the runs' curves to this PNG "
                    "(default DIR/<metric>.png)")
     p.add_argument("--metric", default="val_loss",
-                   help=f"what --plot draws: {', '.join(METRICS)} or val_<name>_loss of an "
-                        "eval.sets entry (default val_loss; train metrics mark the steps the "
-                        "stability guard skipped)")
+                   help=f"what --plot draws: {', '.join(METRICS)}, val_<name>_loss of an "
+                        "eval.sets entry or task_<name>_acc of an eval.tasks entry (default "
+                        "val_loss; train metrics mark the steps the stability guard skipped)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a = p.parse_args(argv)
     root = Path(a.dir)
@@ -201,9 +213,10 @@ def main(argv=None) -> int:
     if not runs:
         raise UserError(f"no run folders (with config.yaml) under {root}")
     rows = [describe(r, root) for r in runs]
-    if a.sort not in columns(rows) and not SET_LOSS.fullmatch(a.sort):
+    if a.sort not in columns(rows) and not _extra(a.sort):
         raise UserError(f"--sort: one of {', '.join(columns(rows))}. Received: {a.sort!r}")
-    rows.sort(key=lambda r: (r.get(a.sort) is None, r.get(a.sort) or 0)
+    sign = -1 if maximized(a.sort) else 1
+    rows.sort(key=lambda r: (r.get(a.sort) is None, sign * (r.get(a.sort) or 0))
               if a.sort not in TEXT_COLUMNS else str(r.get(a.sort)))
     if a.json:
         for r in rows:

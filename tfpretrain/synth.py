@@ -13,6 +13,8 @@
         [--threshold 0.55] [--ngram 5] [--contamination-ngram N]
     python -m tfpretrain.synth distill --teacher RUN|SAVED_MODEL|URL --count N
         --out distilled.jsonl [--prompts PATH] [sampling options]
+    python -m tfpretrain.synth tasks --in PATH --out task.jsonl [--kind ending|cloze]
+        [--count N] [--choices K] [--against TRAIN_PATH]
     python -m tfpretrain.synth report --in PATH [--against EVAL_PATH]
 
 Every mode is deterministic given ``--seed`` (a URL teacher as far as its server honours
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 
-MODES = ("stories", "augment", "bootstrap", "evolve", "dedup", "distill", "report")
+MODES = ("stories", "augment", "bootstrap", "evolve", "dedup", "distill", "tasks", "report")
 
 
 class Progress:
@@ -167,6 +169,37 @@ def run_dedup(a, writer, report) -> dict:
                        "against": a.against}, **summary}
 
 
+def run_tasks(a, writer, report) -> dict:
+    """Zero-shot task items (``eval.tasks``, ``evaluate --tasks``) from held-out documents:
+    ``ending`` (choose the real last sentence) or ``cloze`` (predict the last repeated
+    word)."""
+    from tfpretrain.data.records import read_records
+    from tfpretrain.data.tasks import make_items
+
+    _positive(a.count, "--count")
+    if a.choices < 2:
+        raise UserError(f"--choices must be >= 2. Received: {a.choices}")
+    docs = list(read_records(a.input))
+    items = make_items(a.kind, docs, a.count, a.choices, a.seed)
+    if not items:
+        need = ("at least 2 sentences and 8 words before the last one, and "
+                f"{a.choices} such documents with distinct last sentences"
+                if a.kind == "ending" else "a word of 3+ letters repeated after its first 8 "
+                "words")
+        raise UserError(f"--in {a.input}: no {a.kind} items from its {len(docs):,} documents "
+                        f"(a document needs {need})")
+    for i, item in enumerate(items):
+        answer = item["choices"][item["label"]] if "choices" in item else item["continuation"]
+        writer.write({"id": f"tasks-{a.seed}-{i}", "mode": "tasks", "seed": a.seed,
+                      "parent": item.pop("id"), **item})
+        report.add(item["context"] + answer)
+    if len(items) < a.count:
+        print(f"tasks: {len(items):,} items of the {a.count:,} asked ({len(docs):,} "
+              "documents)", file=sys.stderr)
+    return {"params": {"kind": a.kind, "count": a.count, "choices": a.choices,
+                       "in": a.input}, "items": len(items)}
+
+
 def _counted(records, bar):
     for rec in records:
         bar.update()
@@ -268,7 +301,7 @@ def run_distill(a, writer, report) -> dict:
 
 
 RUNNERS = {"stories": run_stories, "augment": run_augment, "bootstrap": run_bootstrap,
-           "evolve": run_evolve, "dedup": run_dedup, "distill": run_distill}
+           "evolve": run_evolve, "dedup": run_dedup, "distill": run_distill, "tasks": run_tasks}
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -316,6 +349,14 @@ def _data_arguments(parsers: dict) -> None:
     d.add_argument("--ngram", type=int, default=5, help="character shingle size (default 5)")
     d.add_argument("--contamination-ngram", type=int, default=0,
                    help="also drop records sharing a word N-gram with --against (0 = off)")
+    t = parsers["tasks"]
+    t.add_argument("--in", dest="input", required=True, help="held-out documents")
+    t.add_argument("--kind", choices=("ending", "cloze"), default="ending",
+                   help="ending: choose the real last sentence (default); cloze: predict "
+                   "the last word that already appeared in the document")
+    t.add_argument("--count", type=int, default=500, help="items at most (default 500)")
+    t.add_argument("--choices", type=int, default=4, help="ending: choices per item "
+                   "(default 4)")
 
 
 def _teacher_arguments(parsers: dict) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from tfpretrain.config import maximized
 from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
 
 HYPERBAND_MAX_EPOCHS = 9  # budget units: a trial with tuner/epochs=e trains e/9 of the steps
@@ -113,7 +114,8 @@ def make_oracle(cfg):
     """The KerasTuner oracle of ``tune.tuner`` over ``tune.space``."""
     import keras_tuner as kt
 
-    objective = kt.Objective(cfg.tune.objective, direction="min")
+    objective = kt.Objective(cfg.tune.objective,
+                             direction="max" if maximized(cfg.tune.objective) else "min")
     hp = kt.HyperParameters()
     declare(hp, cfg.tune.space)
     common = dict(objective=objective, hyperparameters=hp, seed=cfg.train.seed,
@@ -191,7 +193,7 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path, parent_run=lambda: None):
                 (trial_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
                 print(f"[tfpretrain] trial {trial.trial_id} failed: {exc}", flush=True)
                 raise kt.errors.FailedTrialError(str(exc)) from exc
-            write_hparams(trial_dir / "logs", values, summary)
+            write_hparams(trial_dir / "logs", values, summary, cfg.tune.objective)
             value = summary[cfg.tune.objective]
             if not math.isfinite(value):
                 raise kt.errors.FailedTrialError(f"objective is {value}")
@@ -210,20 +212,22 @@ def make_tuner(cfg, base_raw: dict, run_dir: Path, parent_run=lambda: None):
                     overwrite=False)
 
 
-def write_hparams(log_dir: Path, values: dict, summary: dict) -> None:
-    """An HParams session for this trial (its val/loss is the metric the dashboard shows)."""
+def write_hparams(log_dir: Path, values: dict, summary: dict, objective: str) -> None:
+    """An HParams session for this trial (its final val loss, bits per byte or masked
+    accuracy, and the search's objective, are the metrics the dashboard shows)."""
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp_api
 
     clean = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     with tf.summary.create_file_writer(str(log_dir)).as_default():
         hp_api.hparams(clean, trial_id=log_dir.parent.name)
-        for key in ("val_loss", "val_bits_per_byte", "val_masked_accuracy"):
+        for key in dict.fromkeys(("val_loss", "val_bits_per_byte", "val_masked_accuracy",
+                                  objective)):
             if key in summary:  # bits per byte: causal runs; masked accuracy: masked LM
                 tf.summary.scalar(f"final/{key}", summary[key], step=summary["steps"])
 
 
-def write_hparams_config(trials_dir: Path, space: dict) -> None:
+def write_hparams_config(trials_dir: Path, space: dict, objective: str) -> None:
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp_api
 
@@ -237,12 +241,15 @@ def write_hparams_config(trials_dir: Path, space: dict) -> None:
     metrics = [hp_api.Metric("final/val_loss", display_name="val_loss"),
                hp_api.Metric("final/val_bits_per_byte", display_name="val_bits_per_byte"),
                hp_api.Metric("final/val_masked_accuracy", display_name="val_masked_accuracy")]
+    if objective not in ("val_loss", "val_bits_per_byte"):  # an eval.sets / eval.tasks metric
+        metrics.append(hp_api.Metric(f"final/{objective}", display_name=objective))
     trials_dir.mkdir(parents=True, exist_ok=True)
     with tf.summary.create_file_writer(str(trials_dir)).as_default():
         hp_api.hparams_config(hparams=hparams, metrics=metrics)
 
 
-def leaderboard(tuner, space: dict) -> list[dict]:
+def leaderboard(tuner, space: dict, objective: str) -> list[dict]:
+    """The trials, best first (``objective``: a loss or a task accuracy)."""
     rows = []
     for trial in tuner.oracle.trials.values():
         info_path = Path(tuner.project_dir).parent / "trials" / trial.trial_id / "trial.json"
@@ -254,7 +261,8 @@ def leaderboard(tuner, space: dict) -> list[dict]:
                      "objective": trial.score, "steps": info.get("steps"),
                      "seconds": info.get("seconds"), "tokens": info.get("tokens_seen"),
                      "mfu": info.get("mfu"), "cost_usd": info.get("cost_usd")})
-    rows.sort(key=lambda r: (r["objective"] is None, r["objective"] or 0.0))
+    sign = -1.0 if maximized(objective) else 1.0
+    rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
     return rows
 
 
@@ -356,7 +364,7 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     search_run = SearchRun(cfg, run_dir)
     if role.is_chief:
-        write_hparams_config(run_dir / "trials", cfg.tune.space)
+        write_hparams_config(run_dir / "trials", cfg.tune.space, cfg.tune.objective)
         search_run.start()  # before the oracle serves a trial: workers read its id
     print(f"[tfpretrain] search: {role.describe()}", flush=True)
     tuner = make_tuner(cfg, base_raw, run_dir, search_run.parent_id)
@@ -364,7 +372,8 @@ def tune(cfg, base_raw: dict, run_dir: Path, role=None) -> dict:
     if not role.is_chief:
         return {"role": f"worker {role.tuner_id}", "run_dir": str(run_dir),
                 "trials_run": tuner.trials_run}
-    result = report(cfg, base_raw, run_dir, leaderboard(tuner, cfg.tune.space))
+    result = report(cfg, base_raw, run_dir,
+                    leaderboard(tuner, cfg.tune.space, cfg.tune.objective))
     search_run.finish(result, [run_dir / n for n in ("leaderboard.json", "best.yaml",
                                                      "objective.png")])
     return result

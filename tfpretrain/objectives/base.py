@@ -73,6 +73,15 @@ class Objective:
         split and every ``eval.sets`` entry, at every validation)."""
         raise NotImplementedError
 
+    def task_scorer(self, cfg: Config, model, tokenizer):
+        """Zero-shot tasks (``eval.tasks``, ``evaluate --tasks``; ``data.tasks``):
+        ``f(TaskRows) -> (summed loss per row, whether every target is the argmax)``."""
+        from tfpretrain.errors import UserError
+
+        raise UserError(f"zero-shot tasks (`eval.tasks`, `evaluate --tasks`) score "
+                        f"continuations by likelihood, which needs a causal model; this one "
+                        f"is `model.objective: {self.name}`")
+
     def describe(self, metrics: dict) -> str:
         """One log line of the metrics ``evaluate`` returns."""
         raise NotImplementedError

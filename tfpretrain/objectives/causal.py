@@ -59,6 +59,27 @@ class CausalObjective(Objective):
 
         return evaluate
 
+    def task_scorer(self, cfg, model, tokenizer):
+        """Zero-shot tasks (``data.tasks``): ``f(TaskRows) -> (summed loss in nats of each
+        row's weighted targets, whether each of them is the model's argmax)``, traced once."""
+        import tensorflow as tf
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def row_scores(x, y, w):
+            logits = model(x, training=False)
+            nll = tf.cast(model.token_losses(y, logits), tf.float32) * w
+            hit = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y) | (w == 0)
+            return tf.reduce_sum(nll, 1), tf.reduce_all(hit, 1)
+
+        def score(rows):
+            batch = max(cfg.train.batch_size, EVAL_TOKENS // cfg.model.sequence_length)
+            parts = [row_scores(rows.x[i:i + batch], rows.y[i:i + batch],
+                                rows.weight[i:i + batch]) for i in range(0, len(rows.x), batch)]
+            return (np.concatenate([a.numpy() for a, _ in parts]).astype(np.float64),
+                    np.concatenate([b.numpy() for _, b in parts]))
+
+        return score
+
     def describe(self, m: dict) -> str:
         return (f"val_loss {m['val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f}), "
                 f"ppl {m['val_perplexity']:.2f}, bpb {m['val_bits_per_byte']:.4f}")

@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from tfpretrain.config import SET_LOSS
+from tfpretrain.config import SET_LOSS, TASK_ACC
 from tfpretrain.models.lm import LOG_FIELDS
 
 
@@ -52,7 +52,8 @@ class Meter:
 
         left = (self.total_steps - step) * tokens_per_step / max(tokens_per_second, 1e-9)
         u, logs = self.mfu(tokens_per_second), logs or {}
-        sets = sorted(k for k in logs if SET_LOSS.fullmatch(k))  # eval.sets
+        sets = sorted(k for k in logs if SET_LOSS.fullmatch(k)  # eval.sets, eval.tasks
+                      or TASK_ACC.fullmatch(k))
         shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss", *sets) if k in logs]
         shown += [f"lr {logs['lr']:.2e}"] if "lr" in logs else []
         return (f"step {step:,}/{self.total_steps:,}: "
@@ -154,6 +155,8 @@ class StepLogger(keras.callbacks.Callback):
         if "val_loss" in logs:  # every val_* metric the objective's model reports
             scalars = {f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
             scalars["val/perplexity"] = math.exp(min(scalars["val/loss"], 50.0))
+            scalars.update({f"val/{k}": float(v) for k, v in logs.items()
+                            if k.startswith("task_")})  # eval.tasks
             for sink in self.sinks:
                 sink.scalars(step, scalars)
         if self.sampler is not None:
@@ -373,20 +376,21 @@ def set_metrics(name: str, metrics: dict) -> dict:
 
 
 class ValidationSets(keras.callbacks.Callback):
-    """``eval.sets``: after each validation, every extra set scored (``score(name)``) on the
-    weights validation used (EvaluationWeights, last in the list, has not put the training
-    weights back yet), its metrics added to the epoch's logs as ``val_<name>_*``, which
-    StepLogger then shows and sends like ``val_loss``. Goes before StepLogger."""
+    """``eval.sets`` and ``eval.tasks``: after each validation, each of ``scorers`` (``() ->
+    {metric: value}``: an extra set's ``val_<name>_*``, a task's ``task_<name>_*``) run on
+    the weights validation used (EvaluationWeights, last in the list, has not put the
+    training weights back yet), its metrics added to the epoch's logs, which StepLogger then
+    shows and sends like ``val_loss``. Goes before StepLogger."""
 
-    def __init__(self, names, score):
+    def __init__(self, scorers):
         super().__init__()
-        self.names, self.score = list(names), score
+        self.scorers = list(scorers)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or "val_loss" not in logs:
             return
-        for name in self.names:
-            logs.update(set_metrics(name, self.score(name)))
+        for score in self.scorers:
+            logs.update(score())
 
 
 class EvaluationWeights(keras.callbacks.Callback):

@@ -12,6 +12,21 @@ def evaluate_split(cfg: Config, model, tokenizer, rows, counts, max_batches: int
     return get_objective(cfg).evaluate(cfg, model, tokenizer, rows, counts, max_batches)
 
 
+def task_evaluator(cfg: Config, model, tokenizer):
+    """``f(task, rows) -> metrics`` of zero-shot tasks (``data.tasks``) for the run's
+    objective (a causal model; masked LM refuses), traced once."""
+    from tfpretrain.data.tasks import task_metrics
+    from tfpretrain.objectives import get_objective
+
+    score = get_objective(cfg).task_scorer(cfg, model, tokenizer)
+
+    def evaluate(task, rows) -> dict:
+        nll, greedy = score(rows)
+        return task_metrics(task, rows, nll, greedy)
+
+    return evaluate
+
+
 def rounded(metrics: dict, digits: int = 6) -> dict:
     """Floats rounded for summaries and JSON lines; other values unchanged."""
     return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in metrics.items()}

@@ -168,6 +168,7 @@ class Run:
             f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
         self.val_sets = self._val_sets()
+        self.tasks = self._tasks()
         self._check_feeders()
 
     def _val_sets(self) -> dict:
@@ -183,6 +184,17 @@ class Run:
             out[name] = (rows, counts)
             log(f"data: eval.sets.{name}: {documents:,} documents, {len(rows):,} rows")
         return out
+
+    def _tasks(self) -> dict:
+        """eval.tasks: {name: (Task, TaskRows)}, tokenized with the run's tokenizer; a
+        missing or malformed file fails here."""
+        from tfpretrain.data.tasks import describe_task, prepare_tasks
+
+        tasks = prepare_tasks(self.cfg.eval.tasks, self.tokenizer,
+                              self.cfg.model.sequence_length)
+        for name, (task, rows) in tasks.items():
+            log(f"data: eval.tasks.{name}: {describe_task(task, rows)}")
+        return tasks
 
     def _check_feeders(self) -> None:
         """data.service: every feeder answers before anything is trained."""
@@ -410,7 +422,7 @@ class Run:
                 sample = sampler(self.prompt, **self.sample_kwargs)
                 log(f"eval: {self.objective.describe(metrics)} ({time.time() - t1:.1f}s)")
                 log(f"sample: {sample!r}")
-                sets = self._final_sets(score)
+                sets = {**self._final_sets(score), **self._final_tasks(final)}
         extra.update(self._teacher_metrics())
         steps, model, logger = self.step, self.model, self.logger
         summary = {
@@ -463,6 +475,22 @@ class Run:
             log(f"eval {name}: {self.objective.describe(metrics)} ({time.time() - t0:.1f}s)")
             out.update(rounded(set_metrics(name, metrics)))
         return out
+
+    def _final_tasks(self, model) -> dict:
+        """eval.tasks on the final weights: ``task_<name>_*`` summary fields, and every
+        task's whole metrics under ``tasks``."""
+        from tfpretrain.data.tasks import describe_metrics, logged_metrics
+        from tfpretrain.training.evaluation import rounded, task_evaluator
+
+        if not self.tasks:
+            return {}
+        score, flat, whole = task_evaluator(self.cfg, model, self.tokenizer), {}, {}
+        for name, (task, rows) in self.tasks.items():
+            t0, metrics = time.time(), score(task, rows)
+            log(f"eval task {name}: {describe_metrics(metrics)} ({time.time() - t0:.1f}s)")
+            flat.update(rounded(logged_metrics(name, metrics)))
+            whole[name] = {"path": task.path, **rounded(metrics)}
+        return {**flat, "tasks": whole}
 
     def _teacher_metrics(self) -> dict:
         """The teacher's loss on the student's validation rows (distillation only)."""
@@ -533,13 +561,29 @@ class Run:
             callbacks.insert(1, DivergenceStop(self.rollback_source))
         if has_evaluation_weights(self.optimizer):  # schedule-free AdamW, optimizer.ema
             callbacks.append(EvaluationWeights())
-        if self.val_sets:  # before the logger, which shows what it adds
-            score = self.objective.evaluator(cfg, self.model, self.tokenizer)  # traced once
-            callbacks.insert(0, ValidationSets(self.val_sets, lambda name: score(
-                *self.val_sets[name], cfg.eval.steps)))
+        if self.val_sets or self.tasks:  # before the logger, which shows what they add
+            callbacks.insert(0, ValidationSets(self._scorers()))
         if self.placement.kind == "multi_worker":  # first: a batch ends before the saves
             callbacks.insert(0, StallWatch(cfg.train.worker_timeout))
         return callbacks, rollback, saver
+
+    def _scorers(self) -> list:
+        """What ValidationSets runs at every validation: each eval.sets entry
+        (``eval.steps`` batches) and each eval.tasks entry (all its items)."""
+        from tfpretrain.data.tasks import logged_metrics
+        from tfpretrain.training.callbacks import set_metrics
+        from tfpretrain.training.evaluation import task_evaluator
+
+        cfg, out = self.cfg, []
+        if self.val_sets:
+            score = self.objective.evaluator(cfg, self.model, self.tokenizer)  # traced once
+            out += [lambda name=name, data=data: set_metrics(name, score(*data, cfg.eval.steps))
+                    for name, data in self.val_sets.items()]
+        if self.tasks:
+            answer = task_evaluator(cfg, self.model, self.tokenizer)
+            out += [lambda name=name, task=task: logged_metrics(name, answer(*task))
+                    for name, task in self.tasks.items()]
+        return out
 
     @contextlib.contextmanager
     def _feeders(self):
