@@ -5,12 +5,14 @@ test_guides.py) runs: in page order, in a fresh folder, at tiny settings (test_g
 Not run: synopses (a token in ``[...]`` or a placeholder in capitals, e.g. ``DIR``) and
 commands whose line says ``# not run here: <why>`` (a GPU, another host, the network).
 Inputs a page assumes are made first, small: a text or JSONL file a command reads
-(``data.path``, ``--data``, ``--in``, ``--seeds``, ``--against``, ``--config my.yaml``)
+(``data.path``, ``--data``, ``--in``, ``--seeds``, ``--against``, ``--config my.yaml``),
+a task file (``eval.tasks``, ``--tasks``)
 and a run folder a command reads (``--run-dir`` of generate/evaluate/export/bench
 generate, ``--teacher``) that the page did not make. Slow: a page starts many processes.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -100,6 +102,12 @@ def make_inputs(argv: list[str], folder: Path) -> None:
             target.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
         else:
             target.write_text("\n\n".join(stories) + "\n")
+    for path in task_paths(argv):
+        if not (folder / path).exists():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text("".join(json.dumps(
+                {"context": s[:-12], "continuation": " " + s[-12:].split()[-1]}) + "\n"
+                for s in generate_stories(20, seed=len(path))))
     runs = [value(argv, "--teacher")]
     if name_of(argv) in READS_RUN:
         runs.append(value(argv, "--run-dir"))
@@ -108,6 +116,21 @@ def make_inputs(argv: list[str], folder: Path) -> None:
             fit = tiny(f"tfpretrain.fit --run-dir {run}")
             r = run_cli(*fit, "--set", "train.steps=12", cwd=folder, timeout=900)
             assert r.returncode == 0, r.stderr[-3000:]
+
+
+def task_paths(argv: list[str]) -> list[str]:
+    """The task files ``--set eval.tasks={name: path}`` or ``--tasks`` name."""
+    import yaml
+
+    out = []
+    for i, a in enumerate(argv):
+        key, _, text = a.partition("=")
+        if key == "eval.tasks":
+            out += [p for p in (yaml.safe_load(text) or {}).values() if isinstance(p, str)]
+        elif a == "--tasks":
+            out += [t.partition("=")[2] or t for t in
+                    itertools.takewhile(lambda t: not t.startswith("-"), argv[i + 1:])]
+    return out
 
 
 def runnable(page: Path) -> list[str]:

@@ -4,6 +4,7 @@ log-likelihood, metrics, and a run that reports them everywhere."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -176,54 +177,19 @@ def test_a_run_with_eval_tasks_reports_them_everywhere(tmp_path):
         summary["task_cloze_acc"]
 
 
-def test_synth_tasks_makes_items_whose_answer_is_the_document(tmp_path):
-    from tfpretrain.data.records import read_records
+def test_a_bad_task_file_is_refused_by_dry_run_and_before_the_run_folder(tmp_path):
+    from conftest import tiny_raw, write_yaml
+    from tfpretrain.errors import UserError
+    from tfpretrain.fit import fit
 
-    r = run_cli("tfpretrain.synth", "stories", "--count", "40", "--seed", "5", "--out",
-                str(tmp_path / "held.jsonl"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    docs = {d["id"]: d["text"] for d in read_records(tmp_path / "held.jsonl")}
-    for kind in ("ending", "cloze"):
-        out = tmp_path / f"{kind}.jsonl"
-        r = run_cli("tfpretrain.synth", "tasks", "--in", str(tmp_path / "held.jsonl"),
-                    "--kind", kind, "--count", "30", "--out", str(out))
-        assert r.returncode == 0, r.stderr[-2000:]
-        items = [json.loads(line) for line in out.read_text().splitlines()]
-        assert len(items) == 30 and last_json_line(r.stdout)["items"] == 30
-        for it in items:
-            doc = docs[it["parent"]]
-            if kind == "ending":
-                assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
-                assert it["context"] + it["choices"][it["label"]] == doc
-            else:
-                assert doc.startswith(it["context"] + it["continuation"])
-                word = it["continuation"].strip()
-                assert word.isalpha() and f"{word}" in it["context"]  # the context tells it
-        labels = [it["label"] for it in items if kind == "ending"]
-        assert kind == "cloze" or len(set(labels)) > 1  # the right choice is not always first
-    again = run_cli("tfpretrain.synth", "tasks", "--in", str(tmp_path / "held.jsonl"),
-                    "--count", "30", "--out", str(tmp_path / "ending.jsonl"))
-    assert again.returncode == 2 and "--force" in again.stderr  # never overwritten silently
-
-
-def test_config_checks_of_eval_tasks():
-    from tfpretrain.config import ConfigError, build_config
-
-    def problems(**eval_and_more):
-        raw = {"eval": {}, **{k: v for k, v in eval_and_more.items() if k != "eval"}}
-        raw["eval"].update(eval_and_more.get("eval", {}))
-        try:
-            build_config(raw)
-        except ConfigError as err:
-            return str(err)
-        return ""
-
-    assert problems(eval={"tasks": {"ending": "e.jsonl"}}) == ""
-    assert "`eval.tasks` must map names" in problems(eval={"tasks": {"a-b": "e.jsonl"}})
-    assert "`eval.tasks` must map names" in problems(eval={"tasks": {"a": ["x", "y"]}})
-    assert "needs a causal model" in problems(
-        eval={"tasks": {"a": "e.jsonl"}}, model={"arch": "bert", "objective": "mlm"},
-        tokenizer={"kind": "wordpiece"})
-    assert problems(eval={"tasks": {"ending": "e.jsonl"}},
-                    tune={"objective": "task_ending_acc"}) == ""
-    assert "task_<name>_acc" in problems(tune={"objective": "task_ending_acc"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
+    raw = tiny_raw(tmp_path, eval={"tasks": {"e": str(bad)}})
+    message = f"eval.tasks.e: {bad}:1: `label` must be the index"
+    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
+                "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, \
+        r.stderr[-2000:]
+    with pytest.raises(UserError, match=re.escape(message)):
+        fit(tiny_config(tmp_path, eval={"tasks": {"e": str(bad)}}), tmp_path / "runs" / "x")
+    assert not (tmp_path / "runs" / "x").exists()

@@ -428,7 +428,8 @@ class TuneConfig:
     objective: str = _f("val_loss", "What the search minimizes: `val_loss`; "
                         "`val_bits_per_byte` compares across tokenizers; "
                         "`val_<name>_loss` or `val_<name>_bits_per_byte` of an `eval.sets` "
-                        "entry (tune for a target domain while training on a mix).")
+                        "entry (tune for a target domain while training on a mix); or what "
+                        "it maximizes: `task_<name>_acc` of an `eval.tasks` entry.")
 
 
 @dataclass

@@ -67,7 +67,7 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
 def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
     """``--tasks``: each ``[NAME=]PATH`` (NAME: the file's stem) scored on the run's latest
     weights (its evaluation weights: EMA / schedule-free average where it kept them)."""
-    from tfpretrain.data.tasks import prepare_tasks
+    from tfpretrain.data.tasks import read_tasks, tokenize_tasks
     from tfpretrain.training.evaluation import rounded, task_evaluator
     from tfpretrain.training.runfolder import load_run
 
@@ -78,8 +78,9 @@ def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
         if name in named:
             raise UserError(f"--tasks: two tasks named {name!r}: name one NAME=PATH")
         named[name] = path
+    tasks = read_tasks(named, key="--tasks")
     cfg, tokenizer, model = load_run(run_dir)
-    tasks = prepare_tasks(named, tokenizer, cfg.model.sequence_length, key="--tasks")
+    tasks = tokenize_tasks(tasks, tokenizer, cfg.model.sequence_length)
     score = task_evaluator(cfg, model, tokenizer)
     return {"run_dir": str(run_dir), "tasks": {
         name: {"path": task.path, **rounded(score(task, rows))}

@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg) -> dict:
     from tfpretrain.data.sources import resolve_paths
+    from tfpretrain.data.tasks import read_task
     from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE, from_path
     from tfpretrain.objectives import count_params
     from tfpretrain.training import warm_start
@@ -53,6 +54,8 @@ def dry_run(cfg) -> dict:
         resolve_paths(cfg.data.path)  # a missing file is reported now, not after an hour
     for name, spec in (cfg.eval.sets or {}).items():
         resolve_paths(spec, f"eval.sets.{name}")
+    for name, path in (cfg.eval.tasks or {}).items():
+        read_task(name, path, f"eval.tasks.{name}")  # missing or malformed: now
     cfg = warm_start.resolve(cfg)  # model.init_from: a source that does not fit, now
     exact = cfg.tokenizer.kind == "byte" or bool(cfg.tokenizer.path)
     if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size

@@ -189,15 +189,16 @@ def task_metrics(task: Task, rows: TaskRows, nll: np.ndarray, greedy: np.ndarray
     return out
 
 
-def prepare_tasks(specs: dict | None, tokenizer, sequence_length: int,
-                  key: str = "eval.tasks") -> dict:
-    """``{name: path}`` -> ``{name: (Task, TaskRows)}``: every file read, checked and
-    tokenized once (a bad file fails here, naming ``key.name``)."""
-    out = {}
-    for name, path in (specs or {}).items():
-        task = read_task(name, path, f"{key}.{name}")
-        out[name] = (task, task_rows(task, tokenizer, sequence_length))
-    return out
+def read_tasks(specs: dict | None, key: str = "eval.tasks") -> dict:
+    """``{name: path}`` -> ``{name: Task}``, every file read and checked (a bad one fails
+    here, naming ``key.name``)."""
+    return {name: read_task(name, path, f"{key}.{name}") for name, path in (specs or {}).items()}
+
+
+def tokenize_tasks(tasks: dict, tokenizer, sequence_length: int) -> dict:
+    """``{name: Task}`` -> ``{name: (Task, TaskRows)}``, each tokenized once."""
+    return {name: (task, task_rows(task, tokenizer, sequence_length))
+            for name, task in tasks.items()}
 
 
 def describe_task(task: Task, rows: TaskRows) -> str:

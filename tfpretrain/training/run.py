@@ -150,7 +150,10 @@ class Run:
         from tfpretrain.data.cache import prepare
         from tfpretrain.objectives import row_format
 
+        from tfpretrain.data.tasks import read_tasks
+
         cfg, t0 = self.cfg, time.time()
+        tasks = read_tasks(cfg.eval.tasks)  # a bad task file fails before any tokenizing
         if not self.placement.is_chief:
             self.placement.barrier()  # the chief fills the token cache first, once
         self.tokenizer, self.packed, info = prepare(
@@ -168,7 +171,7 @@ class Run:
             f"{self.packed.train_tokens:,} train / {self.packed.val_tokens:,} val tokens, "
             f"{len(self.packed.train_rows):,} train rows ({time.time() - t0:.1f}s)")
         self.val_sets = self._val_sets()
-        self.tasks = self._tasks()
+        self.tasks = self._tasks(tasks)
         self._check_feeders()
 
     def _val_sets(self) -> dict:
@@ -185,16 +188,14 @@ class Run:
             log(f"data: eval.sets.{name}: {documents:,} documents, {len(rows):,} rows")
         return out
 
-    def _tasks(self) -> dict:
-        """eval.tasks: {name: (Task, TaskRows)}, tokenized with the run's tokenizer; a
-        missing or malformed file fails here."""
-        from tfpretrain.data.tasks import describe_task, prepare_tasks
+    def _tasks(self, tasks: dict) -> dict:
+        """eval.tasks: {name: (Task, TaskRows)}, tokenized with the run's tokenizer."""
+        from tfpretrain.data.tasks import describe_task, tokenize_tasks
 
-        tasks = prepare_tasks(self.cfg.eval.tasks, self.tokenizer,
-                              self.cfg.model.sequence_length)
-        for name, (task, rows) in tasks.items():
+        out = tokenize_tasks(tasks, self.tokenizer, self.cfg.model.sequence_length)
+        for name, (task, rows) in out.items():
             log(f"data: eval.tasks.{name}: {describe_task(task, rows)}")
-        return tasks
+        return out
 
     def _check_feeders(self) -> None:
         """data.service: every feeder answers before anything is trained."""
