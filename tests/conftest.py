@@ -62,11 +62,18 @@ def last_json_line(stdout: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One finished tiny gpt2 run: (cfg, run_dir, summary)."""
+    """One finished tiny gpt2 run: (cfg, run_dir, summary); it also answers two zero-shot
+    tasks (eval.tasks: `ending`, 3 choice items, and `cloze`, 2 cloze items)."""
     from tfpretrain.fit import fit
 
     tmp = tmp_path_factory.mktemp("tiny_run")
-    cfg = tiny_config(tmp)
+    tasks = {"ending": tmp / "ending.jsonl", "cloze": tmp / "cloze.jsonl"}
+    tasks["ending"].write_text((json.dumps({"context": "Lily and Tom went to the park.",
+                                            "choices": [" They played.", " Zzz."],
+                                            "label": 0}) + "\n") * 3)
+    tasks["cloze"].write_text((json.dumps({"context": "Once upon a",
+                                           "continuation": " time"}) + "\n") * 2)
+    cfg = tiny_config(tmp, eval={"tasks": {k: str(v) for k, v in tasks.items()}})
     run_dir = tmp / "runs" / "tiny"
     summary = fit(cfg, run_dir)
     return cfg, run_dir, summary

@@ -151,45 +151,87 @@ def test_scores_equal_the_exported_score_signature_and_evaluate_tasks_prints_the
     assert out["ending"]["items"] == 2 and out["ending"]["chance"] == pytest.approx(5 / 12)
 
 
-def test_a_run_with_eval_tasks_reports_them_everywhere(tmp_path):
-    """Progress line, TensorBoard's val run, the summary (flat and whole), `runs` columns and
-    sorting; the final numbers equal `evaluate --tasks` on the finished run."""
-    from tfpretrain.fit import fit
+def test_a_run_with_eval_tasks_reports_them_everywhere(tiny_run):
+    """The shared tiny run answers two tasks (conftest): at every validation (TensorBoard's
+    val run), in the summary (flat and whole) and in `runs` (a column, sorted best first)."""
     from tfpretrain.runs import curve, describe
+    from tfpretrain.runs import main as runs_main
 
-    ending = _write(tmp_path / "ending.jsonl", [
-        {"context": "Lily and Tom went to the park.", "choices": [" They played.", " Zzz."],
-         "label": 0}] * 3)
-    cloze = _write(tmp_path / "cloze.jsonl", [{"context": "Once upon a", "continuation":
-                                               " time"}] * 2)
-    cfg = tiny_config(tmp_path, train={"steps": 40}, export={"enabled": False},
-                      eval={"every": 20, "steps": 2, "tasks": {"ending": str(ending),
-                                                               "cloze": str(cloze)}})
-    summary = fit(cfg, tmp_path / "runs" / "t")
+    _, run_dir, summary = tiny_run
     for key in ("task_ending_acc", "task_ending_acc_norm", "task_ending_acc_pmi",
                 "task_cloze_acc", "task_cloze_loss"):
         assert isinstance(summary[key], float), key
     assert summary["tasks"]["ending"]["items"] == 3 and summary["tasks"]["ending"]["chance"] == 0.5
     assert summary["tasks"]["cloze"]["kind"] == "cloze"
-    steps, values = curve(tmp_path / "runs" / "t", "val", "task_ending_acc")
-    assert steps == [20, 40] and values[-1] == pytest.approx(summary["task_ending_acc"])
-    assert describe(tmp_path / "runs" / "t", tmp_path / "runs")["task_cloze_acc"] == \
-        summary["task_cloze_acc"]
+    steps, values = curve(run_dir, "val", "task_ending_acc")
+    assert steps == [20, 40, 60] and values[-1] == pytest.approx(summary["task_ending_acc"])
+    assert describe(run_dir, run_dir.parent)["task_cloze_acc"] == summary["task_cloze_acc"]
+    assert runs_main([str(run_dir.parent), "--sort", "task_cloze_acc"]) == 0
 
 
 def test_a_bad_task_file_is_refused_by_dry_run_and_before_the_run_folder(tmp_path):
-    from conftest import tiny_raw, write_yaml
     from tfpretrain.errors import UserError
-    from tfpretrain.fit import fit
+    from tfpretrain.fit import dry_run, fit
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
-    raw = tiny_raw(tmp_path, eval={"tasks": {"e": str(bad)}})
-    message = f"eval.tasks.e: {bad}:1: `label` must be the index"
-    r = run_cli("tfpretrain.fit", "--config", str(write_yaml(tmp_path / "c.yaml", raw)),
-                "--dry-run", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, \
-        r.stderr[-2000:]
-    with pytest.raises(UserError, match=re.escape(message)):
-        fit(tiny_config(tmp_path, eval={"tasks": {"e": str(bad)}}), tmp_path / "runs" / "x")
+    cfg = tiny_config(tmp_path, eval={"tasks": {"e": str(bad)}})
+    message = re.escape(f"eval.tasks.e: {bad}:1: `label` must be the index")
+    with pytest.raises(UserError, match=message):
+        dry_run(cfg)
+    with pytest.raises(UserError, match=message):
+        fit(cfg, tmp_path / "runs" / "x")
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_synth_tasks_makes_items_whose_answer_is_the_document(tmp_path):
+    from tfpretrain.data.records import read_records
+
+    r = run_cli("tfpretrain.synth", "stories", "--count", "40", "--seed", "5", "--out",
+                str(tmp_path / "held.jsonl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    docs = {d["id"]: d["text"] for d in read_records(tmp_path / "held.jsonl")}
+    for kind in ("ending", "cloze"):
+        out = tmp_path / f"{kind}.jsonl"
+        r = run_cli("tfpretrain.synth", "tasks", "--in", str(tmp_path / "held.jsonl"),
+                    "--kind", kind, "--count", "30", "--out", str(out))
+        assert r.returncode == 0, r.stderr[-2000:]
+        items = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(items) == 30 and last_json_line(r.stdout)["items"] == 30
+        for it in items:
+            doc = docs[it["parent"]]
+            if kind == "ending":
+                assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+                assert it["context"] + it["choices"][it["label"]] == doc
+            else:
+                assert doc.startswith(it["context"] + it["continuation"])
+                word = it["continuation"].strip()
+                assert word.isalpha() and re.search(rf"\b{word}\b", it["context"])  # told
+        labels = [it["label"] for it in items if kind == "ending"]
+        assert kind == "cloze" or len(set(labels)) > 1  # the right choice is not always first
+    again = run_cli("tfpretrain.synth", "tasks", "--in", str(tmp_path / "held.jsonl"),
+                    "--count", "30", "--out", str(tmp_path / "ending.jsonl"))
+    assert again.returncode == 2 and "--force" in again.stderr  # never overwritten silently
+
+
+def test_config_checks_of_eval_tasks():
+    from tfpretrain.config import ConfigError, build_config
+
+    def problems(**eval_and_more):
+        raw = {"eval": {}, **{k: v for k, v in eval_and_more.items() if k != "eval"}}
+        raw["eval"].update(eval_and_more.get("eval", {}))
+        try:
+            build_config(raw)
+        except ConfigError as err:
+            return str(err)
+        return ""
+
+    assert problems(eval={"tasks": {"ending": "e.jsonl"}}) == ""
+    assert "`eval.tasks` must map names" in problems(eval={"tasks": {"a-b": "e.jsonl"}})
+    assert "`eval.tasks` must map names" in problems(eval={"tasks": {"a": ["x", "y"]}})
+    assert "needs a causal model" in problems(
+        eval={"tasks": {"a": "e.jsonl"}}, model={"arch": "bert", "objective": "mlm"},
+        tokenizer={"kind": "wordpiece"})
+    assert problems(eval={"tasks": {"ending": "e.jsonl"}},
+                    tune={"objective": "task_ending_acc"}) == ""
+    assert "task_<name>_acc" in problems(tune={"objective": "task_ending_acc"})
