@@ -235,3 +235,45 @@ def test_config_checks_of_eval_tasks():
     assert problems(eval={"tasks": {"ending": "e.jsonl"}},
                     tune={"objective": "task_ending_acc"}) == ""
     assert "task_<name>_acc" in problems(tune={"objective": "task_ending_acc"})
+
+
+BENCHMARK_RECORDS = {  # one record of each in its published format
+    "hellaswag": {"activity_label": "Home and Garden", "ctx_a": "[header] How to clean a grill "
+                  "[title] Heat the grill.", "ctx_b": "then", "label": "0",
+                  "endings": ["[step] scrub it with a brush.", "eat it.", "sing.", "run."]},
+    "lambada": {"text": "He took the key and opened the door with the key"},
+    "piqa": {"goal": "Dry wet shoes", "sol1": "Stuff them with paper.", "sol2": "Freeze them.",
+             "label": 0},
+    "arc": {"question": "Which is a metal?", "answerKey": "C",
+            "choices": {"text": ["wood", "glass", "iron"], "label": ["A", "B", "C"]}},
+}
+EXPECTED_ITEMS = {  # lm-evaluation-harness's prompts
+    "hellaswag": {"context": "Home and Garden: How to clean a grill. Heat the grill. Then",
+                  "choices": [" scrub it with a brush.", " eat it.", " sing.", " run."],
+                  "label": 0},
+    "lambada": {"context": "He took the key and opened the door with the",
+                "continuation": " key"},
+    "piqa": {"context": "Question: Dry wet shoes\nAnswer:",
+             "choices": [" Stuff them with paper.", " Freeze them."], "label": 0},
+    "arc": {"context": "Question: Which is a metal?\nAnswer:",
+            "choices": [" wood", " glass", " iron"], "label": 2},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(BENCHMARK_RECORDS))
+def test_synth_tasks_converts_a_public_benchmark_to_items(tmp_path, fmt):
+    from tfpretrain.data.tasks import read_task
+    from tfpretrain.synth import main
+
+    bench = _write(tmp_path / "bench.jsonl", [BENCHMARK_RECORDS[fmt]] * 2)
+    assert main(["tasks", "--from", fmt, "--in", str(bench), "--out",
+                 str(tmp_path / "t.jsonl")]) == 0
+    task = read_task(fmt, tmp_path / "t.jsonl")
+    want = EXPECTED_ITEMS[fmt]
+    assert task.items == 2 and task.contexts[0] == want["context"]
+    assert task.options[0] == want.get("choices", [want.get("continuation")])
+    assert task.labels[0] == want.get("label", 0)
+    other = "piqa" if fmt != "piqa" else "arc"
+    r = run_cli("tfpretrain.synth", "tasks", "--from", other, "--in", str(bench), "--out",
+                str(tmp_path / "x.jsonl"))
+    assert r.returncode == 2 and f"bench.jsonl:1: not a `{other}` record" in r.stderr

@@ -15,6 +15,8 @@
         --out distilled.jsonl [--prompts PATH] [sampling options]
     python -m tfpretrain.synth tasks --in PATH --out task.jsonl [--kind ending|cloze]
         [--count N] [--choices K] [--against TRAIN_PATH]
+    python -m tfpretrain.synth tasks --from hellaswag|lambada|piqa|arc --in BENCH.jsonl
+        --out task.jsonl [--count N]
     python -m tfpretrain.synth report --in PATH [--against EVAL_PATH]
 
 Every mode is deterministic given ``--seed`` (a URL teacher as far as its server honours
@@ -174,11 +176,13 @@ def run_tasks(a, writer, report) -> dict:
     ``ending`` (choose the real last sentence) or ``cloze`` (predict the last repeated
     word)."""
     from tfpretrain.data.records import read_records
-    from tfpretrain.data.tasks import make_items
+    from tfpretrain.data.tasks import convert, make_items
 
     _positive(a.count, "--count")
     if a.choices < 2:
         raise UserError(f"--choices must be >= 2. Received: {a.choices}")
+    if a.source:  # a public benchmark's own file: its items, converted
+        return _converted(a, writer, report, convert(a.source, a.input))
     docs = list(read_records(a.input))
     items = make_items(a.kind, docs, a.count, a.choices, a.seed)
     if not items:
@@ -198,6 +202,20 @@ def run_tasks(a, writer, report) -> dict:
               "documents)", file=sys.stderr)
     return {"params": {"kind": a.kind, "count": a.count, "choices": a.choices,
                        "in": a.input}, "items": len(items)}
+
+
+def _converted(a, writer, report, items) -> dict:
+    """synth tasks --from: every item (at most --count) of a benchmark file, in order."""
+    n = 0
+    for n, item in enumerate(items, 1):
+        answer = item["choices"][item["label"]] if "choices" in item else item["continuation"]
+        writer.write({"id": f"{a.source}-{n - 1}", "mode": "tasks", "source": a.source, **item})
+        report.add(item["context"] + answer)
+        if n == a.count:
+            break
+    if not n:
+        raise UserError(f"--in {a.input}: no records")
+    return {"params": {"from": a.source, "count": a.count, "in": a.input}, "items": n}
 
 
 def _counted(records, bar):
@@ -349,11 +367,16 @@ def _data_arguments(parsers: dict) -> None:
     d.add_argument("--ngram", type=int, default=5, help="character shingle size (default 5)")
     d.add_argument("--contamination-ngram", type=int, default=0,
                    help="also drop records sharing a word N-gram with --against (0 = off)")
+    from tfpretrain.data.tasks import FORMATS
+
     t = parsers["tasks"]
     t.add_argument("--in", dest="input", required=True, help="held-out documents")
     t.add_argument("--kind", choices=("ending", "cloze"), default="ending",
                    help="ending: choose the real last sentence (default); cloze: predict "
                    "the last word that already appeared in the document")
+    t.add_argument("--from", dest="source", choices=tuple(FORMATS),
+                   help="instead, convert this public benchmark's JSONL (--in) to task items, "
+                   "with lm-evaluation-harness's prompts")
     t.add_argument("--count", type=int, default=500, help="items at most (default 500)")
     t.add_argument("--choices", type=int, default=4, help="ending: choices per item "
                    "(default 4)")

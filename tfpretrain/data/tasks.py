@@ -292,3 +292,77 @@ def make_items(kind: str, docs: list, count: int, choices: int, seed: int,
         if len(items) == count:
             break
     return items
+
+
+# --- public benchmarks in their published formats (synth tasks --from) -------------------
+def _hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag clean-up of WikiHow's bracketed markers."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ").strip()
+
+
+def _hellaswag(rec: dict) -> dict:
+    """rowanz/hellaswag (and Hugging Face ``Rowan/hellaswag``): ``activity_label``, ``ctx_a``,
+    ``ctx_b``, ``endings``, ``label``; the prompt as lm-evaluation-harness builds it."""
+    ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
+    return {"context": _hellaswag_text(rec["activity_label"] + ": " + ctx),
+            "choices": [" " + _hellaswag_text(e) for e in rec["endings"]],
+            "label": int(rec["label"])}
+
+
+def _lambada(rec: dict) -> dict:
+    """LAMBADA (OpenAI's ``lambada_test.jsonl``, Hugging Face ``EleutherAI/lambada_openai``):
+    ``text``; the target is its last word."""
+    context, _, word = rec["text"].strip().rpartition(" ")
+    return {"context": context, "continuation": " " + word}
+
+
+def _piqa(rec: dict) -> dict:
+    """PIQA (Hugging Face ``ybisk/piqa``, or the original jsonl with its labels merged in):
+    ``goal``, ``sol1``, ``sol2``, ``label``."""
+    return {"context": f"Question: {rec['goal']}\nAnswer:",
+            "choices": [" " + rec["sol1"], " " + rec["sol2"]], "label": int(rec["label"])}
+
+
+def _arc(rec: dict) -> dict:
+    """ARC (Hugging Face ``allenai/ai2_arc``: ``question``, ``choices: {text, label}``,
+    ``answerKey``; or AI2's jsonl: ``question: {stem, choices: [{text, label}]}``)."""
+    question = rec["question"]
+    if isinstance(question, dict):
+        stem, options = question["stem"], question["choices"]
+        texts, labels = [c["text"] for c in options], [c["label"] for c in options]
+    else:
+        stem, texts, labels = question, rec["choices"]["text"], rec["choices"]["label"]
+    return {"context": f"Question: {stem}\nAnswer:", "choices": [" " + t for t in texts],
+            "label": labels.index(rec["answerKey"])}
+
+
+FORMATS = {  # --from: (record -> item, the fields it reads)
+    "hellaswag": (_hellaswag, "activity_label, ctx_a, ctx_b, endings, label"),
+    "lambada": (_lambada, "text"),
+    "piqa": (_piqa, "goal, sol1, sol2, label"),
+    "arc": (_arc, "question, choices {text, label} (or question {stem, choices}), answerKey"),
+}
+
+
+def convert(fmt: str, path, flag: str = "--in"):
+    """Items of a public benchmark's JSONL (``FORMATS``), each checked as ``read_task``
+    checks a task file's; a record without the format's fields is one message naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: no such file: {path}")
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{flag}: {path}:{lineno}"
+            make, fields = FORMATS[fmt]
+            try:
+                item = make(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: malformed JSON line ({exc.msg})") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise UserError(f"{where}: not a `{fmt}` record ({type(exc).__name__}: {exc}); "
+                                f"`--from {fmt}` reads {fields}") from None
+            _item(item, where)
+            yield item
