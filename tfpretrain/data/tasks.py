@@ -145,8 +145,9 @@ def task_rows(task: Task, tokenizer, sequence_length: int) -> TaskRows:
              enumerate(zip(task.contexts, task.options)) for cont in conts]
     prior = None
     if task.kind == "choice":  # each distinct continuation once more, after no context
-        distinct = list(dict.fromkeys(k for _, _, k in pairs))
-        prior = np.array([len(pairs) + distinct.index(k) for _, _, k in pairs], np.int64)
+        distinct = {k: len(pairs) + j for j, k in enumerate(dict.fromkeys(
+            k for _, _, k in pairs))}
+        prior = np.array([distinct[k] for _, _, k in pairs], np.int64)
         pairs += [(-1, "", k) for k in distinct]
     contexts = tokenizer.tokenize(tf.constant([c for _, c, _ in pairs])).to_list()
     wholes = tokenizer.tokenize(tf.constant([c + k for _, c, k in pairs])).to_list()
@@ -179,10 +180,11 @@ def task_metrics(task: Task, rows: TaskRows, nll: np.ndarray, greedy: np.ndarray
     else:
         labels = np.asarray(task.labels)
         out.update(chance=float(np.mean([1.0 / len(o) for o in task.options])))
+        starts = np.cumsum([0] + [len(o) for o in task.options])  # an item's rows, in order
         for metric, score in (("acc", -nll[:n]),  # ties go to the first choice (np.argmax)
                               ("acc_norm", -nll[:n] / np.maximum(rows.nbytes[:n], 1.0)),
                               ("acc_pmi", nll[rows.prior] - nll[:n])):
-            picks = [int(np.argmax(score[rows.item[:n] == i])) for i in range(task.items)]
+            picks = [int(np.argmax(score[a:b])) for a, b in zip(starts[:-1], starts[1:])]
             out[metric] = float(np.mean(np.asarray(picks) == labels))
     if rows.truncated:
         out["truncated"] = rows.truncated
@@ -203,10 +205,12 @@ def tokenize_tasks(tasks: dict, tokenizer, sequence_length: int) -> dict:
 
 def describe_task(task: Task, rows: TaskRows) -> str:
     """One log line of what a task holds."""
-    what = (f"{task.items:,} cloze items" if task.kind == "cloze" else
-            f"{task.items:,} choice items ({len(rows.x) / task.items:.1f} choices each)")
-    cut = f", {rows.truncated} cut to the context" if rows.truncated else ""
-    return f"{what}, {len(rows.x):,} rows{cut}"
+    n = rows.scored
+    what = (f"{task.items:,} cloze items, {n:,} rows" if task.kind == "cloze" else
+            f"{task.items:,} choice items ({n / task.items:.1f} choices each), {n:,} rows + "
+            f"{len(rows.x) - n:,} for the choices' priors")
+    cut = f", {rows.truncated:,} cut to the context" if rows.truncated else ""
+    return what + cut
 
 
 def describe_metrics(m: dict) -> str:

@@ -73,8 +73,15 @@ class CausalObjective(Objective):
 
         def score(rows):
             batch = max(cfg.train.batch_size, EVAL_TOKENS // cfg.model.sequence_length)
-            parts = [row_scores(rows.x[i:i + batch], rows.y[i:i + batch],
-                                rows.weight[i:i + batch]) for i in range(0, len(rows.x), batch)]
+            parts = []
+            for i in range(0, len(rows.x), batch):
+                w = rows.weight[i:i + batch]
+                # causal: the padding after a batch's last target changes nothing before it;
+                # cut it (the short prior rows), in widths of 32 so few shapes are traced
+                width = min(-(-(int(np.flatnonzero(w.any(0))[-1]) + 1) // 32) * 32,
+                            w.shape[1])
+                parts.append(row_scores(rows.x[i:i + batch, :width],
+                                        rows.y[i:i + batch, :width], w[:, :width]))
             return (np.concatenate([a.numpy() for a, _ in parts]).astype(np.float64),
                     np.concatenate([b.numpy() for _, b in parts]))
 

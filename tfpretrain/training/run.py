@@ -148,9 +148,8 @@ class Run:
         """Tokenizer and packed rows; all input errors surface here, before the run folder
         changes. A resumed run keeps its own tokenizer."""
         from tfpretrain.data.cache import prepare
-        from tfpretrain.objectives import row_format
-
         from tfpretrain.data.tasks import read_tasks
+        from tfpretrain.objectives import row_format
 
         cfg, t0 = self.cfg, time.time()
         tasks = read_tasks(cfg.eval.tasks)  # a bad task file fails before any tokenizing
