@@ -237,6 +237,18 @@ def test_config_checks_of_eval_tasks():
     assert "task_<name>_acc" in problems(tune={"objective": "task_ending_acc"})
 
 
+def test_a_search_for_a_task_accuracy_maximizes_it():
+    from tfpretrain.config import build_config
+    from tfpretrain.tune import make_oracle
+
+    def oracle(objective, **eval_):
+        return make_oracle(build_config({"eval": eval_, "tune": {
+            "objective": objective, "space": {"optimizer.learning_rate": [1e-3, 3e-3]}}}))
+
+    assert oracle("task_ending_acc", tasks={"ending": "e.jsonl"}).objective.direction == "max"
+    assert oracle("val_loss").objective.direction == "min"
+
+
 BENCHMARK_RECORDS = {  # one record of each in its published format
     "hellaswag": {"activity_label": "Home and Garden", "ctx_a": "[header] How to clean a grill "
                   "[title] Heat the grill.", "ctx_b": "then", "label": "0",
