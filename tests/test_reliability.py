@@ -526,3 +526,19 @@ def test_a_full_disk_at_the_summary_is_one_message_and_the_rerun_writes_it(tmp_p
                 "--set", "export.enabled=false")  # the export was tested above
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
+
+
+def test_a_full_disk_under_synth_output_keeps_the_earlier_file(tmp_path, small_disk):
+    """synth streams to a hidden partial file: on a full disk, one message naming the
+    output (exit 74), the partial file removed, the earlier output (replaced only with
+    --force) byte for byte as it was."""
+    disk = small_disk(tmp_path / "disk", 256)
+    out = disk / "stories.jsonl"
+    first = run_cli("tfpretrain.synth", "stories", "--count", "20", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = out.read_bytes()
+    r = run_cli("tfpretrain.synth", "stories", "--count", "5000", "--seed", "2", "--force",
+                "--out", str(out))
+    assert_write_refused(r, "stories.jsonl")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in disk.iterdir()) == ["stories.jsonl", "stories.report.json"]

@@ -19,8 +19,12 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tfpretrain.errors import UserError
+from tfpretrain.errors import UserError, writing
 from tfpretrain.files import fsync_dir
+
+# a refused write of an output: what to do (the earlier file is untouched until the rename)
+OUTPUT_HINT = ("Free disk space or choose another output path, then rerun the same command; "
+               "an earlier file at that path is unchanged")
 
 
 def check_output(path: Path, force: bool, flag: str = "--out") -> Path:
@@ -45,36 +49,54 @@ def sidecar(path: Path, what: str) -> Path:
 
 class RecordWriter:
     """Streams records to ``path`` through a temporary sibling; ``commit()`` renames it into
-    place (a ``with`` block commits on success and removes the partial file on error)."""
+    place (a ``with`` block commits on success and removes the partial file on error). A
+    refused write (a full disk) is one message naming ``path``, exit 74."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.fh = open(self.tmp, "w", encoding="utf-8")
+        with self._writing():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.tmp, "w", encoding="utf-8")
         self.count = 0
 
+    def _writing(self):
+        return writing(str(self.path), OUTPUT_HINT, where=self.path.parent)
+
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        with self._writing():
+            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.count += 1
 
     def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        with self._writing():
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, value, tb):
         if kind is None:
-            self.commit()
-        else:
-            self.fh.close()
-            self.tmp.unlink(missing_ok=True)
+            try:
+                self.commit()
+            except BaseException:
+                self._discard()
+                raise
+            return False
+        self._discard()
         return False
+
+    def _discard(self) -> None:
+        try:
+            self.fh.close()  # flushing what is buffered may fail again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def record(mode: str, index: int, text: str, seed: int, params: dict, teacher=None,
