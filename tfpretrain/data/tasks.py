@@ -20,7 +20,8 @@ across the boundary still scores exactly the continuation. Each scored text star
 an end-of-text token, as documents do in the packed training rows; one longer than the
 model's context keeps its end (the continuation) and loses the start of its context.
 
-``synth tasks`` makes both kinds from held-out documents (:func:`make_items`).
+``synth tasks`` makes both kinds from held-out documents (:func:`make_items`), or converts
+a public benchmark's own file (:func:`convert`: HellaSwag, LAMBADA, PIQA, ARC).
 """
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from tfpretrain.errors import UserError
-
-KINDS = ("choice", "cloze")
 
 
 @dataclass(frozen=True)
