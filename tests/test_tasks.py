@@ -110,7 +110,7 @@ def test_metrics_pick_by_sum_by_byte_and_by_prior_and_cloze_by_greedy_match():
 
 
 def test_scores_equal_the_exported_score_signature_and_evaluate_tasks_prints_them(
-        tiny_run, tmp_path):
+        tiny_run, tmp_path, capsys):
     """The scorer's per-choice nats equal log p(context + choice) - log p(context) computed
     by the SavedModel's score function (its own tokenization and batching), and the
     evaluate command reports the accuracy these nats give."""
@@ -143,10 +143,11 @@ def test_scores_equal_the_exported_score_signature_and_evaluate_tasks_prints_the
     picks = [int(np.argmin(nll[:3])), 3 + int(np.argmin(nll[3:5]))]
     want = np.mean([picks[0] == 2, picks[1] == 3])
 
-    r = run_cli("tfpretrain.evaluate", "--run-dir", str(run_dir), "--tasks", str(path),
-                f"c={path}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = last_json_line(r.stdout)["tasks"]
+    from tfpretrain.evaluate import main as evaluate_main
+
+    capsys.readouterr()
+    assert evaluate_main(["--run-dir", str(run_dir), "--tasks", str(path), f"c={path}"]) == 0
+    out = last_json_line(capsys.readouterr().out)["tasks"]
     assert out["ending"]["acc"] == pytest.approx(want) and out["c"] == out["ending"]
     assert out["ending"]["items"] == 2 and out["ending"]["chance"] == pytest.approx(5 / 12)
 
