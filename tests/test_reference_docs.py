@@ -68,19 +68,25 @@ def value(argv: list[str], flag: str):
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
 
 
-def text_paths(argv: list[str]) -> list[str]:
-    """The files ``--set`` names as text to read: data.path, data.val_path (a path or a
-    list), eval.sets (a mapping to either)."""
+def set_paths(argv: list[str], keys) -> list[str]:
+    """The paths ``--set KEY=VALUE`` gives for ``keys``: a path, a list of them, or a
+    mapping to either."""
     import yaml
 
     out = []
     for a in argv:
         key, _, text = a.partition("=")
-        if key in ("data.path", "data.val_path", "eval.sets"):
+        if key in keys:
             found = yaml.safe_load(text)
             for spec in (found.values() if isinstance(found, dict) else [found]):
                 out += spec if isinstance(spec, list) else [spec]
     return [p for p in out if isinstance(p, str)]
+
+
+def text_paths(argv: list[str]) -> list[str]:
+    """The files ``--set`` names as text to read: data.path, data.val_path (a path or a
+    list), eval.sets (a mapping to either)."""
+    return set_paths(argv, ("data.path", "data.val_path", "eval.sets"))
 
 
 def make_inputs(argv: list[str], folder: Path) -> None:
@@ -120,16 +126,11 @@ def make_inputs(argv: list[str], folder: Path) -> None:
 
 def task_paths(argv: list[str]) -> list[str]:
     """The task files ``--set eval.tasks={name: path}`` or ``--tasks`` name."""
-    import yaml
-
-    out = []
-    for i, a in enumerate(argv):
-        key, _, text = a.partition("=")
-        if key == "eval.tasks":
-            out += [p for p in (yaml.safe_load(text) or {}).values() if isinstance(p, str)]
-        elif a == "--tasks":
-            out += [t.partition("=")[2] or t for t in
-                    itertools.takewhile(lambda t: not t.startswith("-"), argv[i + 1:])]
+    out = set_paths(argv, ("eval.tasks",))
+    if "--tasks" in argv:
+        rest = argv[argv.index("--tasks") + 1:]
+        out += [t.partition("=")[2] or t
+                for t in itertools.takewhile(lambda t: not t.startswith("-"), rest)]
     return out
 
 

@@ -124,25 +124,32 @@ def read_records(path, flag: str = "--in", field: str = "text") -> Iterator[dict
             yield {"id": f"{f.stem}-{i}", "text": text}
 
 
-def _jsonl_records(path: Path, flag: str, field: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
+def json_lines(path: Path, flag: str, errors: str = "strict") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; a malformed line
+    is one message naming ``flag``, the file and the line."""
+    with open(path, encoding="utf-8", errors=errors) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{flag}: {path}:{lineno}: malformed JSON line ({exc.msg})"
                                 ) from None
-            if isinstance(rec, str):
-                rec = {"text": rec}
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise UserError(f"{flag}: {path}:{lineno}: a record needs a string field "
-                                f"{field!r}")
-            if field != "text":
-                rec["text"] = rec[field]
-            rec.setdefault("id", f"{path.stem}-{lineno}")
-            yield rec
+            yield lineno, value
+
+
+def _jsonl_records(path: Path, flag: str, field: str) -> Iterator[dict]:
+    for lineno, rec in json_lines(path, flag, errors="replace"):
+        if isinstance(rec, str):
+            rec = {"text": rec}
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            raise UserError(f"{flag}: {path}:{lineno}: a record needs a string field "
+                            f"{field!r}")
+        if field != "text":
+            rec["text"] = rec[field]
+        rec.setdefault("id", f"{path.stem}-{lineno}")
+        yield rec
 
 
 def texts(path, flag: str = "--in") -> Iterator[str]:

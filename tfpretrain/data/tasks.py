@@ -25,7 +25,6 @@ a public benchmark's own file (:func:`convert`: HellaSwag, LAMBADA, PIQA, ARC).
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfpretrain.data.records import json_lines
 from tfpretrain.errors import UserError
 
 
@@ -79,18 +79,10 @@ def read_task(name: str, path, key: str = "--tasks") -> Task:
         raise UserError(f"{key}: no task file {path} (a .jsonl of items; make one with "
                         "`python -m tfpretrain.synth tasks`)")
     kinds, items = set(), []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{key}: {path}:{lineno}: malformed JSON line ({exc.msg})"
-                                ) from None
-            kind, *item = _item(rec, f"{key}: {path}:{lineno}")
-            kinds.add(kind)
-            items.append(item)
+    for lineno, rec in json_lines(path, key):
+        kind, *item = _item(rec, f"{key}: {path}:{lineno}")
+        kinds.add(kind)
+        items.append(item)
     if not items:
         raise UserError(f"{key}: {path} has no items")
     if len(kinds) > 1:
@@ -354,18 +346,13 @@ def convert(fmt: str, path, flag: str = "--in"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: no such file: {path}")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{flag}: {path}:{lineno}"
-            make, fields = FORMATS[fmt]
-            try:
-                item = make(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: malformed JSON line ({exc.msg})") from None
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise UserError(f"{where}: not a `{fmt}` record ({type(exc).__name__}: {exc}); "
-                                f"`--from {fmt}` reads {fields}") from None
-            _item(item, where)
-            yield item
+    make, fields = FORMATS[fmt]
+    for lineno, rec in json_lines(path, flag):
+        where = f"{flag}: {path}:{lineno}"
+        try:
+            item = make(rec)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{where}: not a `{fmt}` record ({type(exc).__name__}: {exc}); "
+                            f"`--from {fmt}` reads {fields}") from None
+        _item(item, where)
+        yield item
