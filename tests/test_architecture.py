@@ -24,6 +24,7 @@ LAYERS = {
     "fit": 5, "generate": 5, "export": 5, "evaluate": 5, "tune": 5, "runs": 5, "bench": 5,
     "cli": 5, "__main__": 5, "data.__main__": 5, "estimate": 5, "lr_find": 5, "schedule": 5,
     "bench_optim": 5, "synth": 5, "bench_synth": 5, "tune_workers": 5, "data_service": 5,
+    "scaling": 5,
     "synthesis": 4,  # teachers (run folders, SavedModels) and the loops that use them
     "plots": 0,
 }

@@ -13,6 +13,7 @@ COMMANDS = {
     "evaluate": ("tfpretrain.evaluate", "loss, perplexity, bits per byte on any text"),
     "export": ("tfpretrain.export", "SavedModel for TF Serving, keras_hub or HF preset"),
     "tune": ("tfpretrain.tune", "KerasTuner search over config keys"),
+    "scaling": ("tfpretrain.scaling", "IsoFLOP sweep: your compute-optimal size and tokens"),
     "runs": ("tfpretrain.runs", "compare run folders (table, plot)"),
     "data": ("tfpretrain.data.__main__", "prepare the token cache of a config"),
     "data_service": ("tfpretrain.data_service", "a tf.data service feeder for `data.service`"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
 import shutil
@@ -101,6 +102,20 @@ def quiet_tensorflow() -> None:
     if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("2", "3") and \
             not any(isinstance(f, _QuietImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietImport())
+
+
+class _NoRetracingNotice(logging.Filter):
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_retracing() -> None:
+    """Runs trained one after another in one process (tune's trials, scaling's sizes) each
+    build their own tf.functions, and TensorFlow warns of "retracing" for what is expected:
+    drop that one warning from its logger."""
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _NoRetracingNotice) for f in logger.filters):
+        logger.addFilter(_NoRetracingNotice())
 
 
 # TF's start-up lines that say nothing to a user: absl's notice that it is not set up yet

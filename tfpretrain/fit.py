@@ -42,10 +42,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def planned_vocabulary(cfg) -> tuple[int, bool]:
+    """The vocabulary size a run of ``cfg`` will have before its tokenizer exists, and
+    whether it is exact (a byte tokenizer, or ``tokenizer.path``); otherwise
+    ``tokenizer.vocabulary_size``, an upper bound until the tokenizer is trained."""
+    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE, from_path
+
+    if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size
+        return from_path(cfg.tokenizer.path).vocabulary_size, True
+    if cfg.tokenizer.kind == "byte":
+        return BYTE_VOCABULARY_SIZE, True
+    return cfg.tokenizer.vocabulary_size, False
+
+
 def dry_run(cfg) -> dict:
     from tfpretrain.data.sources import resolve_paths
     from tfpretrain.data.tasks import read_task
-    from tfpretrain.data.tokenizers import BYTE_VOCABULARY_SIZE, from_path
     from tfpretrain.objectives import count_params
     from tfpretrain.training import warm_start
     from tfpretrain.training.runtime import check_memory
@@ -57,13 +69,7 @@ def dry_run(cfg) -> dict:
     for name, path in (cfg.eval.tasks or {}).items():
         read_task(name, path, f"eval.tasks.{name}")  # missing or malformed: now
     cfg = warm_start.resolve(cfg)  # model.init_from: a source that does not fit, now
-    exact = cfg.tokenizer.kind == "byte" or bool(cfg.tokenizer.path)
-    if cfg.tokenizer.path:  # an existing tokenizer (or model.init_from's): its exact size
-        vocab = from_path(cfg.tokenizer.path).vocabulary_size
-    elif exact:
-        vocab = BYTE_VOCABULARY_SIZE
-    else:
-        vocab = cfg.tokenizer.vocabulary_size
+    vocab, exact = planned_vocabulary(cfg)
     tokens_per_step = cfg.train.batch_size * cfg.model.sequence_length
     check_memory(cfg, vocab)  # an absurd size is refused here, not by running out of memory
     print(cfg.to_yaml(), end="")

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from tfpretrain.config import maximized
-from tfpretrain.errors import UserError, cli_main, quiet_tensorflow
+from tfpretrain.errors import UserError, cli_main, quiet_retracing, quiet_tensorflow
 
 HYPERBAND_MAX_EPOCHS = 9  # budget units: a trial with tuner/epochs=e trains e/9 of the steps
 
@@ -434,6 +434,7 @@ def dry_run(path: str, overrides: list[str]) -> dict:
 @cli_main
 def main(argv=None) -> int:
     quiet_tensorflow()
+    quiet_retracing()  # trials run one after another in this process
     p = argparse.ArgumentParser(prog="python -m tfpretrain.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML with a tune: section (default: configs/tune.yaml)")

@@ -72,6 +72,11 @@ def chinchilla_tokens(params: int) -> int:
     return CHINCHILLA_TOKENS_PER_PARAM * params
 
 
+def chinchilla_params(flops: float) -> float:
+    """The compute-optimal size for ``flops`` by the 20-tokens rule: C = 6 N (20 N)."""
+    return (flops / (6 * CHINCHILLA_TOKENS_PER_PARAM)) ** 0.5
+
+
 def run_price(cfg: Config, device: Device) -> float:
     """``train.price_per_hour``, or the device's typical price when it is 0."""
     return cfg.train.price_per_hour or device.price_per_hour
