@@ -468,35 +468,16 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):
     assert time.time() - t0 < 60 and not (tmp_path / "run").exists()
 
 
-def test_a_full_disk_under_the_tensorboard_logs_is_one_message(tmp_path, small_disk):
-    """TensorBoard's event files on a full disk (a 12 KiB filesystem mounted at the run's
-    logs/ before a resume, filled up): one message naming the events file, exit 74; the
-    checkpoints, on another disk, are intact, and with room made the same command
-    finishes."""
-    cfg = write_yaml(tmp_path / "c.yaml", quick_raw(tmp_path))
-    run = tmp_path / "run"
-    first = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run),
-                    "--set", "train.steps=10")
-    assert first.returncode == 0, first.stderr[-3000:]
-    logs = small_disk(run / "logs", 12)
-    with open(logs / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
-        while True:
-            f.write(b"x" * 1024)
-    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
-    assert_write_refused(r, "events.out.tfevents")
-    assert "step-00000010" in [p.name for p in (run / "checkpoints").iterdir()]
-    small_disk(logs, 4096)  # room made
-    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 20
-
-
-def test_a_full_disk_at_the_summary_is_one_message_and_the_rerun_writes_it(tmp_path,
-                                                                           small_disk):
-    """summary.json on a full disk (the run folder on a small filesystem, filled while the
-    export pauses, after the training and checkpoints of a resumed run): one message naming
-    summary.json, exit 74; the earlier summary and the checkpoints are intact, and with room
-    made the same command evaluates again and writes the new summary (not the stale one)."""
+def test_a_full_disk_under_the_logs_then_at_the_summary_is_one_message_each(
+        tmp_path, small_disk):
+    """A resumed run, its folder on a small filesystem:
+    1. TensorBoard's event files on a full disk (a 12 KiB filesystem mounted at logs/,
+       filled): one message naming the events file, exit 74; the checkpoints intact.
+    2. Room made there, summary.json on a full disk (the run folder filled while the export
+       pauses, after training and checkpoints): one message naming summary.json, exit 74;
+       the earlier summary and the checkpoints intact.
+    3. With room made, the same command evaluates again and writes the new summary (not
+       the stale one)."""
     from tfpretrain.config import build_config
     from tfpretrain.fit import fit
 
@@ -506,6 +487,14 @@ def test_a_full_disk_at_the_summary_is_one_message_and_the_rerun_writes_it(tmp_p
     first = json.loads(json.dumps(raw))  # 10 steps, no export: in this process
     first["train"]["steps"], first["export"]["enabled"] = 10, False
     fit(build_config(first, name="run"), run)
+    logs = small_disk(run / "logs", 12)
+    with open(logs / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"x" * 1024)
+    r = run_cli("tfpretrain.fit", "--config", str(cfg), "--run-dir", str(run))
+    assert_write_refused(r, "events.out.tfevents")
+    assert "step-00000010" in [p.name for p in (run / "checkpoints").iterdir()]
+    small_disk(logs, 4096)  # room made under logs/
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen([sys.executable, "-m", "tfpretrain.fit", "--config", str(cfg),
                              "--run-dir", str(run), "--set", "debug.slow_export_seconds=3"],

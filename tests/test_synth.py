@@ -409,13 +409,16 @@ def test_a_cached_top_k_over_the_whole_vocabulary_trains_as_the_teacher_in_the_s
     assert ids.shape[2] == log_p.shape[2] == 320 and ids.dtype == np.uint16
     _, _, teacher = load_run(teacher_dir)
     cfg = distill.resolve(cfg)  # the teacher's tokenizer
-    rows = prepare(cfg, row_format(cfg), log=lambda *a: None)[1].train_rows[:4]
+    all_rows = prepare(cfg, row_format(cfg), log=lambda *a: None)[1].train_rows
+    rows = all_rows[:4]
     expected = tf.math.top_k(tf.nn.log_softmax(teacher(rows[:, :-1]) / 2.0), 320)
     np.testing.assert_allclose(log_p[:4], expected.values.numpy(), atol=2e-2)
     assert np.mean(ids[:4, :, 0] == expected.indices.numpy()[..., 0]) > 0.98
-    stamp = ids_file.stat().st_mtime_ns
-    student("another", topk=320)
+    stamp, said = ids_file.stat().st_mtime_ns, []
+    teacher.trainable = False  # as distill.load_teacher hands it to another student
+    distill.teacher_top_k(cfg, teacher, all_rows, tmp_path / "another", 320, log=said.append)
     assert ids_file.stat().st_mtime_ns == stamp  # reused, not made again
+    assert str(ids_file.parent) in said[0], said
     # distill.sampled: 64 ids drawn per position, in a cache of their own, with the
     # teacher's log-probabilities of the drawn ids; trains about as the teacher in the step
     cfg, sampled = student("sampled", topk=64, sampled=True)

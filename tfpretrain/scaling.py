@@ -1,8 +1,8 @@
 """Measure your own scaling law: an IsoFLOP sweep (Chinchilla's approach 2) on your data.
 
     python -m tfpretrain.scaling [--config NAME|PATH] [--set KEY=VALUE ...]
-        [--budgets 2.3e12 7e12 2.1e13] [--sizes 4x64 4x96 4x128 4x192 4x256]
-        [--target 1e18 ...] [--run-dir runs/<config name>-scaling] [--dry-run]
+        [--budgets 2.6e12 7.7e12 2.3e13] [--sizes 4x32 4x64 4x96 4x160]
+        [--target 1e18 ...] [--run-dir runs/<config name>-scaling] [--png PATH] [--dry-run]
 
 For each compute budget (training FLOPs, ``estimate``'s 6N + 12LHT per token), every size
 (``LAYERSxWIDTH``; heads and feed-forward width keep the config's head size and ratio) is
@@ -21,7 +21,8 @@ training tokens more than once is marked (``data``: epochs): repeated tokens are
 less than fresh ones, which biases the optimum. A finished run is reused, so
 rerunning the same command after a crash (or with more sizes or budgets) trains only what
 is missing; an interrupted run resumes from its last checkpoint. Writes
-``<run-dir>/scaling.json`` and ``<run-dir>/isoflop.png`` and ends with one JSON line.
+``<run-dir>/scaling.json`` and the plot (``--png``, default ``<run-dir>/isoflop.png``)
+and ends with one JSON line.
 ``--dry-run`` prints the plan (parameters, tokens, steps, tokens per parameter, FLOPs)
 without training.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from tfpretrain.errors import UserError, cli_main, quiet_retracing, quiet_tensorflow
+from tfpretrain.plots import png_path
 from tfpretrain.training.scaling import Point, laws, valley
 
 SIZES = 5                # the default ladder's length (fewer where widths coincide)
@@ -340,8 +342,13 @@ def plot(result: dict, path: Path, title: str) -> None:
         for key, color in (("params", "C0"), ("tokens", "C1")):
             right.plot(cs, law[key].at(cs), color=color, lw=1, ls="--",
                        label=f"~ C^{law[key].exponent:.2f}")
-    right.set(xscale="log", yscale="log", xlabel="training FLOPs", title="compute-optimal")
-    right.legend(fontsize=8)
+    if good:
+        right.set(xscale="log", yscale="log")
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no budget has its optimum inside the sizes yet",
+                   ha="center", va="center", transform=right.transAxes)
+    right.set(xlabel="training FLOPs", title="compute-optimal")
     fig.suptitle(title)
     save(fig, path)
 
@@ -372,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=flops, nargs="+", default=[], metavar="FLOPS",
                    help="budgets to project the compute-optimal size and tokens to")
     p.add_argument("--run-dir", help="the sweep's folder (default: runs/<config>-scaling)")
+    p.add_argument("--png", help="the plot (default: <run-dir>/isoflop.png)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, tokens, steps, FLOPs) and exit")
     return p
@@ -405,8 +413,9 @@ def sweep(cfg, base: dict, args, run_dir: Path) -> dict:
         print(line)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     write_atomic(run_dir / "scaling.json", json.dumps(public, indent=1) + "\n")
-    plot(result, run_dir / "isoflop.png", f"{cfg.name}: IsoFLOP sweep")
-    print(f"[tfpretrain] wrote {run_dir / 'scaling.json'} and {run_dir / 'isoflop.png'}")
+    png = png_path(args.png, "--png") if args.png else run_dir / "isoflop.png"
+    plot(result, png, f"{cfg.name}: IsoFLOP sweep")
+    print(f"[tfpretrain] wrote {run_dir / 'scaling.json'} and {png}")
     return {"run_dir": str(run_dir), **public}
 
 
@@ -440,6 +449,8 @@ def main(argv=None) -> int:
                         "leave model.init_from unset")
     for size in args.sizes or []:
         shape(cfg.model, *parse_size(size), size)  # a bad size: now, before anything runs
+    if args.png:
+        png_path(args.png, "--png")
     base = load_raw(args.config, args.overrides)
     if args.dry_run:
         print(json.dumps(dry_run(cfg, base, args)))
