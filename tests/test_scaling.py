@@ -87,12 +87,14 @@ def test_the_plan_spends_each_budget_at_the_configs_head_size(tmp_path):
     assert big.steps % 8 == 0 and big.epochs == pytest.approx(big.tokens / 40_000, abs=0.01)
     sizes = default_sizes(cfg, [1e12, 1e13], 320)
     assert 2 <= len(sizes) <= 5 and all(s.startswith("2x") for s in sizes)
-    assert all(int(s[2:]) % 16 == 0 for s in sizes)
+    assert all(int(s[2:]) % 16 == 0 or int(s[2:]) in (8,) for s in sizes)
+    narrow = [p for p in plan(cfg, base, [4e9], ["2x8"], 320) if p.size == "2x8"][0]
+    assert build_config(narrow.raw, name="n").model.num_heads == 1  # one head, 8 wide
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--sizes", "4by128"], "--sizes '4by128': expected LAYERSxWIDTH"),
-    (["--sizes", "2x24"], "multiple of the config's head size 16"),
+    (["--sizes", "2x24"], "multiple of the config's head size 16 (model"),
     (["--set", "model.init_from=runs/x"], "trains every size from scratch"),
 ])
 def test_bad_input_is_one_message_and_exit_2(tmp_path, capsys, argv, needle):

@@ -45,6 +45,7 @@ from tfpretrain.training.scaling import Point, laws, valley
 
 SIZES = 5                # the default ladder's length (fewer where widths coincide)
 BUDGET_FACTORS = (1 / 9, 1 / 3, 1.0)
+MIN_WIDTH = 8           # the narrowest default size
 MIN_STEPS = 20          # fewer optimizer steps measure the warmup, not the model
 STEP_MULTIPLE = 8       # steps rounded to this (from 64 up): steps_per_execution stays large
 
@@ -79,10 +80,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def default_sizes(cfg, budgets: list[float], vocab: int) -> list[str]:
-    """The config's depth at SIZES widths (whole heads of its head size, up to 8x its
-    width) whose parameters lie closest to log-even steps from a third of Chinchilla's
-    20-tokens optimum at the smallest budget to three times that at the largest: the
-    valleys' minima should fall inside them."""
+    """The config's depth at SIZES widths (whole heads of its head size up to 8x its width,
+    or one head of a quarter or half of it) whose parameters lie closest to log-even steps
+    from a third of Chinchilla's 20-tokens optimum at the smallest budget to three times
+    that at the largest: the valleys' minima should fall inside them."""
     import dataclasses
 
     import numpy as np
@@ -93,7 +94,8 @@ def default_sizes(cfg, budgets: list[float], vocab: int) -> list[str]:
     m = cfg.model
     head = m.hidden_dim // m.num_heads
     sizes = {}
-    for width in range(head, 8 * m.hidden_dim + 1, head):
+    narrow = [w for w in (head // 4, head // 2) if w >= MIN_WIDTH]  # one narrow head
+    for width in narrow + list(range(head, 8 * m.hidden_dim + 1, head)):
         sized = dataclasses.replace(m, **shape(m, m.num_layers, width, "default"))
         sizes[f"{m.num_layers}x{width}"] = estimated_params(
             dataclasses.replace(cfg, model=sized), vocab)
@@ -105,20 +107,22 @@ def default_sizes(cfg, budgets: list[float], vocab: int) -> list[str]:
 
 
 def shape(model, layers: int, width: int, size: str) -> dict:
-    """model.* of a size: the config's head size and feed-forward ratio (and GQA group)."""
+    """model.* of a size: the config's head size (a width below it: one head that wide),
+    feed-forward ratio and GQA group (fewer key/value heads where the heads are fewer)."""
     head = model.hidden_dim // model.num_heads
-    if width % head:
+    if width % head and width > head:
         raise UserError(f"--sizes {size}: the width must be a multiple of the config's head "
-                        f"size {head} (model.hidden_dim / model.num_heads)")
-    heads = width // head
+                        f"size {head} (model.hidden_dim / model.num_heads), or below it")
+    heads = max(1, width // head)
     out = {"num_layers": layers, "hidden_dim": width, "num_heads": heads,
            "intermediate_dim": round(width * model.intermediate_dim / model.hidden_dim)}
     if model.num_key_value_heads:
         group = model.num_heads // model.num_key_value_heads
-        if heads % group:
+        kv = max(1, heads // group)
+        if heads % kv:
             raise UserError(f"--sizes {size}: {heads} heads do not divide into the config's "
                             f"groups of {group} (model.num_key_value_heads)")
-        out["num_key_value_heads"] = heads // group
+        out["num_key_value_heads"] = kv
     return out
 
 
