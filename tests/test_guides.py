@@ -21,9 +21,10 @@ TINY = {  # appended to the commands that read a config (later --set wins)
     "tune.steps_per_trial": 101,  # above the largest warmup configs/tune.yaml searches
 }
 FAULTS = {"debug.spike_at_step": 5, "debug.nan_at_step": 8}  # inside the tiny run's 12 steps
-CONFIGURED = {"fit", "tune", "lr_find", "schedule", "estimate", "bench optim"}
+CONFIGURED = {"fit", "tune", "lr_find", "schedule", "estimate", "bench optim", "scaling"}
 EXTRA = {  # fewer steps, samples and tokens than the page asks for
     "lr_find": ["--steps", "20"], "tune": ["--max-trials", "2"],
+    "scaling": ["--budgets", "4e9", "--sizes", "2x16", "2x32", "2x48"],
     "bench optim": ["--seeds", "1337"], "bench generate": ["--new-tokens", "4"],
     "generate": ["--max-new-tokens", "4"],
     "synth stories": ["--count", "60"],

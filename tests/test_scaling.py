@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import last_json_line, tiny_raw, write_yaml
-from tfpretrain.training.scaling import Point, laws, valley
+from tfpretrain.training.scaling import Point, laws, loss_law, valley
 
 # Chinchilla's fitted loss (approach 3): L = E + A / N^alpha + B / D^beta
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -42,6 +42,16 @@ def test_the_valleys_and_power_laws_recover_a_known_law():
     assert law["params"].exponent == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
     assert law["tokens"].exponent == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.02)
     assert law["params"].at(1e19) == pytest.approx(valleys[1].params, rel=0.05)
+    # approach 3 on the same runs: the law itself, its optimum and its loss there
+    every = [p for v in valleys for p in v.points]
+    fitted = loss_law(every)
+    assert (fitted.alpha, fitted.beta) == (ALPHA, BETA) and not fitted.at_search_edge
+    assert fitted.e == pytest.approx(E) and fitted.a == pytest.approx(A, rel=1e-4)
+    n, d = fitted.optimum(1e21)
+    assert n == pytest.approx(g * (1e21 / 6) ** (BETA / (ALPHA + BETA)), rel=1e-4)
+    assert d == pytest.approx(1e21 / (6 * n))
+    assert fitted.loss(n, d) == pytest.approx(E + A / n ** ALPHA + B / d ** BETA)
+    assert loss_law(every[:5]) is None  # five parameters need six runs
 
 
 def test_a_valley_at_the_edge_says_which_sizes_to_add():

@@ -41,7 +41,7 @@ from typing import Optional
 
 from tfpretrain.errors import UserError, cli_main, quiet_retracing, quiet_tensorflow
 from tfpretrain.plots import png_path
-from tfpretrain.training.scaling import Point, laws, valley
+from tfpretrain.training.scaling import MIN_LOSS_POINTS, Point, laws, loss_law, valley
 
 SIZES = 5                # the default ladder's length (fewer where widths coincide)
 BUDGET_FACTORS = (1 / 9, 1 / 3, 1.0)
@@ -265,23 +265,37 @@ def points(planned: list[Planned], summaries: dict) -> list[Point]:
 
 
 def report(planned: list[Planned], summaries: dict, targets: list[float]) -> dict:
-    """The valleys, the power laws and their projections, as the JSON written and printed."""
+    """The valleys, the power laws, the loss law and their projections, as the JSON written
+    and printed (keys with a leading _ hold the objects, for the plot)."""
     pts = points(planned, summaries)
     budgets = sorted({p.budget for p in planned})
     valleys = [valley(b, [pt for pt in pts if pt.budget == b]) for b in budgets]
-    law = laws(valleys)
-    projections = []
-    for target in targets if law else []:
-        n, d = law["params"].at(target), law["tokens"].at(target)
-        projections.append({"budget": target, "params": float(f"{n:.4g}"),
-                            "tokens": float(f"{d:.4g}"), "tokens_per_param": round(d / n, 2)})
+    law, fitted = laws(valleys), loss_law(pts)
     return {"runs": [{"budget": p.budget, "size": p.size, "params": p.params,
                       "tokens": p.tokens, "steps": p.steps, "folder": p.folder,
                       "val_loss": (summaries.get(p.folder) or {}).get("val_loss"),
                       "epochs": p.epochs or None, "problem": p.problem} for p in planned],
             "valleys": [v.to_dict() for v in valleys],
             "laws": None if law is None else {k: v.to_dict() for k, v in law.items()},
-            "projections": projections, "_valleys": valleys, "_laws": law}
+            "loss_law": None if fitted is None else fitted.to_dict(),
+            "projections": [projection(t, law, fitted) for t in targets],
+            "_valleys": valleys, "_laws": law, "_loss_law": fitted}
+
+
+def projection(target: float, law: Optional[dict], fitted) -> dict:
+    """N_opt and D_opt at ``target`` by the valleys' power laws (approach 2) and by the
+    loss law (approach 3, with the loss it predicts there)."""
+    r = lambda v: float(f"{v:.4g}")  # noqa: E731
+    out = {"budget": target, "params": None, "tokens": None, "tokens_per_param": None,
+           "loss_law": None}
+    if law is not None:
+        n, d = law["params"].at(target), law["tokens"].at(target)
+        out.update(params=r(n), tokens=r(d), tokens_per_param=round(d / n, 2))
+    if fitted is not None:
+        n, d = fitted.optimum(target)
+        out["loss_law"] = {"params": r(n), "tokens": r(d), "tokens_per_param": round(d / n, 2),
+                           "loss": round(float(fitted.loss(n, d)), 4)}
+    return out
 
 
 def describe(result: dict) -> list[str]:
@@ -301,16 +315,33 @@ def describe(result: dict) -> list[str]:
         lines.append(f"{len(repeated)} runs saw their training tokens more than once (up to "
                      f"{most:.1f} epochs): repeated tokens teach less than fresh ones, which "
                      "favours the larger sizes; more text (data.path) removes the bias")
-    law = result["laws"]
+    law, fitted = result["laws"], result["loss_law"]
     if law is None:
-        lines.append("no power law: it needs two budgets with an optimum inside the sizes")
-        return lines
-    lines.append(f"N_opt ~ C^{law['params']['exponent']:.3f}, D_opt ~ C^"
-                 f"{law['tokens']['exponent']:.3f} (Chinchilla: 0.50 and 0.50, ~20 tokens "
-                 "per parameter)")
+        lines.append("valleys: no power law (it needs two budgets with an optimum inside the "
+                     "sizes)")
+    else:
+        lines.append(f"valleys: N_opt ~ C^{law['params']['exponent']:.3f}, D_opt ~ C^"
+                     f"{law['tokens']['exponent']:.3f} (Chinchilla: 0.50 and 0.50, ~20 "
+                     "tokens per parameter)")
+    if fitted is None:
+        lines.append(f"loss law: not fitted (it needs {MIN_LOSS_POINTS} finished runs)")
+    else:
+        lines.append(f"loss law: L = {fitted['E']:.3f} + {fitted['A']:.4g} / N^"
+                     f"{fitted['alpha']:.2f} + {fitted['B']:.4g} / D^{fitted['beta']:.2f} "
+                     f"(rmse {fitted['rmse']:.4f}): N_opt ~ C^{fitted['params_exponent']:.3f}"
+                     + ("; an exponent at the search's edge: these runs do not pin the law "
+                        "down" if fitted["at_search_edge"] else ""))
     for p in result["projections"]:
-        lines.append(f"at {p['budget']:.2e} FLOPs: {p['params']:,.0f} parameters on "
-                     f"{p['tokens']:,.0f} tokens ({p['tokens_per_param']:.1f} per parameter)")
+        head = f"at {p['budget']:.2e} FLOPs: "
+        if p["params"] is not None:
+            lines.append(head + f"valleys {p['params']:,.0f} parameters on "
+                         f"{p['tokens']:,.0f} tokens ({p['tokens_per_param']:.1f} per "
+                         "parameter)")
+        if p["loss_law"] is not None:
+            q = p["loss_law"]
+            lines.append(head + f"loss law {q['params']:,.0f} parameters on {q['tokens']:,.0f} "
+                         f"tokens ({q['tokens_per_param']:.1f} per parameter), loss "
+                         f"{q['loss']:.3f}")
     return lines
 
 
@@ -331,26 +362,35 @@ def plot(result: dict, path: Path, title: str) -> None:
             left.plot(10 ** grid, np.polyval(v.coefficients, grid), color=color, lw=1)
         if v.usable:
             left.scatter([v.params], [v.loss], color=color, marker="*", s=120)
+        fitted = result["_loss_law"]
+        if fitted is not None and xs:
+            ns = np.logspace(np.log10(min(xs)), np.log10(max(xs)), 50)
+            left.plot(ns, fitted.loss(ns, v.budget / (fitted.flops_per_param * ns)),
+                      color=color, lw=0.8, ls=":")
     left.set(xscale="log", xlabel="parameters", ylabel="final val loss",
-             title="IsoFLOP valleys (* the best size)")
+             title="IsoFLOP valleys (* the best size; dotted: the loss law)")
     left.legend(fontsize=8)
     good = [v for v in result["_valleys"] if v.usable]
     right.scatter([v.budget for v in good], [v.params for v in good], color="C0",
                   label="N_opt (parameters)")
     right.scatter([v.budget for v in good], [v.tokens for v in good], color="C1",
                   label="D_opt (tokens)")
-    law = result["_laws"]
+    law, fitted = result["_laws"], result["_loss_law"]
+    span = [v.budget for v in result["_valleys"]] + [p["budget"] for p in result["projections"]]
+    cs = np.logspace(np.log10(min(span)), np.log10(max(span)), 50)
     if law is not None:
-        span = [v.budget for v in good] + [p["budget"] for p in result["projections"]]
-        cs = np.logspace(np.log10(min(span)), np.log10(max(span)), 50)
         for key, color in (("params", "C0"), ("tokens", "C1")):
             right.plot(cs, law[key].at(cs), color=color, lw=1, ls="--",
-                       label=f"~ C^{law[key].exponent:.2f}")
-    if good:
+                       label=f"valleys: ~ C^{law[key].exponent:.2f}")
+    if fitted is not None:
+        optima = np.array([fitted.optimum(c) for c in cs])
+        right.plot(cs, optima[:, 0], color="C0", lw=0.8, ls=":", label="loss law: N_opt")
+        right.plot(cs, optima[:, 1], color="C1", lw=0.8, ls=":", label="loss law: D_opt")
+    if good or fitted is not None:
         right.set(xscale="log", yscale="log")
         right.legend(fontsize=8)
     else:
-        right.text(0.5, 0.5, "no budget has its optimum inside the sizes yet",
+        right.text(0.5, 0.5, "no optimum yet: no budget has one inside its sizes",
                    ha="center", va="center", transform=right.transAxes)
     right.set(xlabel="training FLOPs", title="compute-optimal")
     fig.suptitle(title)

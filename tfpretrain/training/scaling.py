@@ -110,3 +110,78 @@ def laws(valleys: list[Valley]) -> Optional[dict]:
     budgets = [v.budget for v in good]
     return {"params": power_law(budgets, [v.params for v in good]),
             "tokens": power_law(budgets, [v.tokens for v in good])}
+
+
+ALPHAS = np.round(np.arange(0.05, 1.501, 0.01), 2)  # the exponents searched (approach 3)
+MIN_LOSS_POINTS = 6                                 # five parameters need six points
+
+
+@dataclass
+class LossLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta over every run (Chinchilla's approach 3).
+    For each (alpha, beta) of a grid the law is linear in (E, A, B): least squares with
+    E, A, B >= 0, and the pair with the smallest squared error wins (no optimizer, no
+    starting point to choose). ``flops_per_param``: training FLOPs per parameter and
+    token (6, plus attention's share) of these runs."""
+    e: float
+    a: float
+    b: float
+    alpha: float
+    beta: float
+    rmse: float
+    flops_per_param: float
+
+    def loss(self, params, tokens):
+        return self.e + self.a / np.power(params, self.alpha) + self.b / np.power(
+            tokens, self.beta)
+
+    def optimum(self, budget: float) -> tuple[float, float]:
+        """(N_opt, D_opt) at ``budget`` FLOPs: where dL/dN = 0 along C = k N D."""
+        g = (self.alpha * self.a / (self.beta * self.b)) ** (1 / (self.alpha + self.beta))
+        n = g * (budget / self.flops_per_param) ** (self.beta / (self.alpha + self.beta))
+        return float(n), float(budget / (self.flops_per_param * n))
+
+    def to_dict(self) -> dict:
+        r = lambda v: float(f"{v:.5g}")  # noqa: E731
+        return {"E": r(self.e), "A": r(self.a), "B": r(self.b), "alpha": self.alpha,
+                "beta": self.beta, "rmse": r(self.rmse),
+                "params_exponent": round(self.beta / (self.alpha + self.beta), 4),
+                "tokens_exponent": round(self.alpha / (self.alpha + self.beta), 4),
+                "at_search_edge": self.at_search_edge}
+
+    @property
+    def at_search_edge(self) -> bool:
+        """An exponent at the grid's end: the runs do not pin the law down."""
+        return bool({self.alpha, self.beta} & {float(ALPHAS[0]), float(ALPHAS[-1])})
+
+
+def loss_law(points: list[Point]) -> Optional[LossLaw]:
+    """Fit L(N, D) over every finished run (None: fewer than MIN_LOSS_POINTS, or no
+    (alpha, beta) with non-negative E, A, B)."""
+    pts = [p for p in points if math.isfinite(p.loss)]
+    if len(pts) < MIN_LOSS_POINTS:
+        return None
+    n = np.array([p.params for p in pts], float)
+    d = np.array([p.tokens for p in pts], float)
+    y = np.array([p.loss for p in pts])
+    best = None
+    for alpha in ALPHAS:
+        # every beta at once: X [betas, points, 3], solved by the normal equations
+        x = np.stack(np.broadcast_arrays(np.ones((len(ALPHAS), len(pts))), n ** -alpha,
+                                         d[None, :] ** -ALPHAS[:, None]), axis=-1)
+        xtx = np.einsum("kpi,kpj->kij", x, x)
+        xty = np.einsum("kpi,p->ki", x, y)
+        try:
+            coef = np.linalg.solve(xtx, xty[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        err = ((np.einsum("kpi,ki->kp", x, coef) - y) ** 2).mean(axis=1)
+        err[(coef < 0).any(axis=1)] = np.inf
+        k = int(np.argmin(err))
+        if np.isfinite(err[k]) and (best is None or err[k] < best[0]):
+            best = (float(err[k]), float(alpha), float(ALPHAS[k]), coef[k])
+    if best is None:
+        return None
+    err, alpha, beta, (e, a, b) = best
+    per_param = float(np.mean([p.flops / (p.tokens * p.params) for p in pts]))
+    return LossLaw(float(e), float(a), float(b), alpha, beta, err ** 0.5, per_param)
