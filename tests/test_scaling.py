@@ -119,7 +119,7 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, capsys, argv, needle):
 def test_a_real_sweep_finds_its_valley_and_reuses_finished_runs(tmp_path, capsys):
     """Three sizes on one budget, trained by fit for real: each run's loss in
     scaling.json, the valley (or why there is none), the plot; the same command again
-    trains nothing."""
+    trains nothing, and with another learning rate is refused."""
     from tfpretrain.scaling import main
 
     argv = ["--config", str(tiny_yaml(tmp_path)), "--budgets", "4e9", "--sizes", "2x16",
@@ -141,3 +141,6 @@ def test_a_real_sweep_finds_its_valley_and_reuses_finished_runs(tmp_path, capsys
     assert again.count("done before") == 3 and "[tfpretrain] model:" not in again
     assert sorted(p.name for p in ckpt.iterdir()) == before
     assert [r["val_loss"] for r in last_json_line(again)["runs"]] == losses
+    # another learning rate in the same folder: refused, not answered by the old runs
+    assert main(argv + ["--set", "optimizer.learning_rate=3e-3"]) == 2
+    assert "trained with other settings (optimizer.learning_rate)" in capsys.readouterr().err

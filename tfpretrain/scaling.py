@@ -204,19 +204,25 @@ def prepared_data(cfg) -> tuple[int, int]:
 
 
 def finished(p: Planned, run_dir: Path) -> Optional[dict]:
-    """The summary of a run this sweep already finished, with this very config (anything
-    else goes to ``fit``, which resumes it or says why it cannot)."""
+    """The summary of a run this sweep already finished (None: not yet; an interrupted one
+    resumes). A run folder of another config (a changed --set, another --config) is
+    refused: reused, it would answer for a config it did not train."""
     from tfpretrain.config import build_config, read_yaml
     from tfpretrain.training.runfolder import config_differences
 
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
         old = build_config(read_yaml(run_dir / "config.yaml"), name="old").to_dict()
     except (OSError, ValueError, UserError):
         return None
-    new = build_config(p.raw, name="new").to_dict()
-    same = summary.get("steps") == p.steps and not config_differences(old, new)
-    return summary if same else None
+    differ = config_differences(old, build_config(p.raw, name="new").to_dict())
+    if differ:
+        raise UserError(f"scaling run {run_dir} was trained with other settings ("
+                        f"{', '.join(differ)}): give this sweep another --run-dir")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("steps") == p.steps else None
 
 
 def train_point(p: Planned, run_dir: Path, log=print) -> Optional[dict]:
@@ -240,9 +246,9 @@ def train_point(p: Planned, run_dir: Path, log=print) -> Optional[dict]:
         return fit(build_config(p.raw, name=f"scaling-{p.size}"), run_dir)
     except Preempted as exc:
         raise SystemExit(exc.exit_code)  # stop the sweep; the rerun resumes this run
-    except UserError as exc:
+    except UserError as exc:  # a config or folder problem: every run would repeat it
         stop_if_the_disk_refused(exc, p.folder)
-        raise  # a config or folder problem: every run would repeat it
+        raise UserError(f"scaling run {run_dir}: {exc}") from None
     except Exception as exc:  # diverged (the guard gave up), out of memory: go on
         stop_if_the_disk_refused(exc, p.folder)
         run_dir.mkdir(parents=True, exist_ok=True)
