@@ -9,10 +9,12 @@ For each compute budget (training FLOPs, ``estimate``'s 6N + 12LHT per token), e
 trained from scratch for budget / FLOPs-per-token tokens: a real ``fit`` run of the
 config (its data, tokenizer, optimizer, schedule, warmup as the same share of the steps),
 in ``<run-dir>/<budget>/<size>/``, with no export. The final validation loss against
-log(parameters) is a valley per budget; the parabola through it gives that budget's
-compute-optimal size N_opt and tokens D_opt, and over the budgets the power laws
-N_opt ~ C^a and D_opt ~ C^b (Chinchilla: a ~ b ~ 0.5, ~20 tokens per parameter), which
-``--target`` extrapolates to a budget you cannot sweep.
+log(parameters) is a valley per budget; the parabola through its best size and the two
+either side gives that budget's compute-optimal size N_opt and tokens D_opt, and over the
+budgets the power laws N_opt ~ C^a and D_opt ~ C^b (Chinchilla: a ~ b ~ 0.5, ~20 tokens
+per parameter), which ``--target`` extrapolates to a budget you cannot sweep. Chinchilla's
+approach 3, L(N, D) = E + A/N^alpha + B/D^beta fitted over every run, gives a second
+N_opt and D_opt and the loss to expect there.
 
 Defaults: budgets of 1/9, 1/3 and 1 times the config's own training FLOPs; up to five
 sizes at the config's depth whose parameters span a third of Chinchilla's 20-tokens
@@ -363,8 +365,8 @@ def plot(result: dict, path: Path, title: str) -> None:
         xs = [p.params for p in v.points]
         left.scatter(xs, [p.loss for p in v.points], color=color, s=18,
                      label=f"{budget_label(v.budget)} FLOPs")
-        if v.coefficients is not None and xs:
-            grid = np.linspace(np.log10(min(xs)), np.log10(max(xs)), 50)
+        if v.coefficients is not None:
+            grid = np.linspace(*np.log10(v.bracket), 50)
             left.plot(10 ** grid, np.polyval(v.coefficients, grid), color=color, lw=1)
         if v.usable:
             left.scatter([v.params], [v.loss], color=color, marker="*", s=120)

@@ -2,8 +2,8 @@
 2022, section 3.2), the arithmetic only (``python -m tfpretrain.scaling`` runs the sweep).
 
 For each compute budget C, models of several sizes N are trained on C / flops_per_token(N)
-tokens each. The final loss against log N is a valley: a parabola fitted through it puts
-the budget's best size N_opt(C) at its vertex, and D_opt(C) = C / flops_per_token(N_opt).
+tokens each. The final loss against log N is a valley: the parabola through its lowest
+point and the two either side puts the budget's best size N_opt(C) at its vertex, and D_opt(C) = C / flops_per_token(N_opt).
 Over several budgets, N_opt = k C^a and D_opt = k' C^b are straight lines in log-log
 (Chinchilla measured a ~ b ~ 0.5, about 20 tokens per parameter); extrapolated, they size a
 run at a budget far above the sweep's.
@@ -31,10 +31,14 @@ class Point:
 
 @dataclass
 class Valley:
-    """The best size of one budget: the vertex of loss ~ a (log10 N)^2 + b log10 N + c."""
+    """The best size of one budget: the vertex of the parabola loss ~ a (log10 N)^2 +
+    b log10 N + c through the best size tried and its two neighbours (parabolic
+    interpolation of the bracket: sizes far from the minimum, starved of steps or of
+    capacity, do not pull the vertex)."""
     budget: float
     points: list = field(default_factory=list)
-    coefficients: Optional[tuple] = None   # (a, b, c); None: too few finite points
+    coefficients: Optional[tuple] = None   # (a, b, c) over the bracket
+    bracket: Optional[tuple] = None        # (smallest, largest) parameters fitted
     params: Optional[float] = None         # N_opt
     tokens: Optional[float] = None         # D_opt
     loss: Optional[float] = None           # the parabola's value at N_opt
@@ -49,36 +53,37 @@ class Valley:
         return {"budget": self.budget, "params_opt": r(self.params),
                 "tokens_opt": r(self.tokens), "loss_opt": r(self.loss),
                 "tokens_per_param": r(self.tokens / self.params) if self.usable else None,
-                "coefficients": None if self.coefficients is None
+                "bracket": self.bracket, "coefficients": None if self.coefficients is None
                 else [r(c) for c in self.coefficients], "problem": self.problem}
 
 
 def valley(budget: float, points: list[Point]) -> Valley:
-    """Fit one budget's points (a parabola in log10 N) and place its minimum. A vertex
-    outside the sizes tried is reported, not extrapolated: the sweep needs sizes past it."""
+    """Place one budget's minimum. A best size at either end of those tried is reported,
+    not extrapolated: the sweep needs sizes past it."""
     pts = sorted((p for p in points if math.isfinite(p.loss)), key=lambda p: p.params)
     out = Valley(budget, pts)
     if len(pts) < MIN_POINTS:
         out.problem = f"{len(pts)} finished sizes; a valley needs {MIN_POINTS}"
         return out
-    x = np.log10([p.params for p in pts])
     y = np.array([p.loss for p in pts])
-    a, b, c = np.polyfit(x, y, 2)
-    out.coefficients = (float(a), float(b), float(c))
-    vertex = -b / (2 * a) if a > 0 else None
     best = int(np.argmin(y))
-    for edge, outward, words in ((0, -1, "smallest tried: add smaller"),
-                                 (len(y) - 1, 1, "largest tried: add larger")):
-        if best == edge or (vertex is not None and (vertex - x[edge]) * outward > 0):
-            out.problem = f"the best size is the {words} sizes"
-            return out
-    if vertex is None:
+    if best in (0, len(pts) - 1):
+        words = "smallest tried: add smaller" if best == 0 else "largest tried: add larger"
+        out.problem = f"the best size is the {words} sizes"
+        return out
+    near = pts[best - 1:best + 2]
+    x = np.log10([p.params for p in near])
+    a, b, c = np.polyfit(x, [p.loss for p in near], 2)
+    out.coefficients, out.bracket = (float(a), float(b), float(c)), (near[0].params,
+                                                                     near[-1].params)
+    if a <= 0:  # a tie with a neighbour: flat, no vertex
         out.problem = "the loss has no minimum over these sizes (not a valley)"
         return out
+    vertex = -b / (2 * a)
     out.params = float(10 ** vertex)
     out.loss = float(a * vertex ** 2 + b * vertex + c)
     # FLOPs per token per parameter (6 + attention's share) between the sizes around N_opt
-    per_param = np.interp(vertex, x, [p.flops / p.tokens / p.params for p in pts])
+    per_param = np.interp(vertex, x, [p.flops / p.tokens / p.params for p in near])
     out.tokens = float(budget / (per_param * out.params))
     return out
 
