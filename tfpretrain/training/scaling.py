@@ -1,12 +1,16 @@
-"""Compute-optimal size from an IsoFLOP sweep: Chinchilla's approach 2 (Hoffmann et al.
-2022, section 3.2), the arithmetic only (``python -m tfpretrain.scaling`` runs the sweep).
+"""Compute-optimal size from an IsoFLOP sweep, the arithmetic only (``python -m
+tfpretrain.scaling`` runs the sweep): Chinchilla's approaches 2 and 3 (Hoffmann et al.
+2022, sections 3.2 and 3.3).
 
-For each compute budget C, models of several sizes N are trained on C / flops_per_token(N)
-tokens each. The final loss against log N is a valley: the parabola through its lowest
-point and the two either side puts the budget's best size N_opt(C) at its vertex, and D_opt(C) = C / flops_per_token(N_opt).
-Over several budgets, N_opt = k C^a and D_opt = k' C^b are straight lines in log-log
-(Chinchilla measured a ~ b ~ 0.5, about 20 tokens per parameter); extrapolated, they size a
-run at a budget far above the sweep's.
+Approach 2: for each compute budget C, models of several sizes N are trained on C /
+flops_per_token(N) tokens each. The final loss against log N is a valley: the parabola
+through its lowest point and the two either side puts the budget's best size N_opt(C) at
+its vertex, and D_opt(C) = C / flops_per_token(N_opt). Over several budgets, N_opt = k C^a
+and D_opt = k' C^b are straight lines in log-log (Chinchilla measured a ~ b ~ 0.5, about
+20 tokens per parameter); extrapolated, they size a run at a budget far above the sweep's.
+
+Approach 3: L(N, D) = E + A / N^alpha + B / D^beta over every run; its minimum along
+C = k N D is a second N_opt, D_opt, with the loss to expect there.
 """
 from __future__ import annotations
 
