@@ -113,7 +113,7 @@ def test_scores_equal_the_exported_score_signature_and_evaluate_tasks_prints_the
         tiny_run, tmp_path, capsys):
     """The scorer's per-choice nats equal log p(context + choice) - log p(context) computed
     by the SavedModel's score function (its own tokenization and batching), and the
-    evaluate command reports the accuracy these nats give."""
+    evaluate command reports the accuracy these nats give, from the run or its export."""
     import tensorflow as tf
 
     from tfpretrain.data.tasks import read_task, task_rows
@@ -150,6 +150,17 @@ def test_scores_equal_the_exported_score_signature_and_evaluate_tasks_prints_the
     out = last_json_line(capsys.readouterr().out)["tasks"]
     assert out["ending"]["acc"] == pytest.approx(want) and out["c"] == out["ending"]
     assert out["ending"]["items"] == 2 and out["ending"]["chance"] == pytest.approx(5 / 12)
+    # the run's export answers the same, through its logits signature and its own tokenizer
+    export = tiny_run[2]["saved_model"]
+    assert evaluate_main(["--saved-model", export, "--tasks", str(path)]) == 0
+    served = last_json_line(capsys.readouterr().out)["tasks"]["ending"]
+    assert served.keys() == out["ending"].keys()
+    for key, value in out["ending"].items():
+        assert served[key] == (pytest.approx(value, abs=1e-4) if isinstance(value, float)
+                               else value), key
+    assert evaluate_main(["--saved-model", export, "--run-dir", str(run_dir),
+                          "--tasks", str(path)]) == 2
+    assert "give --run-dir or --saved-model" in capsys.readouterr().err
 
 
 def test_a_run_with_eval_tasks_reports_them_everywhere(tiny_run):

@@ -3,6 +3,7 @@
     python -m tfpretrain.evaluate --run-dir DIR [--data PATH] [--saved-model PATH]
                                   [--max-batches N]
     python -m tfpretrain.evaluate --run-dir DIR --tasks [NAME=]PATH [...]
+    python -m tfpretrain.evaluate --saved-model PATH --tasks [NAME=]PATH [...]
 
 - ``--run-dir`` alone: the run's latest checkpoint on its own validation split (rebuilt
   from its config, deterministically), as packed rows like training saw them.
@@ -14,6 +15,8 @@
 - ``--run-dir --tasks PATH ...``: zero-shot tasks (JSONL of multiple-choice or cloze items,
   see ``tfpretrain.data.tasks``; ``synth tasks`` makes them) answered by the run's model:
   accuracy by likelihood (``acc``, ``acc_norm``, ``chance``), or greedy (cloze).
+- ``--saved-model PATH --tasks PATH ...``: the same, answered by an export (its ``logits``
+  signature; the tokenizer and context it carries in ``assets.extra``).
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -67,9 +70,16 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
 def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
     """``--tasks``: each ``[NAME=]PATH`` (NAME: the file's stem) scored on the run's latest
     weights (its evaluation weights: EMA / schedule-free average where it kept them)."""
-    from tfpretrain.data.tasks import read_tasks, tokenize_tasks
-    from tfpretrain.training.evaluation import rounded, task_evaluator
     from tfpretrain.training.runfolder import load_run
+
+    tasks = named_tasks(specs)
+    cfg, tokenizer, model = load_run(run_dir)
+    return {"run_dir": str(run_dir), "tasks": score_tasks(tasks, cfg, tokenizer, model)}
+
+
+def named_tasks(specs: list[str]) -> dict:
+    """``--tasks [NAME=]PATH ...`` read and checked: {name: Task} (NAME: the file's stem)."""
+    from tfpretrain.data.tasks import read_tasks
 
     named = {}
     for spec in specs:
@@ -78,22 +88,76 @@ def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
         if name in named:
             raise UserError(f"--tasks: two tasks named {name!r}: name one NAME=PATH")
         named[name] = path
-    tasks = read_tasks(named, key="--tasks")
-    cfg, tokenizer, model = load_run(run_dir)
-    tasks = tokenize_tasks(tasks, tokenizer, cfg.model.sequence_length)
+    return read_tasks(named, key="--tasks")
+
+
+def score_tasks(tasks: dict, cfg, tokenizer, model) -> dict:
+    """Each task's metrics by ``model`` (a Keras model, or a SavedModel's ``logits``)."""
+    from tfpretrain.data.tasks import tokenize_tasks
+    from tfpretrain.training.evaluation import rounded, task_evaluator
+
     score = task_evaluator(cfg, model, tokenizer)
-    return {"run_dir": str(run_dir), "tasks": {
-        name: {"path": task.path, **rounded(score(task, rows))}
-        for name, (task, rows) in tasks.items()}}
+    return {name: {"path": task.path, **rounded(score(task, rows))} for name, (task, rows)
+            in tokenize_tasks(tasks, tokenizer, cfg.model.sequence_length).items()}
 
 
-def evaluate_saved_model(path: Path, docs: list[str], batch_size: int = 16) -> dict:
+class ServedLogits:
+    """A SavedModel's ``logits`` signature, called as task scoring calls a causal model:
+    ``model(ids)`` -> logits, and ``model.token_losses(y, logits)``."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded  # the signature's variables live as long as the loaded object
+
+    def __call__(self, token_ids, training=False):
+        import tensorflow as tf
+
+        return self.loaded.signatures["logits"](token_ids=tf.cast(token_ids, tf.int32))["logits"]
+
+    @staticmethod
+    def token_losses(y, logits):
+        from tfpretrain.models.stability import token_losses
+
+        return token_losses(y, logits)
+
+
+def saved_model_tasks(path: Path, specs: list[str]) -> dict:
+    """``--saved-model --tasks``: the tasks answered through the export's ``logits``
+    signature, tokenized by the tokenizer the export carries (``assets.extra``)."""
+    from tfpretrain.config import build_config, read_yaml
+    from tfpretrain.data.tokenizers import load_tokenizer
+
+    tasks = named_tasks(specs)
+    extra = Path(path) / "assets.extra"
+    if not (extra / "config.yaml").is_file():
+        raise UserError(f"--saved-model: {path} has no assets.extra/config.yaml and "
+                        "tokenizer (not a tfpretrain export, or an older one): score the run "
+                        "with --run-dir instead")
+    cfg = build_config(read_yaml(extra / "config.yaml"), name="export")
+    loaded = load_saved_model(path)
+    if "score" not in loaded.signatures:  # the objectives with tasks: those that score text
+        raise UserError(f"--saved-model: {path} is a masked-LM export; zero-shot tasks need "
+                        "a causal model")
+    model = ServedLogits(loaded)
+    return {"saved_model": str(path),
+            "tasks": score_tasks(tasks, cfg, load_tokenizer(extra / "tokenizer"), model)}
+
+
+def load_saved_model(path: Path):
+    """The loaded SavedModel (keep it while its signatures are used: they need its
+    variables)."""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers the SentencePiece ops
 
     if not (Path(path) / "saved_model.pb").is_file():
         raise UserError(f"--saved-model: no saved_model.pb in {path}")
-    signatures = tf.saved_model.load(str(path)).signatures
+    return tf.saved_model.load(str(path))
+
+
+def evaluate_saved_model(path: Path, docs: list[str], batch_size: int = 16) -> dict:
+    import tensorflow as tf
+
+    loaded = load_saved_model(path)
+    signatures = loaded.signatures
     if "score" not in signatures:
         raise UserError(f"--saved-model: {path} has no `score` signature (a masked-LM export "
                         "has fill_mask and logits); evaluate the run with --run-dir instead")
@@ -121,15 +185,17 @@ def main(argv=None) -> int:
     p.add_argument("--saved-model", help="evaluate this SavedModel through its score signature")
     p.add_argument("--max-batches", type=int, default=0, help="0 = all")
     p.add_argument("--tasks", nargs="+", metavar="[NAME=]PATH",
-                   help="zero-shot task files (JSONL) to answer instead (needs --run-dir)")
+                   help="zero-shot task files (JSONL) to answer instead, by the run's model "
+                        "(--run-dir) or an export's (--saved-model)")
     a = p.parse_args(argv)
     if not a.run_dir and not a.saved_model:
         raise UserError("give --run-dir, --saved-model, or both")
     if a.tasks:
-        if a.saved_model or a.data or not a.run_dir:
-            raise UserError("--tasks scores a run's model: give --run-dir, without --data "
-                            "or --saved-model")
-        print(json.dumps(evaluate_tasks(Path(a.run_dir), a.tasks)))
+        if a.data or (a.run_dir and a.saved_model):
+            raise UserError("--tasks scores one model: give --run-dir or --saved-model, "
+                            "without --data")
+        print(json.dumps(saved_model_tasks(Path(a.saved_model), a.tasks) if a.saved_model
+                         else evaluate_tasks(Path(a.run_dir), a.tasks)))
         return 0
     if a.saved_model:
         if a.data is None and not a.run_dir:
