@@ -43,7 +43,8 @@ from typing import Optional
 
 from tfpretrain.errors import UserError, cli_main, quiet_retracing, quiet_tensorflow
 from tfpretrain.plots import png_path
-from tfpretrain.training.scaling import MIN_LOSS_POINTS, Point, laws, loss_law, valley
+from tfpretrain.training.scaling import (MIN_LOSS_POINTS, NEAR_VALLEY, Point, laws,
+                                         loss_law, near_valleys, valley)
 
 SIZES = 5                # the default ladder's length (fewer where widths coincide)
 BUDGET_FACTORS = (1 / 9, 1 / 3, 1.0)
@@ -278,7 +279,7 @@ def report(planned: list[Planned], summaries: dict, targets: list[float]) -> dic
     pts = points(planned, summaries)
     budgets = sorted({p.budget for p in planned})
     valleys = [valley(b, [pt for pt in pts if pt.budget == b]) for b in budgets]
-    law, fitted = laws(valleys), loss_law(pts)
+    law, fitted = laws(valleys), loss_law(near_valleys(pts))
     return {"runs": [{"budget": p.budget, "size": p.size, "params": p.params,
                       "tokens": p.tokens, "steps": p.steps, "folder": p.folder,
                       "val_loss": (summaries.get(p.folder) or {}).get("val_loss"),
@@ -332,7 +333,8 @@ def describe(result: dict) -> list[str]:
                      f"{law['tokens']['exponent']:.3f} (Chinchilla: 0.50 and 0.50, ~20 "
                      "tokens per parameter)")
     if fitted is None:
-        lines.append(f"loss law: not fitted (it needs {MIN_LOSS_POINTS} finished runs)")
+        lines.append(f"loss law: not fitted (it needs {MIN_LOSS_POINTS} finished runs near "
+                     "their valleys)")
     else:
         lines.append(f"loss law: L = {fitted['E']:.3f} + {fitted['A']:.4g} / N^"
                      f"{fitted['alpha']:.2f} + {fitted['B']:.4g} / D^{fitted['beta']:.2f} "
@@ -354,55 +356,75 @@ def describe(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path, title: str) -> None:
-    import numpy as np
-
+    """The valleys (left) and N_opt / D_opt against the budget with both laws (right)."""
     from tfpretrain.plots import pyplot, save
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, v in enumerate(result["_valleys"]):
-        color = f"C{i}"
-        xs = [p.params for p in v.points]
-        left.scatter(xs, [p.loss for p in v.points], color=color, s=18,
-                     label=f"{budget_label(v.budget)} FLOPs")
+    plot_valleys(left, result)
+    plot_optima(right, result)
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def plot_valleys(ax, result: dict) -> None:
+    """Loss against parameters per budget: the runs, the bracket's parabola, its vertex
+    (*) and the loss law (dotted); runs far up a wall are drawn at the top edge (^)."""
+    import numpy as np
+
+    valleys, fitted = result["_valleys"], result["_loss_law"]
+    bests = [min(p.loss for p in v.points) for v in valleys if v.points]
+    top = NEAR_VALLEY * 1.1 * max(bests) if bests else None
+    for i, v in enumerate(valleys):
+        color, xs = f"C{i}", [p.params for p in v.points]
+        ys = np.array([p.loss for p in v.points])
+        low = ys <= top if top else np.ones(len(ys), bool)
+        ax.scatter(np.array(xs)[low], ys[low], color=color, s=18,
+                   label=f"{budget_label(v.budget)} FLOPs")
+        ax.scatter(np.array(xs)[~low], [top] * int((~low).sum()), color=color, s=18,
+                   marker="^")
         if v.coefficients is not None:
             grid = np.linspace(*np.log10(v.bracket), 50)
-            left.plot(10 ** grid, np.polyval(v.coefficients, grid), color=color, lw=1)
+            ax.plot(10 ** grid, np.polyval(v.coefficients, grid), color=color, lw=1)
         if v.usable:
-            left.scatter([v.params], [v.loss], color=color, marker="*", s=120)
-        fitted = result["_loss_law"]
+            ax.scatter([v.params], [v.loss], color=color, marker="*", s=120)
         if fitted is not None and xs:
             ns = np.logspace(np.log10(min(xs)), np.log10(max(xs)), 50)
-            left.plot(ns, fitted.loss(ns, v.budget / (fitted.flops_per_param * ns)),
-                      color=color, lw=0.8, ls=":")
-    left.set(xscale="log", xlabel="parameters", ylabel="final val loss",
-             title="IsoFLOP valleys (* the best size; dotted: the loss law)")
-    left.legend(fontsize=8)
+            ax.plot(ns, fitted.loss(ns, v.budget / (fitted.flops_per_param * ns)),
+                    color=color, lw=0.8, ls=":")
+    if top:
+        ax.set_ylim(top=top * 1.02)
+    ax.set(xscale="log", xlabel="parameters", ylabel="final val loss",
+           title="IsoFLOP valleys (* best size; dotted: loss law; ^ off the scale)")
+    ax.legend(fontsize=8)
+
+
+def plot_optima(ax, result: dict) -> None:
+    import numpy as np
+
     good = [v for v in result["_valleys"] if v.usable]
-    right.scatter([v.budget for v in good], [v.params for v in good], color="C0",
-                  label="N_opt (parameters)")
-    right.scatter([v.budget for v in good], [v.tokens for v in good], color="C1",
-                  label="D_opt (tokens)")
+    ax.scatter([v.budget for v in good], [v.params for v in good], color="C0",
+               label="N_opt (parameters)")
+    ax.scatter([v.budget for v in good], [v.tokens for v in good], color="C1",
+               label="D_opt (tokens)")
     law, fitted = result["_laws"], result["_loss_law"]
     span = [v.budget for v in result["_valleys"]] + [p["budget"] for p in result["projections"]]
     cs = np.logspace(np.log10(min(span)), np.log10(max(span)), 50)
     if law is not None:
         for key, color in (("params", "C0"), ("tokens", "C1")):
-            right.plot(cs, law[key].at(cs), color=color, lw=1, ls="--",
-                       label=f"valleys: ~ C^{law[key].exponent:.2f}")
+            ax.plot(cs, law[key].at(cs), color=color, lw=1, ls="--",
+                    label=f"valleys: ~ C^{law[key].exponent:.2f}")
     if fitted is not None:
         optima = np.array([fitted.optimum(c) for c in cs])
-        right.plot(cs, optima[:, 0], color="C0", lw=0.8, ls=":", label="loss law: N_opt")
-        right.plot(cs, optima[:, 1], color="C1", lw=0.8, ls=":", label="loss law: D_opt")
+        ax.plot(cs, optima[:, 0], color="C0", lw=0.8, ls=":", label="loss law: N_opt")
+        ax.plot(cs, optima[:, 1], color="C1", lw=0.8, ls=":", label="loss law: D_opt")
     if good or fitted is not None:
-        right.set(xscale="log", yscale="log")
-        right.legend(fontsize=8)
+        ax.set(xscale="log", yscale="log")
+        ax.legend(fontsize=8)
     else:
-        right.text(0.5, 0.5, "no optimum yet: no budget has one inside its sizes",
-                   ha="center", va="center", transform=right.transAxes)
-    right.set(xlabel="training FLOPs", title="compute-optimal")
-    fig.suptitle(title)
-    save(fig, path)
+        ax.text(0.5, 0.5, "no optimum yet: no budget has one inside its sizes",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="training FLOPs", title="compute-optimal")
 
 
 def flops(text: str) -> float:

@@ -123,6 +123,7 @@ def laws(valleys: list[Valley]) -> Optional[dict]:
 
 ALPHAS = np.round(np.arange(0.05, 1.501, 0.01), 2)  # the exponents searched (approach 3)
 MIN_LOSS_POINTS = 6                                 # five parameters need six points
+NEAR_VALLEY = 1.5     # runs within this factor of their budget's best loss fit the law
 
 
 @dataclass
@@ -164,8 +165,19 @@ class LossLaw:
         return bool({self.alpha, self.beta} & {float(ALPHAS[0]), float(ALPHAS[-1])})
 
 
+def near_valleys(points: list[Point]) -> list[Point]:
+    """The runs whose loss is within NEAR_VALLEY x their budget's best: the law's regime.
+    A size far up a valley's wall was starved of steps (a few dozen, mostly warmup) and
+    follows another curve, which would bend the whole fit to it."""
+    finite = [p for p in points if math.isfinite(p.loss)]
+    best = {}
+    for p in finite:
+        best[p.budget] = min(best.get(p.budget, math.inf), p.loss)
+    return [p for p in finite if p.loss <= NEAR_VALLEY * best[p.budget]]
+
+
 def loss_law(points: list[Point]) -> Optional[LossLaw]:
-    """Fit L(N, D) over every finished run (None: fewer than MIN_LOSS_POINTS, or no
+    """Fit L(N, D) over ``points`` (None: fewer than MIN_LOSS_POINTS finite ones, or no
     (alpha, beta) with non-negative E, A, B)."""
     pts = [p for p in points if math.isfinite(p.loss)]
     if len(pts) < MIN_LOSS_POINTS:
