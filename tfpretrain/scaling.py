@@ -161,7 +161,7 @@ def plan(cfg, base: dict, budgets: list[float], sizes: list[str], vocab: int,
         params = count_params(sized, vocab)
         shaped[size] = (model, params, model_flops_per_token(sized, params, vocab))
     out = []
-    for budget in sorted(budgets):
+    for budget in sorted(set(budgets)):
         for size, (model, params, fpt) in shaped.items():
             steps = int(budget / (fpt * tokens_per_step))
             if steps >= 64:
