@@ -75,7 +75,7 @@ def tiny_yaml(tmp_path):
 
 def test_the_plan_spends_each_budget_at_the_configs_head_size(tmp_path):
     from tfpretrain.config import build_config, load_config, load_raw
-    from tfpretrain.scaling import default_sizes, plan
+    from tfpretrain.scaling import default_sizes, plan, repetition_warning
 
     path = str(tiny_yaml(tmp_path))
     cfg, base = load_config(path), load_raw(path)
@@ -95,6 +95,10 @@ def test_the_plan_spends_each_budget_at_the_configs_head_size(tmp_path):
     assert "fewer than 20" in small.problem
     big = [p for p in planned if p.budget == 4e9 and p.size == "2x16"][0]
     assert big.steps % 8 == 0 and big.epochs == pytest.approx(big.tokens / 40_000, abs=0.01)
+    warning = repetition_warning(cfg, planned)  # said before training, with the fix
+    most = max(p.epochs for p in planned if p.problem is None)
+    assert f"up to {most:.1f} epochs" in warning
+    assert f"data.embedded_documents={math.ceil(300 * most / 1000) * 1000}" in warning
     sizes = default_sizes(cfg, [1e12, 1e13], 320)
     assert 2 <= len(sizes) <= 5 and all(s.startswith("2x") for s in sizes)
     assert all(int(s[2:]) % 16 == 0 or int(s[2:]) in (8,) for s in sizes)

@@ -206,6 +206,21 @@ def prepared_data(cfg) -> tuple[int, int]:
     return tokenizer.vocabulary_size, int(packed.train_tokens)
 
 
+def repetition_warning(cfg, planned: list[Planned]) -> Optional[str]:
+    """Before training: which runs will repeat their data, and the fix (for the embedded
+    stories, the ``data.embedded_documents`` that gives every run fresh tokens)."""
+    repeated = [p for p in planned if p.problem is None and p.epochs > 1]
+    if not repeated:
+        return None
+    most = max(p.epochs for p in repeated)
+    fix = "give it more text (data.path)"
+    if cfg.data.path is None:  # the generated stories: as many as asked for
+        enough = math.ceil(cfg.data.embedded_documents * most / 1000) * 1000
+        fix = f"--set data.embedded_documents={enough} gives every run fresh stories"
+    return (f"{len(repeated)} runs will see their training tokens more than once (up to "
+            f"{most:.1f} epochs), which biases the optimum toward larger sizes: {fix}")
+
+
 def finished(p: Planned, run_dir: Path) -> Optional[dict]:
     """The summary of a run this sweep already finished (None: not yet; an interrupted one
     resumes). A run folder of another config (a changed --set, another --config) is
@@ -477,6 +492,9 @@ def sweep(cfg, base: dict, args, run_dir: Path) -> dict:
     planned = plan(cfg, base, budgets, args.sizes or default_sizes(cfg, budgets, vocab), vocab,
                    train_tokens)
     print(plan_table(planned), flush=True)
+    warning = repetition_warning(cfg, planned)
+    if warning:
+        print(f"[tfpretrain] warning: {warning}", flush=True)
     summaries = {}
     for p in planned:
         if p.problem is None:
