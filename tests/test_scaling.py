@@ -148,3 +148,18 @@ def test_a_real_sweep_finds_its_valley_and_reuses_finished_runs(tmp_path, capsys
     # another learning rate in the same folder: refused, not answered by the old runs
     assert main(argv + ["--set", "optimizer.learning_rate=3e-3"]) == 2
     assert "trained with other settings (optimizer.learning_rate)" in capsys.readouterr().err
+
+
+def test_the_dry_run_prints_the_plan_and_its_cost_without_training(tmp_path, capsys):
+    from tfpretrain.scaling import main
+
+    argv = ["--config", str(tiny_yaml(tmp_path)), "--dry-run", "--budgets", "1e17",
+            "--sizes", "2x16", "2x32", "--run-dir", str(tmp_path / "sweep")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = last_json_line(out)
+    assert [r["size"] for r in result["plan"]] == ["2x16", "2x32"] and result["runs"] == 2
+    h100 = next(r for r in result["rows"] if r["device"] == "h100")
+    assert h100["hours"] == pytest.approx(result["flops"] / (989e12 * 0.3) / 3600, rel=0.01)
+    assert any(r["device"] == "cpu" for r in result["rows"]) and "MFU 0.30" in out
+    assert not (tmp_path / "sweep").exists()

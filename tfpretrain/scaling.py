@@ -26,7 +26,7 @@ is missing; an interrupted run resumes from its last checkpoint. Writes
 ``<run-dir>/scaling.json`` and the plot (``--png``, default ``<run-dir>/isoflop.png``)
 and ends with one JSON line.
 ``--dry-run`` prints the plan (parameters, tokens, steps, tokens per parameter, FLOPs)
-without training.
+and its hours and dollars per device at an assumed MFU, without training.
 
 The learning rate is the config's for every size: a size that wants another rate sits
 above the valley, so read a lopsided valley as a hint to tune, not as a law.
@@ -470,7 +470,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="the sweep's folder (default: runs/<config>-scaling)")
     p.add_argument("--png", help="the plot (default: <run-dir>/isoflop.png)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (parameters, tokens, steps, FLOPs) and exit")
+                   help="print the plan (parameters, tokens, steps, FLOPs) and its cost per "
+                        "device, and exit")
     return p
 
 
@@ -511,6 +512,29 @@ def sweep(cfg, base: dict, args, run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), **public}
 
 
+def sweep_cost(flops: float, precision: str) -> list:
+    """Hours and dollars of ``flops`` on every device of the table and on this machine, at
+    the MFU ``estimate`` assumes (budget.project, with each FLOP counted as one token of
+    one FLOP); ``auto`` precision: bf16 on the accelerators, float32 on a CPU."""
+    from tfpretrain.hardware import DEVICES, detect
+    from tfpretrain.training.budget import project
+
+    here = detect()
+    table = precision if precision != "auto" else "mixed_bfloat16"
+    rows = [project(d, table, flops, 1.0) for d in DEVICES.values() if d.name != here.name]
+    mine = precision if precision != "auto" or here.name in DEVICES else "float32"
+    return rows + [project(here, mine if mine != "auto" else table, flops, 1.0)]
+
+
+def cost_table(rows: list) -> str:
+    from tfpretrain.tables import fmt, render
+
+    out = [[r.device, r.precision, fmt(r.hours), fmt(r.cost_usd)] for r in rows]
+    return ("# its cost at MFU 0.30, estimate's assumption (small models reach less: the "
+            "sweep in docs/benchmarks.md ran at 10-43% of a CPU's peak)\n"
+            + render(["device", "precision", "hours", "$"], out))
+
+
 def dry_run(cfg, base: dict, args) -> dict:
     from tfpretrain.fit import planned_vocabulary
 
@@ -523,7 +547,9 @@ def dry_run(cfg, base: dict, args) -> dict:
     bound = "" if exact else (f"; parameters at vocabulary_size {vocab}, an upper bound until "
                               "the tokenizer is trained")
     print(f"# {len(runnable)} runs, {total:.3g} training FLOPs in all{bound}")
-    return {"runs": len(runnable), "flops": total,
+    costs = sweep_cost(total, cfg.train.precision)
+    print(cost_table(costs))
+    return {"runs": len(runnable), "flops": total, "rows": [r.to_dict() for r in costs],
             "plan": [{"budget": p.budget, "size": p.size, "params": p.params,
                       "tokens": p.tokens, "steps": p.steps, "problem": p.problem}
                      for p in planned]}
