@@ -43,8 +43,8 @@ from typing import Optional
 
 from tfpretrain.errors import UserError, cli_main, quiet_retracing, quiet_tensorflow
 from tfpretrain.plots import png_path
-from tfpretrain.training.scaling import (MIN_LOSS_POINTS, NEAR_VALLEY, Point, laws,
-                                         loss_law, near_valleys, valley)
+from tfpretrain.training.scaling import (MIN_LOSS_POINTS, NEAR_VALLEY, LossLaw, Point,
+                                         laws, loss_law, near_valleys, valley)
 
 SIZES = 5                # the default ladder's length (fewer where widths coincide)
 BUDGET_FACTORS = (1 / 9, 1 / 3, 1.0)
@@ -288,22 +288,34 @@ def points(planned: list[Planned], summaries: dict) -> list[Point]:
     return out
 
 
-def report(planned: list[Planned], summaries: dict, targets: list[float]) -> dict:
-    """The valleys, the power laws, the loss law and their projections, as the JSON written
-    and printed (keys with a leading _ hold the objects, for the plot)."""
+@dataclass
+class Fits:
+    """What the finished runs say: each budget's valley, the valleys' power laws (None:
+    fewer than two optima) and the loss law (None: too few runs near their valleys)."""
+    valleys: list
+    law: Optional[dict]
+    loss_law: Optional[LossLaw]
+
+
+def fit_runs(planned: list[Planned], summaries: dict) -> Fits:
     pts = points(planned, summaries)
     budgets = sorted({p.budget for p in planned})
     valleys = [valley(b, [pt for pt in pts if pt.budget == b]) for b in budgets]
-    law, fitted = laws(valleys), loss_law(near_valleys(pts))
+    return Fits(valleys, laws(valleys), loss_law(near_valleys(pts)))
+
+
+def report(planned: list[Planned], summaries: dict, fits: Fits, targets: list[float]) -> dict:
+    """Every run, the valleys, the power laws, the loss law and their projections: the JSON
+    written and printed."""
+    law, fitted = fits.law, fits.loss_law
     return {"runs": [{"budget": p.budget, "size": p.size, "params": p.params,
                       "tokens": p.tokens, "steps": p.steps, "folder": p.folder,
                       "val_loss": (summaries.get(p.folder) or {}).get("val_loss"),
                       "epochs": p.epochs or None, "problem": p.problem} for p in planned],
-            "valleys": [v.to_dict() for v in valleys],
+            "valleys": [v.to_dict() for v in fits.valleys],
             "laws": None if law is None else {k: v.to_dict() for k, v in law.items()},
             "loss_law": None if fitted is None else fitted.to_dict(),
-            "projections": [projection(t, law, fitted) for t in targets],
-            "_valleys": valleys, "_laws": law, "_loss_law": fitted}
+            "projections": [projection(t, law, fitted) for t in targets]}
 
 
 def projection(target: float, law: Optional[dict], fitted) -> dict:
@@ -370,24 +382,24 @@ def describe(result: dict) -> list[str]:
     return lines
 
 
-def plot(result: dict, path: Path, title: str) -> None:
+def plot(fits: Fits, targets: list[float], path: Path, title: str) -> None:
     """The valleys (left) and N_opt / D_opt against the budget with both laws (right)."""
     from tfpretrain.plots import pyplot, save
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    plot_valleys(left, result)
-    plot_optima(right, result)
+    plot_valleys(left, fits)
+    plot_optima(right, fits, targets)
     fig.suptitle(title)
     save(fig, path)
 
 
-def plot_valleys(ax, result: dict) -> None:
+def plot_valleys(ax, fits: Fits) -> None:
     """Loss against parameters per budget: the runs, the bracket's parabola, its vertex
     (*) and the loss law (dotted); runs far up a wall are drawn at the top edge (^)."""
     import numpy as np
 
-    valleys, fitted = result["_valleys"], result["_loss_law"]
+    valleys, fitted = fits.valleys, fits.loss_law
     bests = [min(p.loss for p in v.points) for v in valleys if v.points]
     top = NEAR_VALLEY * 1.1 * max(bests) if bests else None
     for i, v in enumerate(valleys):
@@ -414,16 +426,16 @@ def plot_valleys(ax, result: dict) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_optima(ax, result: dict) -> None:
+def plot_optima(ax, fits: Fits, targets: list[float]) -> None:
     import numpy as np
 
-    good = [v for v in result["_valleys"] if v.usable]
+    good = [v for v in fits.valleys if v.usable]
     ax.scatter([v.budget for v in good], [v.params for v in good], color="C0",
                label="N_opt (parameters)")
     ax.scatter([v.budget for v in good], [v.tokens for v in good], color="C1",
                label="D_opt (tokens)")
-    law, fitted = result["_laws"], result["_loss_law"]
-    span = [v.budget for v in result["_valleys"]] + [p["budget"] for p in result["projections"]]
+    law, fitted = fits.law, fits.loss_law
+    span = [v.budget for v in fits.valleys] + list(targets)
     cs = np.logspace(np.log10(min(span)), np.log10(max(span)), 50)
     if law is not None:
         for key, color in (("params", "C0"), ("tokens", "C1")):
@@ -500,16 +512,16 @@ def sweep(cfg, base: dict, args, run_dir: Path) -> dict:
     for p in planned:
         if p.problem is None:
             summaries[p.folder] = train_point(p, run_dir / p.folder)
-    result = report(planned, summaries, args.target)
+    fits = fit_runs(planned, summaries)
+    result = report(planned, summaries, fits, args.target)
     print(plan_table(planned, {k: (v or {}).get("val_loss") for k, v in summaries.items()}))
     for line in describe(result):
         print(line)
-    public = {k: v for k, v in result.items() if not k.startswith("_")}
-    write_atomic(run_dir / "scaling.json", json.dumps(public, indent=1) + "\n")
+    write_atomic(run_dir / "scaling.json", json.dumps(result, indent=1) + "\n")
     png = png_path(args.png, "--png") if args.png else run_dir / "isoflop.png"
-    plot(result, png, f"{cfg.name}: IsoFLOP sweep")
+    plot(fits, args.target, png, f"{cfg.name}: IsoFLOP sweep")
     print(f"[tfpretrain] wrote {run_dir / 'scaling.json'} and {png}")
-    return {"run_dir": str(run_dir), **public}
+    return {"run_dir": str(run_dir), **result}
 
 
 def sweep_cost(flops: float, precision: str) -> list:
@@ -520,10 +532,10 @@ def sweep_cost(flops: float, precision: str) -> list:
     from tfpretrain.training.budget import project
 
     here = detect()
-    table = precision if precision != "auto" else "mixed_bfloat16"
+    table = "mixed_bfloat16" if precision == "auto" else precision
+    mine = "float32" if precision == "auto" and here.name not in DEVICES else table
     rows = [project(d, table, flops, 1.0) for d in DEVICES.values() if d.name != here.name]
-    mine = precision if precision != "auto" or here.name in DEVICES else "float32"
-    return rows + [project(here, mine if mine != "auto" else table, flops, 1.0)]
+    return rows + [project(here, mine, flops, 1.0)]
 
 
 def cost_table(rows: list) -> str:
