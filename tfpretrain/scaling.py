@@ -538,6 +538,14 @@ def sweep_cost(flops: float, precision: str) -> list:
     return rows + [project(here, mine, flops, 1.0)]
 
 
+def cost_row(r) -> dict:
+    """A device's hours and dollars for the JSON (budget.Row's tokens/s would be FLOP/s
+    here: left out)."""
+    g = lambda v: None if v is None else float(f"{v:.4g}")  # noqa: E731
+    return {"device": r.device, "precision": r.precision, "mfu": r.mfu, "hours": g(r.hours),
+            "price_per_hour": r.price_per_hour, "cost_usd": g(r.cost_usd)}
+
+
 def cost_table(rows: list) -> str:
     from tfpretrain.tables import fmt, render
 
@@ -561,7 +569,7 @@ def dry_run(cfg, base: dict, args) -> dict:
     print(f"# {len(runnable)} runs, {total:.3g} training FLOPs in all{bound}")
     costs = sweep_cost(total, cfg.train.precision)
     print(cost_table(costs))
-    return {"runs": len(runnable), "flops": total, "rows": [r.to_dict() for r in costs],
+    return {"runs": len(runnable), "flops": total, "rows": [cost_row(r) for r in costs],
             "plan": [{"budget": p.budget, "size": p.size, "params": p.params,
                       "tokens": p.tokens, "steps": p.steps, "problem": p.problem}
                      for p in planned]}
