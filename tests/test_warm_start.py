@@ -133,3 +133,162 @@ def _byte_tokenizer(tmp_path):
 
     ByteTokenizer().save(tmp_path / "byte")
     return tmp_path / "byte"
+
+
+STORY = "Once upon a time, a little dog named Max found a red ball in the park. "
+
+
+def _gpt2_preset(folder):
+    """A GPT-2 preset as keras_hub publishes them, not made by tfpretrain: byte-level BPE
+    with <|endoftext|> as its last id, a 64-position table, bfloat16 weights."""
+    import keras_hub
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([STORY] * 20, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = tok.to_str() and __import__("json").loads(tok.to_str())["model"]
+    vocabulary = dict(model["vocab"], **{"<|endoftext|>": len(model["vocab"])})
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=merges)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(vocabulary), num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=64, dtype="bfloat16")
+    keras_hub.models.GPT2CausalLM(backbone, keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer, sequence_length=32)).save_to_preset(str(folder))
+    return folder
+
+
+def _llama_preset(folder):
+    """A Llama 2-style preset (SentencePiece with unk, bos, eos = 0, 1, 2 and no pad;
+    untied head; GQA; rope_theta and RMSNorm epsilon other than keras_hub's defaults)."""
+    import keras_hub
+
+    tokenizer = keras_hub.models.LlamaTokenizer(proto=_llama2_sentencepiece())
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=32, intermediate_dim=48,
+        rope_max_wavelength=500000.0, layer_norm_epsilon=1e-5)
+    keras_hub.models.LlamaCausalLM(backbone, keras_hub.models.LlamaCausalLMPreprocessor(
+        tokenizer, sequence_length=32)).save_to_preset(str(folder))
+    return folder
+
+
+def _llama2_sentencepiece() -> bytes:
+    """A SentencePiece BPE model with Llama 2's ids: unk, bos, eos = 0, 1, 2, no pad."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([STORY] * 50), model_writer=proto, model_type="bpe",
+        vocab_size=320, byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+    return proto.getvalue()
+
+
+@pytest.mark.parametrize("make", [_gpt2_preset, _llama_preset])
+def test_a_keras_hub_preset_tfpretrain_did_not_make_gives_the_same_logits(make, tmp_path):
+    """Its tokenizer moves to tfpretrain's special ids and the embedding rows (and an untied
+    head's columns) follow: the same text gets the same tokens and the same logits."""
+    import keras_hub
+    import numpy as np
+
+    from tfpretrain.data.foreign_tokenizers import MISSING
+    from tfpretrain.data.special_ids import EOS_ID, NUM_SPECIAL
+    from tfpretrain.data.tokenizers import from_path
+    from tfpretrain.errors import UserError
+    from tfpretrain.training import warm_start
+
+    preset = str(make(tmp_path / "preset"))
+    with pytest.raises(UserError) as error:  # a model that does not fit: what to set
+        warm_start.resolve(tiny_config(tmp_path, model={"init_from": preset, "num_layers": 1,
+                                                        "sequence_length": 128}))
+    from tfpretrain.config import parse_overrides
+
+    model = parse_overrides(str(error.value).split("to match it: --set ")[1].split())["model"]
+    if "sequence_length" in model:  # gpt2: 64 positions; the run uses the first 32
+        assert model.pop("sequence_length") == 64
+    cfg = warm_start.resolve(tiny_config(tmp_path, model={"init_from": preset, **model}))
+    source = warm_start.find_source(preset)
+    assert source.kind == "keras_hub"
+    ours = from_path(cfg.tokenizer.path)
+    theirs = keras_hub.tokenizers.Tokenizer.from_preset(preset)
+    new_ids = ours.encode(STORY + "Zoë sang!")
+    old_ids = np.asarray(theirs(STORY + "Zoë sang!")).tolist()
+    assert [int(source.old_ids[i]) for i in new_ids] == old_ids and min(new_ids) >= NUM_SPECIAL
+
+    net = _fresh_model(cfg)
+    loaded = warm_start.load_weights(cfg, net)
+    assert loaded["kind"] == "keras_hub" and loaded["source"] == preset
+    original = keras_hub.models.Backbone.from_preset(preset, dtype="float32")
+    n = 24
+    old = np.asarray([old_ids[:n]])
+    hidden = original({"token_ids": old, "padding_mask": np.ones_like(old, bool)})
+    want = np.asarray(original.token_embedding(hidden, reverse=True))
+    got = np.asarray(net(np.asarray([new_ids[:n]])))
+    kept = source.old_ids != MISSING
+    np.testing.assert_allclose(got[..., kept], want[..., source.old_ids[kept]], atol=2e-5)
+    eos = source.old_ids[EOS_ID]
+    assert eos != MISSING and np.allclose(got[..., EOS_ID], want[..., eos], atol=2e-5)
+    # a special the source lacks (pad, mask) scores the mean row: never the top token
+    assert (got[..., ~kept].max(-1) < got.max(-1)).all()
+    assert ours.decode(new_ids) == theirs.detokenize(np.asarray(old_ids))
+
+
+def test_a_run_starts_from_a_keras_hub_gpt2_preset_and_says_so(tmp_path):
+    from tfpretrain.fit import fit
+
+    preset = str(_gpt2_preset(tmp_path / "preset"))
+    cfg = tiny_config(tmp_path, model={"init_from": preset}, optimizer={"warmup_steps": 2},
+                      train={"steps": 4}, eval={"every": 4, "steps": 1, "sample_tokens": 4},
+                      export={"enabled": False})
+    summary = fit(cfg, tmp_path / "run")
+    assert summary["steps"] == 4 and summary["init_from"]["kind"] == "keras_hub"
+    assert summary["init_from"]["source"] == preset
+    from tfpretrain.data.tokenizers import same_tokenizer
+    from tfpretrain.training import warm_start
+
+    assert same_tokenizer(tmp_path / "run" / "tokenizer",
+                          warm_start.find_source(preset).tokenizer_dir)
+    from tfpretrain.config import build_config
+
+    for bad in ({"arch": "gpt2", "rope_theta": 5e5}, {"arch": "bert", "objective": "mlm",
+                                                      "norm_epsilon": 1e-5}):
+        with pytest.raises(Exception, match="only used by `model.arch: llama`"):
+            build_config(tiny_raw(tmp_path, model=bad))
+
+
+def test_a_hugging_face_llama_checkpoint_with_its_tokenizer_model(tmp_path):
+    """A Llama 2-style Hugging Face folder (config.json, model.safetensors, tokenizer.model
+    with unk, bos, eos = 0, 1, 2): keras_hub converts the weights; tfpretrain reads
+    tokenizer.model and the RMSNorm epsilon that keras_hub's converter drops."""
+    pytest.importorskip("safetensors")
+    import numpy as np
+
+    from tfpretrain.data.foreign_tokenizers import MISSING
+    from tfpretrain.data.tokenizers import SentencePieceTokenizer, from_path
+    from tfpretrain.serving.presets import export_hf
+    from tfpretrain.training import warm_start
+    from tfpretrain.training.runtime import build_and_compile
+
+    llama = {"arch": "llama", "num_key_value_heads": 1, "tie_embeddings": False,
+             "rope_theta": 5e5, "norm_epsilon": 1e-5}
+    theirs = SentencePieceTokenizer(_llama2_sentencepiece(), "sentencepiece_bpe")
+    original = build_and_compile(tiny_config(tmp_path, model=llama), theirs.vocabulary_size,
+                                 jit=False)
+    folder = export_hf(original, theirs, tiny_config(tmp_path, model=llama), tmp_path,
+                       out=tmp_path / "hf")
+    shutil.rmtree(folder / "tfpretrain")  # nothing in it says tfpretrain made it
+    assert json.loads((folder / "config.json").read_text())["rms_norm_eps"] == 1e-5
+    cfg = warm_start.resolve(tiny_config(tmp_path, model={**llama, "init_from": str(folder)}))
+    source = warm_start.find_source(str(folder))
+    net = _fresh_model(cfg)
+    assert warm_start.load_weights(cfg, net)["kind"] == "keras_hub"
+    old_ids, new_ids = theirs.encode(STORY), from_path(cfg.tokenizer.path).encode(STORY)
+    assert [int(source.old_ids[i]) for i in new_ids] == old_ids
+    kept = source.old_ids != MISSING
+    got, want = np.asarray(net(np.asarray([new_ids]))), np.asarray(original(np.asarray([old_ids])))
+    np.testing.assert_allclose(got[..., kept], want[..., source.old_ids[kept]], atol=2e-5)

@@ -149,6 +149,9 @@ class TokenizerConfig:
                              "[CLS] [SEP] [MASK]).")
 
 
+LLAMA_ROPE_THETA, LLAMA_NORM_EPSILON = 10000.0, 1e-6  # keras_hub LlamaBackbone's defaults
+
+
 @dataclass
 class ModelConfig:
     arch: str = _f("gpt2", "`gpt2` (learned positions, LayerNorm, GELU) or `llama` "
@@ -169,16 +172,26 @@ class ModelConfig:
                        "(0 = off; 1e-4 is typical).", min=0.0)
     sequence_length: int = _f(128, "Tokens per training row (context length).", min=2)
     tie_embeddings: bool = _f(True, "Share input and output embeddings (gpt2 always ties).")
+    rope_theta: float = _f(LLAMA_ROPE_THETA, "llama only: RoPE base wavelength (Hugging Face's "
+                           "`rope_theta`; 10000 in Llama 2, 500000 in Llama 3).", min=0.0,
+                           min_exclusive=True)
+    norm_epsilon: Optional[float] = _f(None, "llama only: RMSNorm epsilon (Hugging Face's "
+                                       "`rms_norm_eps`; unset = 1e-6, keras_hub's default; "
+                                       "Llama 2 used 1e-5).", min=0.0, min_exclusive=True)
     init_from: Optional[str] = _f(None, "Start from another model's weights (continued "
                                   "pretraining): a tfpretrain run folder (its latest valid "
-                                  "checkpoint, averaged weights where it kept them) or a "
+                                  "checkpoint, averaged weights where it kept them), a "
                                   "preset tfpretrain exported (`export --format keras` or "
-                                  "`hf`; a folder or a kaggle:// / hf:// handle). The "
-                                  "optimizer, step, schedule and data position start fresh; "
-                                  "the run takes the source's tokenizer (`tokenizer.path`, "
-                                  "set when unset) and needs its network shape (the model.* "
-                                  "keys but dropout and z_loss; llama may change "
-                                  "sequence_length). A resume never reads it again.")
+                                  "`hf`), or any keras_hub GPT-2 / Llama preset or Hugging "
+                                  "Face checkpoint keras_hub converts (its tokenizer moves to "
+                                  "tfpretrain's special ids, the embedding rows follow); a "
+                                  "folder or a kaggle:// / hf:// handle. The optimizer, step, "
+                                  "schedule and data position start fresh; the run takes the "
+                                  "source's tokenizer (`tokenizer.path`, set when unset) and "
+                                  "needs its network (the model.* keys but dropout and "
+                                  "z_loss; the error names the --set that fits; llama may "
+                                  "change sequence_length, gpt2 and bert may shorten it). A "
+                                  "resume never reads it again.")
 
 
 @dataclass
@@ -746,6 +759,10 @@ def _model_checks(c: Config) -> list[str]:
             p.append("`model.num_heads` must be divisible by `model.num_key_value_heads`. "
                      f"Received: num_heads={m.num_heads}, "
                      f"num_key_value_heads={m.num_key_value_heads}")
+    if m.arch != "llama" and (m.rope_theta != LLAMA_ROPE_THETA or m.norm_epsilon is not None):
+        p.append("`model.rope_theta` and `model.norm_epsilon` are only used by `model.arch: "
+                 f"llama`. Received: arch={m.arch}, rope_theta={m.rope_theta}, "
+                 f"norm_epsilon={m.norm_epsilon}")
     if m.arch == "gpt2" and not m.tie_embeddings:
         p.append("`model.tie_embeddings: false` needs `model.arch: llama` "
                  "(keras_hub's GPT2Backbone always ties). Received: arch=gpt2")

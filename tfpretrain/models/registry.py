@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tfpretrain.config import ModelConfig
+from tfpretrain.config import LLAMA_NORM_EPSILON, ModelConfig
 from tfpretrain.errors import UserError
 
 
@@ -30,6 +30,8 @@ def _llama(cfg: ModelConfig, vocabulary_size: int, dtype=None):
         num_query_heads=cfg.num_heads, hidden_dim=cfg.hidden_dim,
         intermediate_dim=cfg.intermediate_dim,
         num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
+        rope_max_wavelength=cfg.rope_theta,
+        layer_norm_epsilon=cfg.norm_epsilon or LLAMA_NORM_EPSILON,
         dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype)
 
 

@@ -1,29 +1,43 @@
 """``model.init_from``: a new run that starts from another model's weights (continued
 pretraining on new data, a new schedule from a finished run, a preset someone published).
 
-The source is a tfpretrain run folder (its latest valid checkpoint; the EMA's or
-schedule-free AdamW's average where the run kept one, as ``evaluate`` and ``export`` see
-it) or a keras_hub preset that tfpretrain exported (``export --format keras`` or ``hf``):
-a local folder, or a handle keras_hub downloads (``kaggle://``, ``hf://``, ``gs://``).
-Only the weights come from it: the optimizer's moments, the step, the schedule, the guard
-and the data position start fresh, as in a new run. The run uses the source's tokenizer
-(``tokenizer.path``, set when unset; ids only mean something with it) and its network
-shape. Everything is checked before the run folder is touched; a resumed run restores its
-own checkpoints and never needs the source again.
+The source is one of:
+- a tfpretrain run folder: its latest valid checkpoint (the EMA's or schedule-free AdamW's
+  average where the run kept one, as ``evaluate`` and ``export`` see it);
+- a keras_hub preset that tfpretrain exported (``export --format keras`` or ``hf``);
+- any other keras_hub GPT-2 or Llama preset (``kind: keras_hub``): a Keras preset or a
+  Hugging Face checkpoint keras_hub converts (``hf://openai-community/gpt2``). Its
+  tokenizer is moved to tfpretrain's special ids (``data.foreign_tokenizers``) and the
+  embedding rows follow, so the model computes the same logits for the same text.
+A preset is a local folder or a handle keras_hub downloads (``kaggle://``, ``hf://``,
+``gs://``). Only the weights come from the source: the optimizer's moments, the step, the
+schedule, the guard and the data position start fresh, as in a new run. The run uses the
+source's tokenizer (``tokenizer.path``, set when unset; ids only mean something with it)
+and its network (the shape keys, llama's ``rope_theta`` and ``norm_epsilon``). A learned
+position table (gpt2, bert) may be cut to a shorter ``sequence_length``. Everything is
+checked before the run folder is touched; a resumed run restores its own checkpoints and
+never needs the source again.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
-from tfpretrain.config import Config, build_config, read_yaml
+import numpy as np
+
+from tfpretrain.config import LLAMA_NORM_EPSILON, Config, build_config, read_yaml
 from tfpretrain.errors import UserError
 
 KEY = "model.init_from"
-# the model keys that decide the weights' shapes (the others: dropout, z_loss, ... are free)
+# the model keys that decide the weights' shapes and what they compute (the others:
+# dropout, z_loss, ... are free)
 SHAPE_KEYS = ("arch", "num_layers", "num_heads", "num_key_value_heads", "hidden_dim",
-              "intermediate_dim", "tie_embeddings", "sequence_length")
+              "intermediate_dim", "tie_embeddings", "rope_theta", "norm_epsilon",
+              "sequence_length")
 RECORD = "init_from.json"  # in the run folder: where its first weights came from
 
 
@@ -31,9 +45,10 @@ RECORD = "init_from.json"  # in the run folder: where its first weights came fro
 class Source:
     """Where ``model.init_from`` points: its config, tokenizer folder and kind."""
     name: str
-    kind: str           # "run" or "preset"
+    kind: str           # "run", "preset" (tfpretrain exported it) or "keras_hub" (other)
     cfg: Config
     tokenizer_dir: Path
+    old_ids: np.ndarray | None = None  # keras_hub: each new token id's id in the preset
 
 
 def is_remote(name: str) -> bool:
@@ -60,18 +75,120 @@ def _preset_source(name: str) -> Source:
 
     try:
         compat.preset_file(name, "config.json")
-        config = Path(compat.preset_file(name, "tfpretrain/config.yaml"))
-        meta = Path(compat.preset_file(name, "tfpretrain/tokenizer/tokenizer.json"))
-        for asset in ASSET_FILES.get(json.loads(meta.read_text())["kind"], ()):
-            compat.preset_file(name, f"tfpretrain/tokenizer/{asset}")
     except (FileNotFoundError, ValueError, ImportError, OSError) as exc:
         raise UserError(
             f"{KEY}: {name} is not a tfpretrain run folder (config.yaml, tokenizer/) or a "
-            f"preset tfpretrain exported (config.json, tfpretrain/config.yaml, "
-            f"tfpretrain/tokenizer/): {str(exc).splitlines()[0][:200].rstrip('.')}. A run "
-            "starts only from weights whose tokenizer it has: other keras_hub presets use "
-            "other special ids") from None
+            f"keras_hub preset (config.json): {_first_line(exc)}") from None
+    try:
+        config = Path(compat.preset_file(name, "tfpretrain/config.yaml"))
+    except (FileNotFoundError, ValueError, OSError):
+        return _foreign_source(name)
+    try:
+        meta = Path(compat.preset_file(name, "tfpretrain/tokenizer/tokenizer.json"))
+        for asset in ASSET_FILES.get(json.loads(meta.read_text())["kind"], ()):
+            compat.preset_file(name, f"tfpretrain/tokenizer/{asset}")
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UserError(f"{KEY}: the preset {name} has tfpretrain/config.yaml but not its "
+                        f"whole tokenizer: {_first_line(exc)}. Export it again with "
+                        "`python -m tfpretrain.export --format keras`") from None
     return Source(name, "preset", _config(config), meta.parent)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200].rstrip(".") if str(exc).strip() else \
+        type(exc).__name__
+
+
+def _foreign_source(name: str) -> Source:
+    """A keras_hub preset tfpretrain did not make: its backbone's config as model.* keys, and
+    its tokenizer moved to tfpretrain's ids, saved once under the cache folder."""
+    import keras_hub
+
+    from tfpretrain.data import foreign_tokenizers
+
+    hf = _hf_config(name)
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(name, load_weights=False)
+        layer = (hf is not None and _hf_sentencepiece(name)) or \
+            keras_hub.tokenizers.Tokenizer.from_preset(name)
+    except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
+        raise UserError(f"{KEY}: keras_hub could not load the preset {name}: "
+                        f"{_first_line(exc)}") from None
+    model = model_keys(backbone)
+    # what keras_hub's Hugging Face converters drop: Llama's RMSNorm epsilon (it keeps its
+    # default 1e-6) and GPT-2's n_inner (it builds 4 x hidden_dim)
+    if hf and model["arch"] == "llama" and hf.get("rms_norm_eps"):
+        model["norm_epsilon"] = float(hf["rms_norm_eps"])
+    if hf and model["arch"] == "gpt2" and hf.get("n_inner"):
+        model["intermediate_dim"] = int(hf["n_inner"])
+    tokenizer, old_ids = foreign_tokenizers.convert(layer)
+    cfg = build_config({"model": model}, name="init_from", source=f"{KEY} {name}")
+    return Source(name, "keras_hub", cfg, _saved_tokenizer(tokenizer), old_ids)
+
+
+def _hf_config(name: str) -> dict | None:
+    """The config.json of a Hugging Face checkpoint; None for a Keras preset."""
+    from tfpretrain import compat
+
+    config = json.loads(Path(compat.preset_file(name, "config.json")).read_text())
+    return config if "model_type" in config else None
+
+
+def _hf_sentencepiece(name: str) -> bytes | None:
+    """A Hugging Face checkpoint's ``tokenizer.model`` (Llama 2's SentencePiece model,
+    which keras_hub's Llama converter would read from tokenizer.json as byte-level BPE)."""
+    from tfpretrain import compat
+
+    try:
+        return Path(compat.preset_file(name, "tokenizer.model")).read_bytes()
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def model_keys(backbone) -> dict:
+    """The model.* keys of a keras_hub GPT-2 or Llama backbone (what a run starting from it
+    must set)."""
+    import keras_hub
+
+    c = backbone.get_config()
+    keys = {"num_layers": c["num_layers"], "hidden_dim": c["hidden_dim"],
+            "intermediate_dim": c["intermediate_dim"]}
+    if isinstance(backbone, keras_hub.models.GPT2Backbone):
+        return {"arch": "gpt2", **keys, "num_heads": c["num_heads"],
+                "sequence_length": c["max_sequence_length"]}
+    if not isinstance(backbone, keras_hub.models.LlamaBackbone):
+        raise UserError(f"{KEY}: the preset's backbone is a {type(backbone).__name__}; "
+                        "tfpretrain starts from GPT2Backbone and LlamaBackbone presets")
+    if c.get("rope_position_scaling_factor", 1.0) != 1.0 or \
+            c.get("rope_frequency_adjustment_factor") is not None:
+        raise UserError(f"{KEY}: the preset scales its RoPE positions (Llama 3.1-style "
+                        "rope_scaling), which tfpretrain's llama does not build")
+    return {"arch": "llama", **keys, "num_heads": c["num_query_heads"],
+            "num_key_value_heads": c["num_key_value_heads"],
+            "tie_embeddings": bool(backbone.token_embedding.tie_weights),
+            "rope_theta": float(c["rope_max_wavelength"]),
+            "norm_epsilon": float(c["layer_norm_epsilon"])}
+
+
+def _saved_tokenizer(tokenizer) -> Path:
+    """``tokenizer`` saved in ``<cache>/imported/<digest>/`` (the digest of its files), so
+    every run from the same preset points ``tokenizer.path`` at the same folder."""
+    from tfpretrain.files import cache_root
+
+    root = cache_root() / "imported"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        tokenizer.save(tmp)
+        digest = hashlib.sha256()
+        for f in sorted(tmp.iterdir()):
+            digest.update(f.name.encode() + f.read_bytes())
+        final = root / digest.hexdigest()[:16]
+        if not final.is_dir():
+            tmp.rename(final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _config(path: Path) -> Config:
@@ -94,6 +211,9 @@ def resolve(cfg: Config, run_dir: Path | None = None) -> Config:
             return _with_tokenizer(cfg, earlier)
     source = find_source(name)
     problems = shape_differences(source.cfg, cfg)
+    if problems and differing(source.cfg, cfg):
+        problems.append("to match it: --set " + " ".join(
+            f"model.{k}={json.dumps(v)}" for k, v in differing(source.cfg, cfg).items()))
     if cfg.tokenizer.path and not same_tokenizer(cfg.tokenizer.path, source.tokenizer_dir):
         problems.append(f"tokenizer.path {cfg.tokenizer.path} is not the source's tokenizer "
                         f"({source.tokenizer_dir}); unset tokenizer.path to use the source's")
@@ -118,26 +238,37 @@ def _earlier_tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
 
 def shape_differences(source: Config, cfg: Config) -> list[str]:
     """What in ``cfg`` gives the network other weights than the source's (as sentences)."""
-    from tfpretrain.models.registry import get_arch
     from tfpretrain.objectives import get_objective
 
     if get_objective(source) is not get_objective(cfg):
         return [f"the source's model.objective is {source.model.objective!r}, this run's "
                 f"{cfg.model.objective!r}"]
+    ours = _shape(cfg)
+    return [f"model.{k} is {ours.get(k)!r} here, {v!r} in the source"
+            for k, v in differing(source, cfg).items()]
+
+
+def differing(source: Config, cfg: Config) -> dict:
+    """The model keys whose value in ``cfg`` does not fit the source's weights: the
+    source's values."""
+    from tfpretrain.models.registry import get_arch
+
     theirs, ours = _shape(source), _shape(cfg)
-    if not get_arch(cfg.model.arch).learned_positions:  # RoPE: any context fits the weights
+    # RoPE: any context fits the weights; a learned table: its first rows, for a shorter one
+    if not get_arch(cfg.model.arch).learned_positions or \
+            ours["sequence_length"] <= theirs["sequence_length"]:
         theirs.pop("sequence_length"), ours.pop("sequence_length")
-    return [f"model.{k} is {ours[k]!r} here, {theirs[k]!r} in the source"
-            for k in SHAPE_KEYS if k in ours and ours[k] != theirs.get(k)]
+    return {k: theirs[k] for k in SHAPE_KEYS if k in theirs and ours.get(k) != theirs[k]}
 
 
 def _shape(cfg: Config) -> dict:
     m = dataclasses.asdict(cfg.model)
     shape = {k: m[k] for k in SHAPE_KEYS}
     shape["num_key_value_heads"] = m["num_key_value_heads"] or m["num_heads"]
-    if cfg.model.arch != "llama":  # gpt2 and bert always tie; the key is not read
-        shape.pop("tie_embeddings")
-        shape.pop("num_key_value_heads")
+    shape["norm_epsilon"] = m["norm_epsilon"] or LLAMA_NORM_EPSILON
+    if cfg.model.arch != "llama":  # gpt2 and bert: always tied, LayerNorm, no RoPE
+        for key in ("tie_embeddings", "num_key_value_heads", "rope_theta", "norm_epsilon"):
+            shape.pop(key)
     return shape
 
 
@@ -181,16 +312,47 @@ def _preset_weights(source: Source):
             return keras_hub.models.MaskedLM.from_preset(source.name, preprocessor=None).weights
         # keras_hub's HF GPT-2 converter sizes the feed-forward as 4 x hidden_dim (it ignores
         # n_inner), so the width the source trained with is passed
-        return keras_hub.models.Backbone.from_preset(
-            source.name, intermediate_dim=source.cfg.model.intermediate_dim).weights
+        backbone = keras_hub.models.Backbone.from_preset(
+            source.name, dtype="float32", intermediate_dim=source.cfg.model.intermediate_dim)
+        if source.kind == "keras_hub":
+            return _moved_embeddings(source, backbone)
+        return backbone.weights
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"{KEY}: keras_hub could not load the preset {source.name}: "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+                        f"{_first_line(exc)}") from None
+
+
+def _moved_embeddings(source: Source, backbone) -> list:
+    """A foreign backbone's weights with the token embedding (and an untied output head)
+    in the rows of the tokenizer moved to tfpretrain's ids."""
+    from tfpretrain.data.foreign_tokenizers import moved_rows
+
+    embedding = backbone.token_embedding
+    head = None if embedding.tie_weights else embedding.reverse_embeddings
+    out = []
+    for w in backbone.weights:
+        if w is embedding.embeddings:
+            out.append(moved_rows(w.numpy(), source.old_ids, axis=0))
+        elif w is head:
+            out.append(moved_rows(w.numpy(), source.old_ids, axis=1))
+        else:
+            out.append(w)
+    return out
+
+
+def _fitted(w, v):
+    """``w`` for variable ``v``: a longer learned position table cut to its first rows."""
+    shape, target = tuple(w.shape), tuple(v.shape)
+    if shape != target and v.path.endswith("position_embedding/embeddings") and \
+            shape[1:] == target[1:] and shape[0] > target[0]:
+        return w[:target[0]]
+    return w
 
 
 def _assign(weights, variables, name: str) -> None:
     import keras
 
+    weights = [_fitted(w, v) for w, v in zip(weights, variables)] + list(weights[len(variables):])
     if len(weights) != len(variables) or any(
             tuple(w.shape) != tuple(v.shape) for w, v in zip(weights, variables)):
         first = next((f"{v.path} {tuple(v.shape)} vs {tuple(w.shape)}"
