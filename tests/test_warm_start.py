@@ -118,6 +118,8 @@ def test_what_the_source_must_share(tiny_run, tmp_path):
     llama.model.arch = "llama"
     assert warm_start.shape_differences(llama, tiny_config(
         tmp_path, model={"arch": "llama", "sequence_length": 64})) == []  # RoPE: any context
+    assert warm_start.is_builtin_preset("gpt2_base_en")  # downloaded by keras_hub
+    assert not warm_start.is_builtin_preset("nope")
     for bad, needle in ((tmp_path / "nope", "no such folder"),
                         (tmp_path, "not a tfpretrain run folder")):
         with pytest.raises(UserError, match=needle):

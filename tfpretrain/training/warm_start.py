@@ -62,11 +62,18 @@ def find_source(name: str) -> Source:
     if not is_remote(name) and (path / "config.yaml").is_file() and \
             (path / "tokenizer").is_dir():
         return Source(name, "run", _config(path / "config.yaml"), path / "tokenizer")
-    if not is_remote(name) and not path.is_dir():
-        raise UserError(f"{KEY}: no such folder: {path}. Pass a tfpretrain run folder or a "
-                        "preset folder made by `python -m tfpretrain.export --format keras` "
-                        "(or a kaggle:// / hf:// handle of one)")
+    if not is_remote(name) and not path.is_dir() and not is_builtin_preset(name):
+        raise UserError(f"{KEY}: no such folder: {path}. Pass a tfpretrain run folder, a "
+                        "keras_hub preset folder or handle (kaggle://, hf://), or a keras_hub "
+                        "preset name such as gpt2_base_en")
     return _preset_source(name)
+
+
+def is_builtin_preset(name: str) -> bool:
+    """A preset name keras_hub knows (``gpt2_base_en``), downloaded from its Kaggle handle."""
+    import keras_hub
+
+    return "/" not in name and name in keras_hub.models.Backbone.presets
 
 
 def _preset_source(name: str) -> Source:
