@@ -210,7 +210,9 @@ def test_a_keras_hub_preset_tfpretrain_did_not_make_gives_the_same_logits(make, 
                                                         "sequence_length": 128}))
     from tfpretrain.config import parse_overrides
 
-    model = parse_overrides(str(error.value).split("to match it: --set ")[1].split())["model"]
+    hint = str(error.value).split("to match it: ")[1].split()
+    assert hint[::2] == ["--set"] * (len(hint) // 2)  # as fit's --set takes them
+    model = parse_overrides(hint[1::2])["model"]
     if "sequence_length" in model:  # gpt2: 64 positions; the run uses the first 32
         assert model.pop("sequence_length") == 64
     cfg = warm_start.resolve(tiny_config(tmp_path, model={"init_from": preset, **model}))

@@ -163,7 +163,7 @@ class Run:
             log(f"data: {info['description']}; {info['documents'][0]} train / "
                 f"{info['documents'][1]} val documents, from the token cache {info['cache']}")
         asked, got = cfg.tokenizer.vocabulary_size, self.tokenizer.vocabulary_size
-        if self.tokenizer.kind not in ("byte",) and got < asked:
+        if self.tokenizer.kind not in ("byte",) and got < asked and not cfg.tokenizer.path:
             log(f"tokenizer: vocabulary capped at {got} ids of the {asked} asked "
                 "(`tokenizer.vocabulary_size` is a ceiling: the corpus supports no more)")
         log(f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocabulary_size} ids; "

@@ -219,8 +219,8 @@ def resolve(cfg: Config, run_dir: Path | None = None) -> Config:
     source = find_source(name)
     problems = shape_differences(source.cfg, cfg)
     if problems and differing(source.cfg, cfg):
-        problems.append("to match it: --set " + " ".join(
-            f"model.{k}={json.dumps(v)}" for k, v in differing(source.cfg, cfg).items()))
+        problems.append("to match it: " + " ".join(
+            f"--set model.{k}={json.dumps(v)}" for k, v in differing(source.cfg, cfg).items()))
     if cfg.tokenizer.path and not same_tokenizer(cfg.tokenizer.path, source.tokenizer_dir):
         problems.append(f"tokenizer.path {cfg.tokenizer.path} is not the source's tokenizer "
                         f"({source.tokenizer_dir}); unset tokenizer.path to use the source's")
