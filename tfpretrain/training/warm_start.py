@@ -191,8 +191,11 @@ def _saved_tokenizer(tokenizer) -> Path:
         for f in sorted(tmp.iterdir()):
             digest.update(f.name.encode() + f.read_bytes())
         final = root / digest.hexdigest()[:16]
-        if not final.is_dir():
+        try:
             tmp.rename(final)
+        except OSError:  # saved before, by this run or another
+            if not final.is_dir():
+                raise
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
