@@ -247,7 +247,8 @@ def test_a_run_starts_from_a_keras_hub_gpt2_preset_and_says_so(tmp_path):
 
     preset = str(_gpt2_preset(tmp_path / "preset"))
     cfg = tiny_config(tmp_path, model={"init_from": preset}, optimizer={"warmup_steps": 2},
-                      train={"steps": 4}, eval={"every": 4, "steps": 1, "sample_tokens": 4},
+                      train={"steps": 4, "jit_compile": False},  # 4 steps: no XLA compile
+                      eval={"every": 4, "steps": 1, "sample_tokens": 4},
                       export={"enabled": False})
     summary = fit(cfg, tmp_path / "run")
     assert summary["steps"] == 4 and summary["init_from"]["kind"] == "keras_hub"
@@ -265,33 +266,68 @@ def test_a_run_starts_from_a_keras_hub_gpt2_preset_and_says_so(tmp_path):
             build_config(tiny_raw(tmp_path, model=bad))
 
 
-def test_a_hugging_face_llama_checkpoint_with_its_tokenizer_model(tmp_path):
-    """A Llama 2-style Hugging Face folder (config.json, model.safetensors, tokenizer.model
-    with unk, bos, eos = 0, 1, 2): keras_hub converts the weights; tfpretrain reads
-    tokenizer.model and the RMSNorm epsilon that keras_hub's converter drops."""
+def _hf_folder(folder, arch, model, tokenizer_files):
+    """A Hugging Face transformers folder of ``model`` (tfpretrain's HF export with its
+    tfpretrain/ folder removed) with the tokenizer files such a checkpoint ships."""
+    from tfpretrain.data.tokenizers import ByteTokenizer
+    from tfpretrain.serving.presets import export_hf
+
+    export_hf(model, ByteTokenizer(), tiny_config(folder.parent, model=arch), folder.parent,
+              out=folder)
+    shutil.rmtree(folder / "tfpretrain")  # nothing in it says tfpretrain made it
+    for name, content in tokenizer_files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def _gpt2_hf(tmp_path):
+    """GPT-2 as the Hub has it: vocab.json + merges.txt (<|endoftext|> last)."""
+    import keras_hub
+
+    theirs = keras_hub.tokenizers.Tokenizer.from_preset(str(_gpt2_preset(tmp_path / "k")))
+    arch = {"sequence_length": 64}
+    files = {"vocab.json": json.dumps(dict(theirs.vocabulary)).encode(),
+             "merges.txt": ("#version: 0.2\n" + "\n".join(theirs.merges) + "\n").encode()}
+    return arch, theirs, lambda text: theirs(text), files
+
+
+def _llama2_hf(tmp_path):
+    """A Llama 2-style checkpoint: tokenizer.model with unk, bos, eos = 0, 1, 2; untied;
+    GQA; rope_theta and an RMSNorm epsilon other than keras_hub's."""
+    from tfpretrain.data.tokenizers import SentencePieceTokenizer
+
+    proto = _llama2_sentencepiece()
+    theirs = SentencePieceTokenizer(proto, "sentencepiece_bpe")
+    arch = {"arch": "llama", "num_key_value_heads": 1, "tie_embeddings": False,
+            "rope_theta": 5e5, "norm_epsilon": 1e-5}
+    return arch, theirs, theirs.encode, {"tokenizer.model": proto}
+
+
+@pytest.mark.parametrize("make", [_gpt2_hf, _llama2_hf])
+def test_a_hugging_face_checkpoint_gives_the_same_logits(make, tmp_path):
+    """keras_hub converts the weights; tfpretrain moves the tokenizer (a Llama 2's from its
+    tokenizer.model) and takes the RMSNorm epsilon that keras_hub's converter drops."""
     pytest.importorskip("safetensors")
     import numpy as np
 
     from tfpretrain.data.foreign_tokenizers import MISSING
-    from tfpretrain.data.tokenizers import SentencePieceTokenizer, from_path
-    from tfpretrain.serving.presets import export_hf
+    from tfpretrain.data.tokenizers import from_path
     from tfpretrain.training import warm_start
     from tfpretrain.training.runtime import build_and_compile
 
-    llama = {"arch": "llama", "num_key_value_heads": 1, "tie_embeddings": False,
-             "rope_theta": 5e5, "norm_epsilon": 1e-5}
-    theirs = SentencePieceTokenizer(_llama2_sentencepiece(), "sentencepiece_bpe")
-    original = build_and_compile(tiny_config(tmp_path, model=llama), theirs.vocabulary_size,
-                                 jit=False)
-    folder = export_hf(original, theirs, tiny_config(tmp_path, model=llama), tmp_path,
-                       out=tmp_path / "hf")
-    shutil.rmtree(folder / "tfpretrain")  # nothing in it says tfpretrain made it
-    assert json.loads((folder / "config.json").read_text())["rms_norm_eps"] == 1e-5
-    cfg = warm_start.resolve(tiny_config(tmp_path, model={**llama, "init_from": str(folder)}))
+    arch, theirs, encode, files = make(tmp_path)
+    vocabulary = len(theirs.vocabulary) if hasattr(theirs, "merges") else theirs.vocabulary_size
+    original = build_and_compile(tiny_config(tmp_path, model=arch), vocabulary, jit=False)
+    folder = _hf_folder(tmp_path / "hf", arch, original, files)
+    if arch.get("arch") == "llama":
+        assert json.loads((folder / "config.json").read_text())["rms_norm_eps"] == 1e-5
+    arch.pop("sequence_length", None)  # gpt2: the run's 32 of the checkpoint's 64 positions
+    cfg = warm_start.resolve(tiny_config(tmp_path, model={**arch, "init_from": str(folder)}))
     source = warm_start.find_source(str(folder))
     net = _fresh_model(cfg)
     assert warm_start.load_weights(cfg, net)["kind"] == "keras_hub"
-    old_ids, new_ids = theirs.encode(STORY), from_path(cfg.tokenizer.path).encode(STORY)
+    old_ids = np.asarray(encode(STORY)).tolist()[:32]
+    new_ids = from_path(cfg.tokenizer.path).encode(STORY)[:32]
     assert [int(source.old_ids[i]) for i in new_ids] == old_ids
     kept = source.old_ids != MISSING
     got, want = np.asarray(net(np.asarray([new_ids]))), np.asarray(original(np.asarray([old_ids])))
