@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli, tiny_config, tiny_raw, write_yaml
+from conftest import last_json_line, run_cli, tiny_config, tiny_raw, write_yaml
 
 
 def _fresh_model(cfg):
@@ -97,6 +97,19 @@ def test_a_source_that_does_not_fit_is_one_message_before_the_run_folder(tiny_ru
 
     with pytest.raises(UserError, match="model.hidden_dim is 64 here"):  # the plan says so
         dry_run(build_config(raw))
+
+
+def test_evaluate_init_from_a_run_is_evaluate_run_dir(tiny_run, tmp_path, capsys):
+    from tfpretrain.evaluate import main as evaluate
+
+    _, source, _ = tiny_run
+    text = tmp_path / "story.txt"
+    text.write_text("\n\n".join(["Lily and Tom went to the park. They played."] * 8))
+    out = []
+    for flag in ("--run-dir", "--init-from"):
+        assert evaluate([flag, str(source), "--data", str(text)]) == 0
+        out.append(last_json_line(capsys.readouterr().out))
+    assert out[1]["val_loss"] == out[0]["val_loss"] and out[1]["init_from"] == str(source)
 
 
 def test_what_the_source_must_share(tiny_run, tmp_path):
@@ -242,17 +255,29 @@ def test_a_keras_hub_preset_tfpretrain_did_not_make_gives_the_same_logits(make, 
     assert ours.decode(new_ids) == theirs.detokenize(np.asarray(old_ids))
 
 
-def test_a_run_starts_from_a_keras_hub_gpt2_preset_and_says_so(tmp_path):
+def test_a_run_starts_from_a_keras_hub_gpt2_preset_where_evaluate_said(tmp_path, capsys):
+    """``evaluate --init-from`` scores the preset as it stands; a run from it, at a learning
+    rate too small to move the weights, gets the same loss on the same text (eval.sets)."""
+    from tfpretrain.evaluate import main as evaluate
     from tfpretrain.fit import fit
 
     preset = str(_gpt2_preset(tmp_path / "preset"))
-    cfg = tiny_config(tmp_path, model={"init_from": preset}, optimizer={"warmup_steps": 2},
+    text = tmp_path / "story.txt"
+    text.write_text("\n\n".join([STORY + "The end."] * 6))
+    assert evaluate(["--init-from", preset, "--data", str(text)]) == 0
+    before = last_json_line(capsys.readouterr().out)
+    assert before["init_from"] == preset and before["documents"] == 6
+    cfg = tiny_config(tmp_path, model={"init_from": preset, "sequence_length": 64},
+                      optimizer={"warmup_steps": 2, "learning_rate": 1e-9,
+                                 "min_learning_rate": 1e-10},
                       train={"steps": 4, "jit_compile": False},  # 4 steps: no XLA compile
-                      eval={"every": 4, "steps": 1, "sample_tokens": 4},
+                      eval={"every": 4, "steps": 1, "sample_tokens": 4,
+                            "sets": {"story": str(text)}},
                       export={"enabled": False})
     summary = fit(cfg, tmp_path / "run")
     assert summary["steps"] == 4 and summary["init_from"]["kind"] == "keras_hub"
     assert summary["init_from"]["source"] == preset
+    assert abs(summary["val_story_loss"] - before["val_loss"]) < 1e-4, (summary, before)
     from tfpretrain.data.tokenizers import same_tokenizer
     from tfpretrain.training import warm_start
 

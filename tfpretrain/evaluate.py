@@ -4,6 +4,7 @@
                                   [--max-batches N]
     python -m tfpretrain.evaluate --run-dir DIR --tasks [NAME=]PATH [...]
     python -m tfpretrain.evaluate --saved-model PATH --tasks [NAME=]PATH [...]
+    python -m tfpretrain.evaluate --init-from SOURCE (--data PATH | --tasks [NAME=]PATH ...)
 
 - ``--run-dir`` alone: the run's latest checkpoint on its own validation split (rebuilt
   from its config, deterministically), as packed rows like training saw them.
@@ -17,6 +18,10 @@
   accuracy by likelihood (``acc``, ``acc_norm``, ``chance``), or greedy (cloze).
 - ``--saved-model PATH --tasks PATH ...``: the same, answered by an export (its ``logits``
   signature; the tokenizer and context it carries in ``assets.extra``).
+- ``--init-from SOURCE``: what a run with ``model.init_from: SOURCE`` would start from, as
+  it stands (a run folder, an export, a published keras_hub or Hugging Face GPT-2 / Llama,
+  its tokenizer moved to tfpretrain's ids), on ``--data`` or the ``--tasks``: the baseline
+  that continued pretraining has to beat.
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -49,22 +54,48 @@ def evaluate_run(run_dir: Path, data=None, max_batches: int = 0) -> dict:
     import numpy as np
 
     from tfpretrain.data.cache import prepare
-    from tfpretrain.data.pipeline import text_rows
     from tfpretrain.objectives import row_format
     from tfpretrain.training.evaluation import evaluate_split
     from tfpretrain.training.runfolder import load_run
 
     cfg, tokenizer, model = load_run(run_dir)
-    fmt = row_format(cfg)
-    if data is None:  # the rows fit validated on (from the token cache when it has them)
-        _, packed, info = prepare(cfg, fmt, Path(run_dir) / "tokenizer",
-                                  log=lambda m: print(f"[tfpretrain] {m}", file=sys.stderr))
-        rows, counts, documents = packed.val_rows, packed.unigram_counts, info["documents"][1]
-    else:
-        rows, counts, documents = text_rows(cfg.data, cfg.train.seed, tokenizer, fmt, data)
-    out = evaluate_split(cfg, model, tokenizer, np.asarray(rows), counts, max_batches)
-    out.update(source=str(data) if data else "run validation split", documents=documents)
+    if data is not None:
+        return evaluate_text(cfg, tokenizer, model, data, max_batches)
+    # the rows fit validated on (from the token cache when it has them)
+    _, packed, info = prepare(cfg, row_format(cfg), Path(run_dir) / "tokenizer",
+                              log=lambda m: print(f"[tfpretrain] {m}", file=sys.stderr))
+    out = evaluate_split(cfg, model, tokenizer, np.asarray(packed.val_rows),
+                         packed.unigram_counts, max_batches)
+    out.update(source="run validation split", documents=info["documents"][1])
     return out
+
+
+def evaluate_text(cfg, tokenizer, model, data, max_batches: int = 0) -> dict:
+    """``model``'s metrics on every document of ``data``, packed as ``cfg``'s rows."""
+    import numpy as np
+
+    from tfpretrain.data.pipeline import text_rows
+    from tfpretrain.objectives import row_format
+    from tfpretrain.training.evaluation import evaluate_split
+
+    rows, counts, documents = text_rows(cfg.data, cfg.train.seed, tokenizer, row_format(cfg),
+                                        data)
+    out = evaluate_split(cfg, model, tokenizer, np.asarray(rows), counts, max_batches)
+    out.update(source=str(data), documents=documents)
+    return out
+
+
+def evaluate_source(name: str, data, specs: list[str] | None, max_batches: int = 0) -> dict:
+    """``--init-from``: a model.init_from source as it stands (before training from it) on
+    ``data`` or the ``--tasks``; its context is its own (a published GPT-2: its position
+    table; a published Llama: model.sequence_length's default)."""
+    from tfpretrain.training import warm_start
+
+    tasks = named_tasks(specs) if specs else None  # a bad task file before any loading
+    cfg, tokenizer, model = warm_start.source_model(name)
+    if tasks:
+        return {"init_from": name, "tasks": score_tasks(tasks, cfg, tokenizer, model)}
+    return {"init_from": name, **evaluate_text(cfg, tokenizer, model, data, max_batches)}
 
 
 def evaluate_tasks(run_dir: Path, specs: list[str]) -> dict:
@@ -187,9 +218,22 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", metavar="[NAME=]PATH",
                    help="zero-shot task files (JSONL) to answer instead, by the run's model "
                         "(--run-dir) or an export's (--saved-model)")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="a model.init_from source as it stands, before training from it (a "
+                        "run folder, an export, a keras_hub or Hugging Face GPT-2 / Llama), "
+                        "on --data or the --tasks")
     a = p.parse_args(argv)
+    if a.init_from:
+        if a.run_dir or a.saved_model or not (a.data or a.tasks) or (a.data and a.tasks):
+            raise UserError("--init-from scores one source on --data PATH or on --tasks, "
+                            "without --run-dir or --saved-model")
+        from tfpretrain.training.evaluation import rounded
+
+        print(json.dumps(rounded(evaluate_source(a.init_from, a.data, a.tasks,
+                                                 a.max_batches))))
+        return 0
     if not a.run_dir and not a.saved_model:
-        raise UserError("give --run-dir, --saved-model, or both")
+        raise UserError("give --run-dir, --saved-model or --init-from")
     if a.tasks:
         if a.data or (a.run_dir and a.saved_model):
             raise UserError("--tasks scores one model: give --run-dir or --saved-model, "

@@ -298,6 +298,26 @@ def load_weights(cfg: Config, model) -> dict:
             "weights_sha256": weights_sha256(model)}
 
 
+def source_model(name: str):
+    """(cfg, tokenizer, model) of a ``model.init_from`` source as it stands, before any
+    training (``evaluate --init-from``): a run folder as ``load_run`` gives it, a preset at
+    its own config (a published one: its model keys, its context), in float32."""
+    from tfpretrain.data.tokenizers import from_path
+    from tfpretrain.training.runfolder import load_run
+    from tfpretrain.training.runtime import build_and_compile
+
+    source = find_source(name)
+    if source.kind == "run":
+        return load_run(Path(name).expanduser())
+    cfg = dataclasses.replace(
+        source.cfg, model=dataclasses.replace(source.cfg.model, init_from=name),
+        tokenizer=dataclasses.replace(source.cfg.tokenizer, path=str(source.tokenizer_dir)))
+    tokenizer = from_path(source.tokenizer_dir)
+    model = build_and_compile(cfg, tokenizer.vocabulary_size, jit=False, precision="float32")
+    load_weights(cfg, model)
+    return cfg, tokenizer, model
+
+
 def _run_weights(folder: Path):
     from tfpretrain.training.checkpoints import CheckpointManager
     from tfpretrain.training.runfolder import load_run
