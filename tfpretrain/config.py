@@ -193,6 +193,11 @@ class ModelConfig:
                                   "change sequence_length, gpt2 and bert may shorten it). A "
                                   "resume never reads it again.")
 
+    @property
+    def resolved_norm_epsilon(self) -> float:
+        """llama's RMSNorm epsilon: ``norm_epsilon``, else keras_hub's default."""
+        return self.norm_epsilon or LLAMA_NORM_EPSILON
+
 
 @dataclass
 class OptimizerConfig:

@@ -548,10 +548,11 @@ def cost_row(r) -> dict:
 
 def cost_table(rows: list) -> str:
     from tfpretrain.tables import fmt, render
+    from tfpretrain.training.budget import ASSUMED_MFU
 
     out = [[r.device, r.precision, fmt(r.hours), fmt(r.cost_usd)] for r in rows]
-    return ("# its cost at MFU 0.30, estimate's assumption (small models reach less: the "
-            "sweep in docs/benchmarks.md ran at 10-43% of a CPU's peak)\n"
+    return (f"# its cost at MFU {ASSUMED_MFU:.2f}, estimate's assumption (small models reach "
+            "less: the sweep in docs/benchmarks.md ran at 10-43% of a CPU's peak)\n"
             + render(["device", "precision", "hours", "$"], out))
 
 

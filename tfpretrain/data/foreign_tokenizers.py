@@ -93,9 +93,9 @@ def _sentencepiece(proto: bytes) -> tuple[Tokenizer, np.ndarray]:
         piece.piece = old.pieces[i].piece if i != MISSING else text
         piece.type, piece.score = kind, 0.0
         old_ids.append(i)
-    taken = set(old_ids) | {p.piece for p in new.pieces}
+    taken_ids, taken_pieces = set(old_ids), {p.piece for p in new.pieces}
     for i, p in enumerate(old.pieces):
-        if i not in taken and p.piece not in taken:
+        if i not in taken_ids and p.piece not in taken_pieces:
             new.pieces.add().CopyFrom(p)
             old_ids.append(i)
     spec = new.trainer_spec

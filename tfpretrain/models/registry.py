@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tfpretrain.config import LLAMA_NORM_EPSILON, ModelConfig
+from tfpretrain.config import ModelConfig
 from tfpretrain.errors import UserError
 
 
@@ -31,7 +31,7 @@ def _llama(cfg: ModelConfig, vocabulary_size: int, dtype=None):
         intermediate_dim=cfg.intermediate_dim,
         num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
         rope_max_wavelength=cfg.rope_theta,
-        layer_norm_epsilon=cfg.norm_epsilon or LLAMA_NORM_EPSILON,
+        layer_norm_epsilon=cfg.resolved_norm_epsilon,
         dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype)
 
 

@@ -21,6 +21,7 @@ never needs the source again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfpretrain.config import LLAMA_NORM_EPSILON, Config, build_config, read_yaml
+from tfpretrain.config import Config, build_config, read_yaml
 from tfpretrain.errors import UserError
 
 KEY = "model.init_from"
@@ -106,6 +107,7 @@ def _first_line(exc: BaseException) -> str:
         type(exc).__name__
 
 
+@functools.lru_cache(maxsize=8)  # resolve (twice in fit) and load_weights ask again
 def _foreign_source(name: str) -> Source:
     """A keras_hub preset tfpretrain did not make: its backbone's config as model.* keys, and
     its tokenizer moved to tfpretrain's ids, saved once under the cache folder."""
@@ -220,10 +222,10 @@ def resolve(cfg: Config, run_dir: Path | None = None) -> Config:
         if earlier:
             return _with_tokenizer(cfg, earlier)
     source = find_source(name)
-    problems = shape_differences(source.cfg, cfg)
-    if problems and differing(source.cfg, cfg):
+    problems, fix = shape_differences(source.cfg, cfg), differing(source.cfg, cfg)
+    if problems and fix:
         problems.append("to match it: " + " ".join(
-            f"--set model.{k}={json.dumps(v)}" for k, v in differing(source.cfg, cfg).items()))
+            f"--set model.{k}={json.dumps(v)}" for k, v in fix.items()))
     if cfg.tokenizer.path and not same_tokenizer(cfg.tokenizer.path, source.tokenizer_dir):
         problems.append(f"tokenizer.path {cfg.tokenizer.path} is not the source's tokenizer "
                         f"({source.tokenizer_dir}); unset tokenizer.path to use the source's")
@@ -275,7 +277,7 @@ def _shape(cfg: Config) -> dict:
     m = dataclasses.asdict(cfg.model)
     shape = {k: m[k] for k in SHAPE_KEYS}
     shape["num_key_value_heads"] = m["num_key_value_heads"] or m["num_heads"]
-    shape["norm_epsilon"] = m["norm_epsilon"] or LLAMA_NORM_EPSILON
+    shape["norm_epsilon"] = cfg.model.resolved_norm_epsilon
     if cfg.model.arch != "llama":  # gpt2 and bert: always tied, LayerNorm, no RoPE
         for key in ("tie_embeddings", "num_key_value_heads", "rope_theta", "norm_epsilon"):
             shape.pop(key)
@@ -382,7 +384,8 @@ def _fitted(w, v):
 def _assign(weights, variables, name: str) -> None:
     import keras
 
-    weights = [_fitted(w, v) for w, v in zip(weights, variables)] + list(weights[len(variables):])
+    weights = list(weights)
+    weights[:len(variables)] = [_fitted(w, v) for w, v in zip(weights, variables)]
     if len(weights) != len(variables) or any(
             tuple(w.shape) != tuple(v.shape) for w, v in zip(weights, variables)):
         first = next((f"{v.path} {tuple(v.shape)} vs {tuple(w.shape)}"
