@@ -357,3 +357,34 @@ def test_a_hugging_face_checkpoint_gives_the_same_logits(make, tmp_path):
     kept = source.old_ids != MISSING
     got, want = np.asarray(net(np.asarray([new_ids]))), np.asarray(original(np.asarray([old_ids])))
     np.testing.assert_allclose(got[..., kept], want[..., source.old_ids[kept]], atol=2e-5)
+
+
+def test_what_tfpretrain_cannot_start_from_is_one_message(tmp_path, capsys):
+    """Another backbone, scaled RoPE, a "byte-level" vocabulary without the byte alphabet;
+    and evaluate --init-from with nothing to score."""
+    import keras_hub
+
+    from tfpretrain.data.foreign_tokenizers import convert
+    from tfpretrain.errors import UserError
+    from tfpretrain.evaluate import main as evaluate
+    from tfpretrain.training import warm_start
+
+    bert = keras_hub.models.BertBackbone(vocabulary_size=40, num_layers=1, num_heads=1,
+                                         hidden_dim=8, intermediate_dim=8)
+    with pytest.raises(UserError, match="BertBackbone; tfpretrain starts from GPT2Backbone"):
+        warm_start.model_keys(bert)
+    scaled = keras_hub.models.Llama3Backbone(
+        vocabulary_size=40, num_layers=1, num_query_heads=1, num_key_value_heads=1,
+        hidden_dim=8, intermediate_dim=8, rope_frequency_adjustment_factor=8.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+        rope_pretraining_sequence_length=64)
+    with pytest.raises(UserError, match="scales its RoPE positions"):
+        warm_start.model_keys(scaled)
+    not_bytes = keras_hub.tokenizers.BytePairTokenizer(
+        vocabulary={"\u2581the": 0, "\u2581": 1, "t": 2, "h": 3, "e": 4, "th": 5,
+                    "\u2581th": 6}, merges=["t h", "\u2581 th", "\u2581th e"])
+    with pytest.raises(UserError, match="lacks .* of the 256 byte characters"):
+        convert(not_bytes)
+    assert evaluate(["--init-from", str(tmp_path)]) == 2
+    assert "--init-from scores one source on --data PATH or on --tasks" in \
+        capsys.readouterr().err
