@@ -2,6 +2,8 @@
 127.0.0.1, in this process) equal the local pipeline's, batch for batch and in order; a
 feeder sending batches out of order is caught; bad settings exit 2. The end-to-end run
 (a feeder process killed mid-run, the run resumed bit for bit) is in test_resume.py."""
+import gc
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,9 @@ def feeders():
     targets = service.addresses([f"127.0.0.1:{d.target.rpartition(':')[2]}"
                                  for d, _ in servers])
     yield targets
+    # the tests' datasets still hold jobs on the feeders until collected, and a worker's
+    # stop() waits for them: 10-30 s when the module ends its test process (pytest -n)
+    gc.collect()
     for dispatcher, worker in servers:
         worker.stop()
         dispatcher.stop()
