@@ -64,6 +64,7 @@ def test_tensorboard_has_per_step_train_scalars_and_val(tiny_run):
     assert summary["mfu"] < summary["steady_mfu"] < 1
     assert summary["model_flops_per_token"] > 6 * summary["params"] - 6 * 32 * 32
     assert summary["device"].startswith("CPU") and summary["precision"] == "float32"
+    assert summary["vocabulary_size_requested"] == 320 >= summary["vocabulary_size"]
     val = read_scalars(run_dir / "logs" / "val")
     assert sorted(val["loss"]) == [20, 40, 60]
     samples = val["sample"]

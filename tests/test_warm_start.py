@@ -369,10 +369,14 @@ def test_what_tfpretrain_cannot_start_from_is_one_message(tmp_path, capsys):
     from tfpretrain.evaluate import main as evaluate
     from tfpretrain.training import warm_start
 
-    bert = keras_hub.models.BertBackbone(vocabulary_size=40, num_layers=1, num_heads=1,
-                                         hidden_dim=8, intermediate_dim=8)
-    with pytest.raises(UserError, match="BertBackbone; tfpretrain starts from GPT2Backbone"):
-        warm_start.model_keys(bert)
+    other = keras_hub.models.DistilBertBackbone(vocabulary_size=40, num_layers=1, num_heads=1,
+                                                hidden_dim=8, intermediate_dim=8)
+    with pytest.raises(UserError, match="DistilBertBackbone; tfpretrain starts from GPT2Backb"):
+        warm_start.model_keys(other)
+    segments = keras_hub.models.BertBackbone(vocabulary_size=40, num_layers=1, num_heads=1,
+                                             hidden_dim=8, intermediate_dim=8, num_segments=3)
+    with pytest.raises(UserError, match="3 segment types; tfpretrain's bert has 2"):
+        warm_start.model_keys(segments)
     scaled = keras_hub.models.Llama3Backbone(
         vocabulary_size=40, num_layers=1, num_query_heads=1, num_key_value_heads=1,
         hidden_dim=8, intermediate_dim=8, rope_frequency_adjustment_factor=8.0,
@@ -388,3 +392,173 @@ def test_what_tfpretrain_cannot_start_from_is_one_message(tmp_path, capsys):
     assert evaluate(["--init-from", str(tmp_path)]) == 2
     assert "--init-from scores one source on --data PATH or on --tasks" in \
         capsys.readouterr().err
+
+
+BERT_SPECIALS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's order
+
+
+def _bert_vocab(lowercase: bool) -> list:
+    """A WordPiece vocabulary in BERT's layout: [PAD] first, [UNK] [CLS] [SEP] [MASK]
+    later (BERT's own: 0, 100, 101, 102, 103)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([STORY] * 20, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=BERT_SPECIALS, show_progress=False))
+    return [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+
+
+def _bert_task(vocabulary: list):
+    """A BertMaskedLM (2 x 32, 64 positions) whose head's weights are all random too."""
+    import keras_hub
+    import numpy as np
+
+    from tfpretrain import compat
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary), num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=64)
+    task = keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
+    task({"token_ids": np.zeros([1, 8], "int32"), "padding_mask": np.ones([1, 8], bool),
+          "segment_ids": np.zeros([1, 8], "int32"), "mask_positions": np.zeros([1, 1], "int32")})
+    rng = np.random.default_rng(0)
+    for v in compat.masked_lm_head_parts(task).values():
+        v.assign(rng.normal(0.5, 0.2, v.shape).astype("float32"))
+    return task
+
+
+def _bert_keras_preset(folder):
+    """A cased Keras BERT preset with its BertMaskedLM task weights."""
+    import keras_hub
+
+    vocabulary = _bert_vocab(lowercase=False)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=False)
+    task = _bert_task(vocabulary)
+    keras_hub.models.BertMaskedLM(task.backbone, keras_hub.models.BertMaskedLMPreprocessor(
+        tokenizer, sequence_length=32)).save_to_preset(str(folder))
+    task.save_to_preset(str(folder))  # the same task, its head included
+    return folder, task, tokenizer
+
+
+def _bert_hf(folder, head=True):
+    """An uncased Hugging Face BERT checkpoint (BertForMaskedLM's tensors, or BertModel's
+    without ``head``) written from a keras BertMaskedLM with keras_hub's converter inverted."""
+    import keras_hub
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from tfpretrain import compat
+
+    vocabulary = _bert_vocab(lowercase=True)
+    task, H = _bert_task(vocabulary), 32
+    b = task.backbone
+    t = {"bert.embeddings.word_embeddings.weight": b.get_layer("token_embedding").embeddings,
+         "bert.embeddings.position_embeddings.weight":
+             b.get_layer("position_embedding").position_embeddings,
+         "bert.embeddings.token_type_embeddings.weight":
+             b.get_layer("segment_embedding").embeddings,
+         "bert.embeddings.LayerNorm.gamma": b.get_layer("embeddings_layer_norm").gamma,
+         "bert.embeddings.LayerNorm.beta": b.get_layer("embeddings_layer_norm").beta,
+         "bert.pooler.dense.weight": b.get_layer("pooled_dense").kernel.numpy().T,
+         "bert.pooler.dense.bias": b.get_layer("pooled_dense").bias}
+    hf_names = {"query": "attention.self.query", "key": "attention.self.key",
+                "value": "attention.self.value", "attention_output": "attention.output.dense",
+                "self_attention_layer_norm": "attention.output.LayerNorm",
+                "feedforward_intermediate_dense": "intermediate.dense",
+                "feedforward_output_dense": "output.dense",
+                "feedforward_layer_norm": "output.LayerNorm"}
+    for i in range(2):
+        for v in b.get_layer(f"transformer_layer_{i}").weights:
+            layer, kind = v.path.split("/")[-2:]
+            w = v.numpy()
+            if w.ndim == 3:  # attention kernels: [H, heads, head_dim] or [heads, head_dim, H]
+                w = w.reshape(-1, H) if layer == "attention_output" else w.reshape(H, -1)
+            if kind == "kernel":  # HF Linear: [out, in]
+                w = w.T
+            name = {"kernel": "weight", "bias": "bias"}.get(kind, kind)  # gamma, beta
+            t[f"bert.encoder.layer.{i}.{hf_names[layer]}.{name}"] = \
+                w if kind == "kernel" else w.reshape(-1)
+    if head:
+        parts = compat.masked_lm_head_parts(task)
+        t.update({"cls.predictions.transform.dense.weight": parts["dense_kernel"].numpy().T,
+                  "cls.predictions.transform.dense.bias": parts["dense_bias"],
+                  "cls.predictions.transform.LayerNorm.gamma": parts["norm_gamma"],
+                  "cls.predictions.transform.LayerNorm.beta": parts["norm_beta"],
+                  "cls.predictions.bias": parts["bias"]})
+    folder.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(np.asarray(v), "float32") for k, v in t.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": len(vocabulary),
+        "hidden_size": H, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    return folder, task, tokenizer
+
+
+@pytest.mark.parametrize("make", [_bert_keras_preset, _bert_hf])
+def test_a_published_bert_gives_the_same_masked_lm_logits(make, tmp_path):
+    """A BERT's WordPiece vocabulary moves [PAD] [UNK] [CLS] [SEP] [MASK] to 0..4 (cased or
+    uncased kept); its backbone and its masked-LM head (a Keras preset's task weights, a
+    Hugging Face checkpoint's cls.predictions) load: the same text, the same logits at
+    every position."""
+    pytest.importorskip("safetensors")
+    import numpy as np
+
+    from tfpretrain.data.special_ids import BOS_ID, EOS_ID
+    from tfpretrain.data.tokenizers import from_path
+    from tfpretrain.training import warm_start
+
+    folder, task, theirs = make(tmp_path / "bert")
+    text = STORY + "Once upon a TIME."
+    raw = {"arch": "bert", "objective": "mlm", "num_heads": 2, "hidden_dim": 32,
+           "intermediate_dim": 64, "init_from": str(folder)}
+    cfg = warm_start.resolve(tiny_config(tmp_path, model=raw))
+    ours, source = from_path(cfg.tokenizer.path), warm_start.find_source(str(folder))
+    assert ours.lowercase is (make is _bert_hf)
+    new_ids = [BOS_ID] + ours.encode(text)[:24] + [EOS_ID]
+    old_ids = [int(source.old_ids[i]) for i in new_ids]
+    assert old_ids[1:-1] == np.asarray(theirs(text)).tolist()[:24]
+    assert [theirs.id_to_token(old_ids[0]), theirs.id_to_token(old_ids[-1])] == \
+        ["[CLS]", "[SEP]"]
+    net = _fresh_model(cfg)
+    loaded = warm_start.load_weights(cfg, net)
+    assert (loaded["kind"], loaded["new_head"]) == ("keras_hub", False)
+    got = np.asarray(net.row_logits(np.asarray([new_ids])))
+    old = np.asarray([old_ids])
+    want = np.asarray(task({"token_ids": old, "padding_mask": np.ones_like(old, bool),
+                            "segment_ids": np.zeros_like(old),
+                            "mask_positions": np.arange(len(old_ids))[None]}))
+    # keras_hub's head normalizes with epsilon 1e-5 either way: the same computation
+    np.testing.assert_allclose(got, want[..., source.old_ids], atol=1e-4)
+
+
+def test_a_run_starts_from_a_bert_without_a_head_and_says_so(tmp_path, capsys):
+    """A Hugging Face BertModel (no cls.predictions): the backbone loads, the masked-LM
+    head starts new, the log and init_from.json say so, and the run trains from it;
+    evaluate --init-from scores it first."""
+    pytest.importorskip("safetensors")
+    from tfpretrain.evaluate import main as evaluate
+    from tfpretrain.fit import fit
+
+    folder, _, _ = _bert_hf(tmp_path / "bert", head=False)
+    text = tmp_path / "story.txt"
+    text.write_text("\n\n".join([STORY] * 6))
+    assert evaluate(["--init-from", str(folder), "--data", str(text)]) == 0
+    before = last_json_line(capsys.readouterr().out)
+    assert before["init_from"] == str(folder) and 0 <= before["val_masked_accuracy"] <= 1
+    cfg = tiny_config(tmp_path, model={"arch": "bert", "objective": "mlm", "num_heads": 2,
+                                       "hidden_dim": 32, "intermediate_dim": 64,
+                                       "init_from": str(folder)},
+                      optimizer={"warmup_steps": 2}, train={"steps": 4, "jit_compile": False},
+                      eval={"every": 4, "steps": 1}, export={"enabled": False})
+    summary = fit(cfg, tmp_path / "run")
+    assert summary["init_from"]["new_head"] is True and summary["steps"] == 4
+    assert summary["vocabulary_size_requested"] is None  # the source's tokenizer, as it is
+    assert summary["val_masked_accuracy"] >= 0
+    assert "the masked-LM head starts new: the preset has none" in capsys.readouterr().out

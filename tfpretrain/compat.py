@@ -25,6 +25,8 @@ PRIVATE_SYMBOLS = (
      "keras_hub.src.utils.transformers.export.hf_exporter", "_to_numpy_dict"),
     ("keras_hub preset file fetch (local folder, kaggle://, hf://, gs://)",
      "keras_hub.src.utils.preset_utils", "get_file"),
+    ("keras_hub safetensors reader (a Hugging Face BERT's masked-LM head)",
+     "keras_hub.src.utils.transformers.safetensor_utils", "SafetensorLoader"),
     ("keras_hub byte-level BPE byte map", "keras_hub.src.tokenizers.byte_pair_tokenizer",
      "bytes_to_unicode"),
     ("keras_tuner's JSON writer (made atomic)", "keras_tuner.src.utils", "save_json"),
@@ -294,6 +296,33 @@ def preset_file(preset: str, path: str) -> str:
     from keras_hub.src.utils.preset_utils import get_file
 
     return get_file(preset, path)
+
+
+def hf_tensors(preset: str, keys) -> dict:
+    """The tensors of a Hugging Face checkpoint's safetensors (one file or sharded; keys with
+    or without the model's prefix, e.g. ``bert.``) that it has, as numpy arrays.
+    ``keras_hub.src.utils.transformers.safetensor_utils.SafetensorLoader``: the loader
+    keras_hub's own converters use, not public."""
+    from keras_hub.src.utils.transformers.safetensor_utils import SafetensorLoader
+
+    found = {}
+    with SafetensorLoader(preset) as loader:
+        for key in keys:
+            try:
+                found[key] = loader.get_tensor(key)
+            except Exception:  # safetensors raises its own error for a missing key
+                continue
+    return found
+
+
+def masked_lm_head_parts(task) -> dict:
+    """keras_hub MaskedLMHead's variables by role (``dense_kernel``, ``dense_bias``,
+    ``norm_gamma``, ``norm_beta``, ``bias``); private attributes of MaskedLMHead."""
+    head = task.masked_lm_head
+    return {"dense_kernel": head._intermediate_dense.kernel,
+            "dense_bias": head._intermediate_dense.bias,
+            "norm_gamma": head._intermediate_layer_norm.gamma,
+            "norm_beta": head._intermediate_layer_norm.beta, "bias": head._bias}
 
 
 def bytes_to_unicode():

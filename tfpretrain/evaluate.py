@@ -19,7 +19,7 @@
 - ``--saved-model PATH --tasks PATH ...``: the same, answered by an export (its ``logits``
   signature; the tokenizer and context it carries in ``assets.extra``).
 - ``--init-from SOURCE``: what a run with ``model.init_from: SOURCE`` would start from, as
-  it stands (a run folder, an export, a published keras_hub or Hugging Face GPT-2 / Llama,
+  it stands (a run folder, an export, a published keras_hub or Hugging Face GPT-2 / Llama / BERT,
   its tokenizer moved to tfpretrain's ids), on ``--data`` or the ``--tasks``: the baseline
   that continued pretraining has to beat.
 Prints one JSON object.
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
                         "(--run-dir) or an export's (--saved-model)")
     p.add_argument("--init-from", metavar="SOURCE",
                    help="a model.init_from source as it stands, before training from it (a "
-                        "run folder, an export, a keras_hub or Hugging Face GPT-2 / Llama), "
+                        "run folder, an export, a keras_hub or Hugging Face GPT-2 / Llama / BERT), "
                         "on --data or the --tasks")
     a = p.parse_args(argv)
     if a.init_from:

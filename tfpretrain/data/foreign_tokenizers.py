@@ -3,25 +3,28 @@
 tfpretrain's tokenizers share the special ids 0..4 (pad, unk, bos, eos, mask: see
 special_ids.py), so packing, generation and export never branch on where a tokenizer came
 from. A published model has its own: GPT-2's ``<|endoftext|>`` is 50256, Llama 2's
-``<unk> <s> </s>`` are 0, 1, 2, Llama 3's ``<|begin_of_text|>`` is 128000. ``convert``
+``<unk> <s> </s>`` are 0, 1, 2, Llama 3's ``<|begin_of_text|>`` is 128000, BERT's
+``[PAD] [UNK] [CLS] [SEP] [MASK]`` are 0, 100, 101, 102, 103. ``convert``
 returns the same tokenizer with tfpretrain's ids: the specials at 0..4 and every other token
 in its old order from 5, so any text tokenizes to the same tokens. With it comes
 ``old_ids``: for each new id, the id it had (-1 for a special the source lacks), which is
 how the preset's embedding rows follow (``training.warm_start``).
 
-Two families: byte-level BPE (keras_hub's ``BytePairTokenizer``: GPT-2, Llama 3) becomes a
-``bytelevel_bpe`` tokenizer, SentencePiece (``SentencePieceTokenizer``: Llama 2 and the
+Three families: byte-level BPE (keras_hub's ``BytePairTokenizer``: GPT-2, Llama 3) becomes
+a ``bytelevel_bpe`` tokenizer, SentencePiece (``SentencePieceTokenizer``: Llama 2 and the
 llama2.c TinyStories models) a ``sentencepiece_*`` one whose model proto is rewritten
-with the pieces reordered. The source's other specials (Llama 3's reserved and chat
-tokens) are dropped: plain text never produces them.
+with the pieces reordered, WordPiece (``WordPieceTokenizer``: BERT, cased or uncased) a
+``wordpiece`` one with [PAD] [UNK] [CLS] [SEP] [MASK] first. The source's other specials
+(Llama 3's reserved and chat tokens) are dropped: plain text never produces them.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tfpretrain.data.special_ids import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID
-from tfpretrain.data.tokenizers import (BPE_SPECIALS, MASK_TOKEN, ByteLevelBPETokenizer,
-                                        SentencePieceTokenizer, Tokenizer)
+from tfpretrain.data.tokenizers import (BPE_SPECIALS, MASK_TOKEN, WORDPIECE_SPECIALS,
+                                        ByteLevelBPETokenizer, SentencePieceTokenizer,
+                                        Tokenizer, WordPieceTokenizer)
 from tfpretrain.errors import UserError
 
 MISSING = -1  # in old_ids: a new special the source had no token for
@@ -38,9 +41,27 @@ def convert(layer) -> tuple[Tokenizer, np.ndarray]:
         return _byte_pair(layer)
     if isinstance(layer, keras_hub.tokenizers.SentencePieceTokenizer):
         return _sentencepiece(bytes(layer.proto))
+    if isinstance(layer, keras_hub.tokenizers.WordPieceTokenizer):
+        return _word_piece(layer)
     raise UserError(f"model.init_from: the preset's tokenizer is a {type(layer).__name__}; "
-                    "tfpretrain can start from byte-level BPE (GPT-2, Llama 3) and "
-                    "SentencePiece (Llama 2) tokenizers")
+                    "tfpretrain can start from byte-level BPE (GPT-2, Llama 3), "
+                    "SentencePiece (Llama 2) and WordPiece (BERT) tokenizers")
+
+
+def _word_piece(layer) -> tuple[Tokenizer, np.ndarray]:
+    """BERT's vocab.txt ([PAD] 0, [unused*], [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
+    in the original models) with its five specials moved to 0..4."""
+    vocabulary = list(layer.get_vocabulary())
+    where = {t: i for i, t in enumerate(vocabulary)}
+    missing = [t for t in WORDPIECE_SPECIALS if t not in where]
+    if missing:
+        raise UserError(f"model.init_from: the preset's WordPiece vocabulary lacks {missing}; "
+                        f"tfpretrain needs {WORDPIECE_SPECIALS}")
+    old_ids = [where[t] for t in WORDPIECE_SPECIALS]
+    taken = set(old_ids)
+    old_ids += [i for i in range(len(vocabulary)) if i not in taken]
+    return (WordPieceTokenizer([vocabulary[i] for i in old_ids], bool(layer.lowercase)),
+            np.array(old_ids))
 
 
 def _byte_pair(layer) -> tuple[Tokenizer, np.ndarray]:

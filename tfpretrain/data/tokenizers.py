@@ -250,19 +250,22 @@ class GraphLayerTokenizer(Tokenizer):
 
 
 class WordPieceTokenizer(GraphLayerTokenizer):
-    """BERT WordPiece: ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK] (= pad/unk/bos/eos/mask)."""
+    """BERT WordPiece: ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK] (= pad/unk/bos/eos/mask).
+    ``lowercase``: lowercase and strip accents first, as BERT's uncased models do (the ones
+    tfpretrain trains are); a cased published vocabulary (bert_base_en) keeps both."""
 
     kind = "wordpiece"
 
-    def __init__(self, vocabulary: list[str]):
+    def __init__(self, vocabulary: list[str], lowercase: bool = True):
         import keras_hub
 
         if vocabulary[:NUM_SPECIAL] != WORDPIECE_SPECIALS:
             raise UserError(f"WordPiece vocabulary must start with {WORDPIECE_SPECIALS}. "
                             f"Received: {vocabulary[:NUM_SPECIAL]}")
-        self.vocabulary = list(vocabulary)
+        self.vocabulary, self.lowercase = list(vocabulary), bool(lowercase)
         self.layer = keras_hub.tokenizers.WordPieceTokenizer(
-            vocabulary=self.vocabulary, lowercase=True, strip_accents=True, oov_token="[UNK]",
+            vocabulary=self.vocabulary, lowercase=self.lowercase,
+            strip_accents=self.lowercase, oov_token="[UNK]",
             special_tokens=WORDPIECE_SPECIALS[:1] + WORDPIECE_SPECIALS[2:],
             special_tokens_in_strings=True, dtype="int32")
 
@@ -294,6 +297,9 @@ class WordPieceTokenizer(GraphLayerTokenizer):
         return [b""] * NUM_SPECIAL + [
             (p[2:] if p.startswith("##") else " " + p).encode("utf-8")
             for p in self.vocabulary[NUM_SPECIAL:]]
+
+    def _meta(self):
+        return {"lowercase": self.lowercase}
 
     def _save_assets(self, directory):
         (Path(directory) / "vocab.txt").write_text("\n".join(self.vocabulary) + "\n",
@@ -425,7 +431,8 @@ def same_tokenizer(a, b) -> bool:
     """Whether the tokenizers at two paths (``from_path``) map text to the same ids (kind
     and every piece)."""
     ta, tb = from_path(a), from_path(b)
-    return ta.kind == tb.kind and list(ta.pieces()) == list(tb.pieces())
+    return ta.kind == tb.kind and list(ta.pieces()) == list(tb.pieces()) and \
+        getattr(ta, "lowercase", None) == getattr(tb, "lowercase", None)
 
 
 def train_from_config(cfg, texts: Iterable[str]) -> Tokenizer:
@@ -464,7 +471,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         return CharTokenizer(list(meta["chars"]))
     if kind == "wordpiece":
         return WordPieceTokenizer(
-            (directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+            (directory / "vocab.txt").read_text(encoding="utf-8").splitlines(),
+            meta.get("lowercase", True))
     if kind == "bytelevel_bpe":
         return ByteLevelBPETokenizer(
             json.loads((directory / "vocab.json").read_text(encoding="utf-8")),

@@ -267,8 +267,11 @@ class Run:
         t0 = time.time()
         self.init_source = warm_start.load_weights(self.cfg, self.model)
         at = f" at step {self.init_source['step']:,}" if self.init_source["step"] else ""
+        head = ("; the masked-LM head starts new: the preset has none"
+                if self.init_source.get("new_head") else "")
         log(f"model: weights from {self.init_source['source']} ({self.init_source['kind']}"
-            f"{at}; optimizer, step and schedule start fresh; {time.time() - t0:.1f}s)")
+            f"{at}{head}; optimizer, step and schedule start fresh; "
+            f"{time.time() - t0:.1f}s)")
 
     def load_teacher(self):
         """distill.teacher's model, handed to the student's train step (None without)."""
@@ -427,9 +430,8 @@ class Run:
         steps, model, logger = self.step, self.model, self.logger
         summary = {
             "run_dir": str(self.run_dir), **extra,
-            "params": self.params, "arch": cfg.model.arch, "tokenizer": self.tokenizer.kind,
-            "vocabulary_size": self.tokenizer.vocabulary_size,
-            "vocabulary_size_requested": cfg.tokenizer.vocabulary_size, "steps": steps,
+            "params": self.params, "arch": cfg.model.arch, **self._tokenizer_summary(),
+            "steps": steps,
             "tokens_seen": steps * self.tokens_per_step, **self._speed_summary(),
             "precision": self.precision,
             "grad_accumulation_steps": cfg.train.grad_accumulation_steps,
@@ -451,6 +453,14 @@ class Run:
         logger.finish(summary, [self.run_dir / "config.yaml", self.run_dir / "summary.json"])
         self.placement.finish()  # the workers wait for the chief's export before exiting
         return summary
+
+    def _tokenizer_summary(self) -> dict:
+        """The tokenizer's kind and size, and the size tokenizer.vocabulary_size asked for
+        (null when the tokenizer came ready-made: tokenizer.path, model.init_from)."""
+        cfg = self.cfg.tokenizer
+        return {"tokenizer": self.tokenizer.kind,
+                "vocabulary_size": self.tokenizer.vocabulary_size,
+                "vocabulary_size_requested": None if cfg.path else cfg.vocabulary_size}
 
     def _speed_summary(self) -> dict:
         """Times, rates, MFU and cost of this process's run."""

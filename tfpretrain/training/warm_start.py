@@ -5,10 +5,14 @@ The source is one of:
 - a tfpretrain run folder: its latest valid checkpoint (the EMA's or schedule-free AdamW's
   average where the run kept one, as ``evaluate`` and ``export`` see it);
 - a keras_hub preset that tfpretrain exported (``export --format keras`` or ``hf``);
-- any other keras_hub GPT-2 or Llama preset (``kind: keras_hub``): a Keras preset or a
-  Hugging Face checkpoint keras_hub converts (``hf://openai-community/gpt2``). Its
-  tokenizer is moved to tfpretrain's special ids (``data.foreign_tokenizers``) and the
-  embedding rows follow, so the model computes the same logits for the same text.
+- any other keras_hub GPT-2, Llama or BERT preset (``kind: keras_hub``): a Keras preset or
+  a Hugging Face checkpoint keras_hub converts (``hf://openai-community/gpt2``,
+  ``hf://google-bert/bert-base-uncased``). Its tokenizer is moved to tfpretrain's special
+  ids (``data.foreign_tokenizers``) and the embedding rows follow, so the model computes
+  the same logits for the same text. A BERT's masked-LM head comes from a Hugging Face
+  checkpoint's ``cls.predictions`` tensors or a Keras preset's BertMaskedLM task weights;
+  without either (keras_hub's published BERT presets) it starts new (``new_head`` in
+  ``init_from.json``).
 A preset is a local folder or a handle keras_hub downloads (``kaggle://``, ``hf://``,
 ``gs://``). Only the weights come from the source: the optimizer's moments, the step, the
 schedule, the guard and the data position start fresh, as in a new run. The run uses the
@@ -39,6 +43,16 @@ KEY = "model.init_from"
 SHAPE_KEYS = ("arch", "num_layers", "num_heads", "num_key_value_heads", "hidden_dim",
               "intermediate_dim", "tie_embeddings", "rope_theta", "norm_epsilon",
               "sequence_length")
+BERT_SEGMENTS = 2  # keras_hub BertBackbone's default, which models.registry builds
+# a Hugging Face BERT's masked-LM head (BertForMaskedLM, BertForPreTraining), by role
+HF_MLM_HEAD = {"dense_kernel": ("cls.predictions.transform.dense.weight",),
+               "dense_bias": ("cls.predictions.transform.dense.bias",),
+               "norm_gamma": ("cls.predictions.transform.LayerNorm.weight",
+                              "cls.predictions.transform.LayerNorm.gamma"),
+               "norm_beta": ("cls.predictions.transform.LayerNorm.bias",
+                             "cls.predictions.transform.LayerNorm.beta"),
+               "bias": ("cls.predictions.bias",)}
+TASK_WEIGHTS = "task.weights.h5"  # a Keras preset's task head, when it saved one
 RECORD = "init_from.json"  # in the run folder: where its first weights came from
 
 
@@ -155,8 +169,8 @@ def _hf_sentencepiece(name: str) -> bytes | None:
 
 
 def model_keys(backbone) -> dict:
-    """The model.* keys of a keras_hub GPT-2 or Llama backbone (what a run starting from it
-    must set)."""
+    """The model.* keys of a keras_hub GPT-2, Llama or BERT backbone (what a run starting
+    from it must set)."""
     import keras_hub
 
     c = backbone.get_config()
@@ -165,9 +179,16 @@ def model_keys(backbone) -> dict:
     if isinstance(backbone, keras_hub.models.GPT2Backbone):
         return {"arch": "gpt2", **keys, "num_heads": c["num_heads"],
                 "sequence_length": c["max_sequence_length"]}
+    if isinstance(backbone, keras_hub.models.BertBackbone):
+        if c["num_segments"] != BERT_SEGMENTS:
+            raise UserError(f"{KEY}: the preset's BERT has {c['num_segments']} segment types; "
+                            f"tfpretrain's bert has {BERT_SEGMENTS}")
+        return {"arch": "bert", "objective": "mlm", **keys, "num_heads": c["num_heads"],
+                "sequence_length": c["max_sequence_length"]}
     if not isinstance(backbone, keras_hub.models.LlamaBackbone):
         raise UserError(f"{KEY}: the preset's backbone is a {type(backbone).__name__}; "
-                        "tfpretrain starts from GPT2Backbone and LlamaBackbone presets")
+                        "tfpretrain starts from GPT2Backbone, LlamaBackbone and BertBackbone "
+                        "presets")
     if c.get("rope_position_scaling_factor", 1.0) != 1.0 or \
             c.get("rope_frequency_adjustment_factor") is not None:
         raise UserError(f"{KEY}: the preset scales its RoPE positions (Llama 3.1-style "
@@ -291,13 +312,15 @@ def load_weights(cfg: Config, model) -> dict:
     from tfpretrain.models.lm import weights_sha256
 
     source = find_source(cfg.model.init_from)
+    loaded = {"source": source.name, "kind": source.kind, "step": None}
     if source.kind == "run":
-        weights, step = _run_weights(Path(source.name).expanduser())
+        weights, loaded["step"] = _run_weights(Path(source.name).expanduser())
+    elif source.kind == "keras_hub" and cfg.model.arch == "bert":
+        weights, loaded["new_head"] = _foreign_masked_lm(source, model.network)
     else:
-        weights, step = _preset_weights(source), None
+        weights = _preset_weights(source)
     _assign(weights, model.network.weights, source.name)
-    return {"source": source.name, "kind": source.kind, "step": step,
-            "weights_sha256": weights_sha256(model)}
+    return {**loaded, "weights_sha256": weights_sha256(model)}
 
 
 def source_model(name: str):
@@ -352,6 +375,62 @@ def _preset_weights(source: Source):
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"{KEY}: keras_hub could not load the preset {source.name}: "
                         f"{_first_line(exc)}") from None
+
+
+def _foreign_masked_lm(source: Source, task) -> tuple[list, bool]:
+    """A foreign BERT's weights for ``task`` (a BertMaskedLM) and whether its masked-LM head
+    starts new: the backbone's with moved embedding rows; the source's head
+    (``_source_head``), or the task's own initial one without it."""
+    import keras_hub
+
+    from tfpretrain import compat
+    from tfpretrain.data.foreign_tokenizers import moved_rows
+
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(source.name, dtype="float32")
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"{KEY}: keras_hub could not load the preset {source.name}: "
+                        f"{_first_line(exc)}") from None
+    values = dict(zip((id(v) for v in task.backbone.weights),
+                      _moved_embeddings(source, backbone)))
+    head = _source_head(source.name)
+    for role, variable in compat.masked_lm_head_parts(task).items():
+        w = head.get(role)
+        if role == "bias" and w is not None:
+            w = moved_rows(w, source.old_ids)
+        values[id(variable)] = variable.numpy() if w is None else w
+    return [values[id(v)] for v in task.weights], not head
+
+
+def _source_head(name: str) -> dict:
+    """A foreign BERT's masked-LM head by role: a Hugging Face checkpoint's
+    ``cls.predictions``, a Keras preset's BertMaskedLM task weights; empty without one."""
+    import keras_hub
+
+    from tfpretrain import compat
+
+    if _hf_config(name):
+        return _hf_mlm_head(name)
+    try:
+        compat.preset_file(name, TASK_WEIGHTS)
+    except (FileNotFoundError, ValueError, OSError):
+        return {}
+    task = keras_hub.models.MaskedLM.from_preset(name, preprocessor=None, dtype="float32")
+    return {role: v.numpy() for role, v in compat.masked_lm_head_parts(task).items()}
+
+
+def _hf_mlm_head(name: str) -> dict:
+    """A Hugging Face BERT's masked-LM head as keras arrays by role (empty when the
+    checkpoint has none: a BertModel's)."""
+    from tfpretrain import compat
+
+    found = compat.hf_tensors(name, [k for keys in HF_MLM_HEAD.values() for k in keys])
+    head = {role: next((found[k] for k in keys if k in found), None)
+            for role, keys in HF_MLM_HEAD.items()}
+    if any(w is None for w in head.values()):
+        return {}
+    head["dense_kernel"] = head["dense_kernel"].T  # torch Linear: [out, in]
+    return head
 
 
 def _moved_embeddings(source: Source, backbone) -> list:
