@@ -24,6 +24,7 @@ never needs the source again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -116,6 +117,16 @@ def _preset_source(name: str) -> Source:
     return Source(name, "preset", _config(config), meta.parent)
 
 
+@contextlib.contextmanager
+def _loading(name: str):
+    """keras_hub's errors while it reads the preset ``name``, as one UserError."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
+        raise UserError(f"{KEY}: keras_hub could not load the preset {name}: "
+                        f"{_first_line(exc)}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200].rstrip(".") if str(exc).strip() else \
         type(exc).__name__
@@ -130,13 +141,10 @@ def _foreign_source(name: str) -> Source:
     from tfpretrain.data import foreign_tokenizers
 
     hf = _hf_config(name)
-    try:
+    with _loading(name):
         backbone = keras_hub.models.Backbone.from_preset(name, load_weights=False)
         layer = (hf is not None and _hf_sentencepiece(name)) or \
             keras_hub.tokenizers.Tokenizer.from_preset(name)
-    except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
-        raise UserError(f"{KEY}: keras_hub could not load the preset {name}: "
-                        f"{_first_line(exc)}") from None
     model = model_keys(backbone)
     # what keras_hub's Hugging Face converters drop: Llama's RMSNorm epsilon (it keeps its
     # default 1e-6) and GPT-2's n_inner (it builds 4 x hidden_dim)
@@ -362,19 +370,15 @@ def _preset_weights(source: Source):
 
     from tfpretrain.models.registry import get_arch
 
-    try:
+    with _loading(source.name):
         if not get_arch(source.cfg.model.arch).decoder:
             return keras_hub.models.MaskedLM.from_preset(source.name, preprocessor=None).weights
         # keras_hub's HF GPT-2 converter sizes the feed-forward as 4 x hidden_dim (it ignores
         # n_inner), so the width the source trained with is passed
         backbone = keras_hub.models.Backbone.from_preset(
             source.name, dtype="float32", intermediate_dim=source.cfg.model.intermediate_dim)
-        if source.kind == "keras_hub":
-            return _moved_embeddings(source, backbone)
-        return backbone.weights
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"{KEY}: keras_hub could not load the preset {source.name}: "
-                        f"{_first_line(exc)}") from None
+    return _moved_embeddings(source, backbone) if source.kind == "keras_hub" else \
+        backbone.weights
 
 
 def _foreign_masked_lm(source: Source, task) -> tuple[list, bool]:
@@ -386,14 +390,11 @@ def _foreign_masked_lm(source: Source, task) -> tuple[list, bool]:
     from tfpretrain import compat
     from tfpretrain.data.foreign_tokenizers import moved_rows
 
-    try:
+    with _loading(source.name):
         backbone = keras_hub.models.Backbone.from_preset(source.name, dtype="float32")
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"{KEY}: keras_hub could not load the preset {source.name}: "
-                        f"{_first_line(exc)}") from None
+        head = _source_head(source.name)
     values = dict(zip((id(v) for v in task.backbone.weights),
                       _moved_embeddings(source, backbone)))
-    head = _source_head(source.name)
     for role, variable in compat.masked_lm_head_parts(task).items():
         w = head.get(role)
         if role == "bias" and w is not None:
