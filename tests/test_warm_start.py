@@ -436,9 +436,8 @@ def _bert_keras_preset(folder):
     vocabulary = _bert_vocab(lowercase=False)
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=False)
     task = _bert_task(vocabulary)
-    keras_hub.models.BertMaskedLM(task.backbone, keras_hub.models.BertMaskedLMPreprocessor(
-        tokenizer, sequence_length=32)).save_to_preset(str(folder))
-    task.save_to_preset(str(folder))  # the same task, its head included
+    task.save_to_preset(str(folder))  # backbone and head (task.weights.h5)
+    tokenizer.save_to_preset(str(folder))
     return folder, task, tokenizer
 
 

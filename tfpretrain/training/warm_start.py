@@ -384,15 +384,12 @@ def _preset_weights(source: Source):
 def _foreign_masked_lm(source: Source, task) -> tuple[list, bool]:
     """A foreign BERT's weights for ``task`` (a BertMaskedLM) and whether its masked-LM head
     starts new: the backbone's with moved embedding rows; the source's head
-    (``_source_head``), or the task's own initial one without it."""
-    import keras_hub
-
+    (``_source_bert``), or the task's own initial one without it."""
     from tfpretrain import compat
     from tfpretrain.data.foreign_tokenizers import moved_rows
 
     with _loading(source.name):
-        backbone = keras_hub.models.Backbone.from_preset(source.name, dtype="float32")
-        head = _source_head(source.name)
+        backbone, head = _source_bert(source.name)
     values = dict(zip((id(v) for v in task.backbone.weights),
                       _moved_embeddings(source, backbone)))
     for role, variable in compat.masked_lm_head_parts(task).items():
@@ -403,21 +400,31 @@ def _foreign_masked_lm(source: Source, task) -> tuple[list, bool]:
     return [values[id(v)] for v in task.weights], not head
 
 
-def _source_head(name: str) -> dict:
-    """A foreign BERT's masked-LM head by role: a Hugging Face checkpoint's
-    ``cls.predictions``, a Keras preset's BertMaskedLM task weights; empty without one."""
+def _source_bert(name: str) -> tuple:
+    """A foreign BERT's backbone (float32) and its masked-LM head by role: a Hugging Face
+    checkpoint's ``cls.predictions``, a Keras preset's BertMaskedLM task weights (the task
+    loaded once, backbone and head); an empty head without either."""
     import keras_hub
 
     from tfpretrain import compat
 
-    if _hf_config(name):
-        return _hf_mlm_head(name)
+    hf = _hf_config(name) is not None
+    if not hf and _has_file(name, TASK_WEIGHTS):
+        task = keras_hub.models.MaskedLM.from_preset(name, preprocessor=None, dtype="float32")
+        return task.backbone, {role: v.numpy()
+                               for role, v in compat.masked_lm_head_parts(task).items()}
+    backbone = keras_hub.models.Backbone.from_preset(name, dtype="float32")
+    return backbone, _hf_mlm_head(name) if hf else {}
+
+
+def _has_file(name: str, path: str) -> bool:
+    from tfpretrain import compat
+
     try:
-        compat.preset_file(name, TASK_WEIGHTS)
+        compat.preset_file(name, path)
     except (FileNotFoundError, ValueError, OSError):
-        return {}
-    task = keras_hub.models.MaskedLM.from_preset(name, preprocessor=None, dtype="float32")
-    return {role: v.numpy() for role, v in compat.masked_lm_head_parts(task).items()}
+        return False
+    return True
 
 
 def _hf_mlm_head(name: str) -> dict:
